@@ -1,0 +1,276 @@
+//! The device side of the control channel: MQTT over WebSocket to the relay,
+//! exactly as an IoT Hub device SDK would speak it.
+//!
+//! One background task owns the MQTT connection (reads, keep-alive pings,
+//! answers), so the program can take its time deciding on one request while
+//! the next arrives. [`DeviceClient`] holds that task and cancels it when
+//! dropped; the connection's failure surfaces as the error of
+//! [`DeviceClient::next_request`], which is the program's cue to re-dial.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection_string::ConnectionString;
+use crate::mqtt::{
+    Connect, ConnectReturnCode, MqttConnection, MqttError, Packet, Publish, QoS, Subscribe, SubscribeReasonCode,
+};
+use crate::topics::{StreamRequest, StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER};
+use crate::websocket::{self, ClientWebSocket, WebSocketConnectError, WebSocketRequest};
+use crate::{headers, sas};
+
+/// Stream requests waiting for the program; more are refused, not queued.
+const REQUEST_QUEUE: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// MQTT keep-alive; a ping goes out this often, and a relay silent for
+    /// 1.5 × this long is declared dead.
+    pub keep_alive: Duration,
+    /// Deadline for dialing, TLS, WebSocket, CONNECT and SUBSCRIBE together.
+    pub connect_timeout: Duration,
+    /// Lifetime of the SAS token signed for each connection.
+    pub token_lifetime: Duration,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(20),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot open the control channel: {0}")]
+    WebSocket(#[from] WebSocketConnectError),
+    #[error("control channel failed: {0}")]
+    Mqtt(#[from] MqttError),
+    #[error("the relay refused the device credentials (CONNACK {0:?}): check DEVICE_CONNECTION_STRING, `relay device show` prints the current one")]
+    Refused(ConnectReturnCode),
+    #[error("the relay refused the stream subscription")]
+    SubscriptionRefused,
+    #[error("the relay closed the control channel")]
+    Closed,
+    #[error("the relay stopped answering: nothing received for {0:?}")]
+    RelaySilent(Duration),
+    #[error("the relay did not complete the MQTT handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("the relay sent {0} during the handshake")]
+    Unexpected(&'static str),
+    #[error("the connection string has no DeviceId")]
+    NoDeviceId,
+}
+
+enum Command {
+    Answer(StreamResponse, oneshot::Sender<Result<(), ()>>),
+}
+
+/// A connected device.
+pub struct DeviceClient {
+    device_id: String,
+    requests: mpsc::Receiver<StreamRequest>,
+    commands: mpsc::Sender<Command>,
+    cancel: CancellationToken,
+    session: Option<JoinHandle<Result<(), DeviceError>>>,
+}
+
+impl DeviceClient {
+    /// Dials the relay and completes CONNECT and SUBSCRIBE.
+    pub async fn connect(
+        connection: &ConnectionString,
+        tls: &Arc<rustls::ClientConfig>,
+        options: &DeviceOptions,
+    ) -> Result<Self, DeviceError> {
+        let device_id = connection.device_id.clone().ok_or(DeviceError::NoDeviceId)?;
+        let handshake = Self::handshake(connection, &device_id, tls, options);
+        let mqtt = tokio::time::timeout(options.connect_timeout, handshake)
+            .await
+            .map_err(|_| DeviceError::HandshakeTimeout(options.connect_timeout))??;
+        let (request_sender, requests) = mpsc::channel(REQUEST_QUEUE);
+        let (commands, command_receiver) = mpsc::channel(REQUEST_QUEUE);
+        let cancel = CancellationToken::new();
+        let session = tokio::spawn(run_session(mqtt, request_sender, command_receiver, cancel.clone(), options.keep_alive));
+        Ok(Self { device_id, requests, commands, cancel, session: Some(session) })
+    }
+
+    async fn handshake(
+        connection: &ConnectionString,
+        device_id: &str,
+        tls: &Arc<rustls::ClientConfig>,
+        options: &DeviceOptions,
+    ) -> Result<MqttConnection<ClientWebSocket>, DeviceError> {
+        let url = format!("wss://{}/$iothub/websocket", connection.host_name);
+        let socket = websocket::connect(
+            WebSocketRequest {
+                url: &url,
+                authorization: None,
+                subprotocol: Some("mqtt"),
+                max_message_size: crate::mqtt::DEFAULT_MAX_PACKET_SIZE * 2,
+                timeout: options.connect_timeout,
+            },
+            tls,
+        )
+        .await?;
+        let mut mqtt = MqttConnection::new(socket, crate::mqtt::DEFAULT_MAX_PACKET_SIZE);
+        let (client_id, resource) = match &connection.module_id {
+            Some(module) => (
+                format!("{device_id}/{module}"),
+                format!("{}/devices/{device_id}/modules/{module}", connection.host_name),
+            ),
+            None => (device_id.to_string(), format!("{}/devices/{device_id}", connection.host_name)),
+        };
+        let password = sas::sign(&resource, connection.key(), SystemTime::now() + options.token_lifetime, None);
+        let mut connect = Connect::new(client_id.clone());
+        connect.keep_alive = options.keep_alive.as_secs().clamp(1, u16::MAX as u64) as u16;
+        connect.clean_session = false;
+        connect.set_login(
+            format!(
+                "{}/{client_id}/?api-version={}&DeviceClientType=devstreams%2F{}",
+                connection.host_name,
+                headers::API_VERSION,
+                env!("CARGO_PKG_VERSION")
+            ),
+            password,
+        );
+        mqtt.write_packet(&Packet::Connect(connect)).await?;
+        match mqtt.read_packet().await? {
+            Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {}
+            Some(Packet::ConnAck(ack)) => return Err(DeviceError::Refused(ack.code)),
+            Some(_) => return Err(DeviceError::Unexpected("a packet other than CONNACK")),
+            None => return Err(DeviceError::Closed),
+        }
+        let subscribe = Subscribe::new_many([
+            rumqttc::mqttbytes::v4::SubscribeFilter::new(STREAM_REQUESTS_FILTER.into(), QoS::AtMostOnce),
+            rumqttc::mqttbytes::v4::SubscribeFilter::new(STREAM_RESPONSES_FILTER.into(), QoS::AtMostOnce),
+        ]);
+        let mut subscribe = subscribe;
+        subscribe.pkid = 1;
+        mqtt.write_packet(&Packet::Subscribe(subscribe)).await?;
+        match mqtt.read_packet().await? {
+            Some(Packet::SubAck(ack)) if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) => {}
+            Some(Packet::SubAck(_)) => return Err(DeviceError::SubscriptionRefused),
+            Some(_) => return Err(DeviceError::Unexpected("a packet other than SUBACK")),
+            None => return Err(DeviceError::Closed),
+        }
+        Ok(mqtt)
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// The next stream request; an error means the control channel is gone.
+    pub async fn next_request(&mut self) -> Result<StreamRequest, DeviceError> {
+        if let Some(request) = self.requests.recv().await {
+            return Ok(request);
+        }
+        match self.session.take() {
+            Some(session) => match session.await {
+                Ok(Ok(())) => Err(DeviceError::Closed),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(DeviceError::Closed),
+            },
+            None => Err(DeviceError::Closed),
+        }
+    }
+
+    /// A handle that answers requests from other tasks.
+    pub fn responder(&self) -> Responder {
+        Responder { commands: self.commands.clone() }
+    }
+
+    /// Closes the control channel politely (MQTT DISCONNECT).
+    pub async fn disconnect(mut self) {
+        self.cancel.cancel();
+        if let Some(session) = self.session.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
+        }
+    }
+}
+
+impl Drop for DeviceClient {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Answers stream requests; cheap to clone.
+#[derive(Clone)]
+pub struct Responder {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Responder {
+    /// Accepts; carries half-close when the service asked for it.
+    pub async fn accept(&self, request: &StreamRequest) -> Result<(), DeviceError> {
+        self.answer(StreamResponse { request_id: request.request_id.clone(), status: 200, half_close: request.half_close })
+            .await
+    }
+
+    /// Rejects (status 400).
+    pub async fn reject(&self, request: &StreamRequest) -> Result<(), DeviceError> {
+        self.answer(StreamResponse { request_id: request.request_id.clone(), status: 400, half_close: false }).await
+    }
+
+    async fn answer(&self, response: StreamResponse) -> Result<(), DeviceError> {
+        let (done, written) = oneshot::channel();
+        self.commands.send(Command::Answer(response, done)).await.map_err(|_| DeviceError::Closed)?;
+        written.await.map_err(|_| DeviceError::Closed)?.map_err(|_| DeviceError::Closed)
+    }
+}
+
+async fn run_session(
+    mut mqtt: MqttConnection<ClientWebSocket>,
+    requests: mpsc::Sender<StreamRequest>,
+    mut commands: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+    keep_alive: Duration,
+) -> Result<(), DeviceError> {
+    let silence_limit = keep_alive + keep_alive / 2;
+    let mut last_received = Instant::now();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    loop {
+        let silence_deadline = tokio::time::Instant::from_std(last_received + silence_limit);
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), mqtt.write_packet(&Packet::Disconnect)).await;
+                mqtt.shutdown().await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(silence_deadline) => return Err(DeviceError::RelaySilent(silence_limit)),
+            _ = ping.tick() => mqtt.write_packet(&Packet::PingReq).await?,
+            Some(Command::Answer(response, done)) = commands.recv() => {
+                let publish = Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new());
+                let result = mqtt.write_packet(&Packet::Publish(publish)).await;
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+                result?;
+            }
+            packet = mqtt.read_packet() => {
+                last_received = Instant::now();
+                match packet? {
+                    None => return Err(DeviceError::Closed),
+                    Some(Packet::Publish(publish)) => {
+                        let Ok(request) = StreamRequest::from_topic(&publish.topic) else {
+                            tracing::debug!(topic = %publish.topic.split('?').next().unwrap_or_default(), "ignoring a publish that is not a stream request");
+                            continue;
+                        };
+                        if let Err(mpsc::error::TrySendError::Full(request)) = requests.try_send(request) {
+                            tracing::warn!(request_id = %request.request_id, "too many stream requests waiting; rejecting");
+                            let response = StreamResponse { request_id: request.request_id, status: 400, half_close: false };
+                            mqtt.write_packet(&Packet::Publish(Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new()))).await?;
+                        }
+                    }
+                    Some(Packet::Disconnect) => return Err(DeviceError::Closed),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+}

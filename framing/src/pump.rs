@@ -1,0 +1,359 @@
+//! The data plane: moving bytes between a TCP socket and a stream WebSocket
+//! (the proxies), and between the two WebSockets of a stream (the relay).
+//!
+//! Both directions run concurrently and independently: a direction that waits
+//! for its writer (backpressure) never stops the other direction from being
+//! read, which is what keeps a stream with bulk traffic both ways from
+//! deadlocking. Every buffer is bounded: at most one read chunk per direction
+//! is in our hands, and the WebSocket layer's own buffers are capped by
+//! [`crate::websocket::config`].
+//!
+//! Termination follows TCP. A clean close on one end (WebSocket Close 1000)
+//! is a clean close on the other; anything else (a reset, a vanished peer) is
+//! an abortive close (RST) on the other end, so a client sees an error rather
+//! than a truncated "success". A half-close (FIN one way, data still flowing
+//! the other) travels as an empty binary message, sent only when both ends
+//! agreed to it in the stream request.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Normal closure: the stream ended cleanly.
+pub const CLOSE_NORMAL: u16 = 1000;
+/// The relay is shutting down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// The relay lost the other side of the stream without a Close.
+pub const CLOSE_PEER_LOST: u16 = 1011;
+/// devstreams: the sender's TCP connection was reset or failed.
+pub const CLOSE_TCP_RESET: u16 = 4000;
+/// devstreams: the stream was not paired before the handshake deadline.
+pub const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4008;
+
+/// Bytes read from TCP per WebSocket message.
+pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
+
+/// How long to wait for a final Close frame to be written.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds a Close message.
+pub fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PumpOptions {
+    /// Both ends agreed to carry half-closes as empty binary messages.
+    pub half_close: bool,
+    /// Bytes read from TCP per message.
+    pub read_chunk: usize,
+}
+
+impl Default for PumpOptions {
+    fn default() -> Self {
+        Self { half_close: false, read_chunk: DEFAULT_READ_CHUNK }
+    }
+}
+
+/// How a stream ended, from one proxy's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PumpEnd {
+    /// Both directions finished, or one end closed cleanly.
+    Completed,
+    /// The remote end closed the stream with this (non-normal) code.
+    RemoteClosed { code: u16, reason: String },
+    /// The WebSocket broke without a Close.
+    StreamLost(String),
+    /// The local TCP connection failed or was reset.
+    LocalFailed(String),
+}
+
+/// Byte counts and outcome of one proxied stream.
+#[derive(Debug, Clone)]
+pub struct PumpReport {
+    pub bytes_to_stream: u64,
+    pub bytes_to_tcp: u64,
+    pub end: PumpEnd,
+}
+
+enum UpstreamEnd {
+    /// TCP FIN seen and passed on as a half-close.
+    HalfClosed,
+    /// TCP FIN seen, no half-close agreed: the stream ends.
+    Eof,
+    TcpFailed(io::Error),
+    StreamFailed(String),
+}
+
+enum DownstreamEnd {
+    /// The remote half-closed; our TCP write side is shut down.
+    HalfClosed,
+    RemoteClosed { code: u16, reason: String },
+    StreamLost(String),
+    TcpFailed(io::Error),
+}
+
+/// Moves bytes between `tcp` and `websocket` until the stream ends.
+pub async fn pump_tcp<S>(tcp: TcpStream, websocket: WebSocketStream<S>, options: PumpOptions) -> PumpReport
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    crate::transport::configure_socket(&tcp);
+    let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
+    let (mut sink, mut stream) = websocket.split();
+    let mut bytes_to_stream = 0u64;
+    let mut bytes_to_tcp = 0u64;
+    enum Outcome {
+        BothHalfClosed,
+        Up(UpstreamEnd),
+        Down(DownstreamEnd),
+    }
+    let outcome = {
+        let upstream = upstream(&mut tcp_reader, &mut sink, options, &mut bytes_to_stream);
+        let downstream = downstream(&mut stream, &mut tcp_writer, options, &mut bytes_to_tcp);
+        tokio::pin!(upstream, downstream);
+        let (mut up_finished, mut down_finished) = (false, false);
+        loop {
+            tokio::select! {
+                end = &mut upstream, if !up_finished => match end {
+                    UpstreamEnd::HalfClosed if down_finished => break Outcome::BothHalfClosed,
+                    UpstreamEnd::HalfClosed => up_finished = true,
+                    other => break Outcome::Up(other),
+                },
+                end = &mut downstream, if !down_finished => match end {
+                    DownstreamEnd::HalfClosed if up_finished => break Outcome::BothHalfClosed,
+                    DownstreamEnd::HalfClosed => down_finished = true,
+                    other => break Outcome::Down(other),
+                },
+            }
+        }
+    };
+    let abort_tcp = |reader: OwnedReadHalf, writer: OwnedWriteHalf| {
+        // Dropping a write half sends FIN; reunite first so the socket is
+        // reset instead, and the local client sees an error.
+        if let Ok(tcp) = reader.reunite(writer) {
+            let _ = tcp.set_zero_linger();
+        }
+    };
+    let end = match outcome {
+        Outcome::BothHalfClosed | Outcome::Up(UpstreamEnd::Eof) => {
+            send_close(&mut sink, close_message(CLOSE_NORMAL, "")).await;
+            PumpEnd::Completed
+        }
+        Outcome::Up(UpstreamEnd::HalfClosed) | Outcome::Down(DownstreamEnd::HalfClosed) => {
+            unreachable!("a lone half-close keeps the loop running")
+        }
+        Outcome::Up(UpstreamEnd::TcpFailed(error)) | Outcome::Down(DownstreamEnd::TcpFailed(error)) => {
+            send_close(&mut sink, close_message(CLOSE_TCP_RESET, "the TCP connection on the other end failed")).await;
+            abort_tcp(tcp_reader, tcp_writer);
+            PumpEnd::LocalFailed(error.to_string())
+        }
+        Outcome::Up(UpstreamEnd::StreamFailed(reason)) | Outcome::Down(DownstreamEnd::StreamLost(reason)) => {
+            abort_tcp(tcp_reader, tcp_writer);
+            PumpEnd::StreamLost(reason)
+        }
+        Outcome::Down(DownstreamEnd::RemoteClosed { code, reason }) => {
+            if code == CLOSE_NORMAL {
+                let _ = tcp_writer.shutdown().await;
+                PumpEnd::Completed
+            } else {
+                abort_tcp(tcp_reader, tcp_writer);
+                PumpEnd::RemoteClosed { code, reason }
+            }
+        }
+    };
+    PumpReport { bytes_to_stream, bytes_to_tcp, end }
+}
+
+async fn send_close<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, message: Message)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(message)).await;
+}
+
+async fn upstream<S>(
+    reader: &mut OwnedReadHalf,
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    options: PumpOptions,
+    bytes: &mut u64,
+) -> UpstreamEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        // Wait for data before taking a buffer, so an idle stream holds none.
+        if let Err(error) = reader.readable().await {
+            return UpstreamEnd::TcpFailed(error);
+        }
+        let mut buffer = BytesMut::with_capacity(options.read_chunk);
+        match reader.try_read_buf(&mut buffer) {
+            Ok(0) if options.half_close => {
+                return match sink.send(Message::Binary(bytes::Bytes::new())).await {
+                    Ok(()) => UpstreamEnd::HalfClosed,
+                    Err(error) => UpstreamEnd::StreamFailed(error.to_string()),
+                };
+            }
+            Ok(0) => return UpstreamEnd::Eof,
+            Ok(count) => {
+                *bytes += count as u64;
+                if let Err(error) = sink.send(Message::Binary(buffer.freeze())).await {
+                    return UpstreamEnd::StreamFailed(error.to_string());
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return UpstreamEnd::TcpFailed(error),
+        }
+    }
+}
+
+async fn downstream<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    writer: &mut OwnedWriteHalf,
+    options: PumpOptions,
+    bytes: &mut u64,
+) -> DownstreamEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let data = match stream.next().await {
+            None => return DownstreamEnd::StreamLost("the relay connection ended without a Close".into()),
+            Some(Err(error)) => return DownstreamEnd::StreamLost(error.to_string()),
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((CLOSE_NORMAL, String::new()));
+                return DownstreamEnd::RemoteClosed { code, reason };
+            }
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
+            Some(Ok(_)) => continue,
+        };
+        if data.is_empty() {
+            if options.half_close {
+                return match writer.shutdown().await {
+                    Ok(()) => DownstreamEnd::HalfClosed,
+                    Err(error) => DownstreamEnd::TcpFailed(error),
+                };
+            }
+            continue;
+        }
+        if let Err(error) = writer.write_all(&data).await {
+            return DownstreamEnd::TcpFailed(error);
+        }
+        *bytes += data.len() as u64;
+    }
+}
+
+/// How the relay's copy of one stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// One side sent Close with this code; it was passed to the other.
+    Closed { by_first: bool, code: u16 },
+    /// One side vanished without a Close; the other was closed with 1011.
+    Lost { first_lost: bool },
+}
+
+/// Byte counts and outcome of one relayed stream.
+#[derive(Debug, Clone)]
+pub struct RelayReport {
+    pub bytes_first_to_second: u64,
+    pub bytes_second_to_first: u64,
+    pub end: RelayEnd,
+}
+
+enum DirectionEnd {
+    Closed(u16),
+    SourceLost,
+    DestinationLost,
+}
+
+/// Copies messages between the two WebSockets of a stream, message for
+/// message with opcodes and boundaries kept, until either side ends.
+pub async fn relay<A, B>(first: WebSocketStream<A>, second: WebSocketStream<B>) -> RelayReport
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut first_sink, mut first_stream) = first.split();
+    let (mut second_sink, mut second_stream) = second.split();
+    let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
+    let (from_first, end) = {
+        let forward_first = forward(&mut first_stream, &mut second_sink, &mut bytes_first_to_second);
+        let forward_second = forward(&mut second_stream, &mut first_sink, &mut bytes_second_to_first);
+        tokio::select! {
+            end = forward_first => (true, end),
+            end = forward_second => (false, end),
+        }
+    };
+    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
+    let end = match end {
+        DirectionEnd::Closed(code) => RelayEnd::Closed { by_first: from_first, code },
+        DirectionEnd::SourceLost => RelayEnd::Lost { first_lost: from_first },
+        DirectionEnd::DestinationLost => {
+            // The destination is gone: close the source, which is still there.
+            if from_first {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(lost)).await;
+            } else {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(lost)).await;
+            }
+            RelayEnd::Lost { first_lost: !from_first }
+        }
+    };
+    RelayReport { bytes_first_to_second, bytes_second_to_first, end }
+}
+
+async fn forward<A, B>(
+    from: &mut SplitStream<WebSocketStream<A>>,
+    to: &mut SplitSink<WebSocketStream<B>, Message>,
+    bytes: &mut u64,
+) -> DirectionEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        // Flush only when the source has nothing more ready: bulk transfers
+        // batch their writes, interactive ones are flushed at once.
+        let next = match from.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                if to.flush().await.is_err() {
+                    return DirectionEnd::DestinationLost;
+                }
+                from.next().await
+            }
+        };
+        match next {
+            None | Some(Err(_)) => {
+                let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(lost)).await;
+                return DirectionEnd::SourceLost;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let frame = frame.unwrap_or(CloseFrame { code: CloseCode::Normal, reason: "".into() });
+                let code = u16::from(frame.code);
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(Message::Close(Some(frame)))).await;
+                return DirectionEnd::Closed(code);
+            }
+            Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
+                *bytes += message.len() as u64;
+                if to.feed(message).await.is_err() {
+                    return DirectionEnd::DestinationLost;
+                }
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The service side of stream creation: the IoT Hub REST call
+//! `POST /twins/{deviceId}/streams/{streamName}`.
+//!
+//! One call opens one HTTP/1.1 connection: stream creation is rare next to the
+//! bytes a stream moves, and a fresh connection per call keeps no idle state
+//! that could go stale across relay restarts.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use percent_encoding::utf8_percent_encode;
+
+use crate::connection_string::ConnectionString;
+use crate::headers;
+use crate::sas;
+use crate::transport::{self, ConnectError};
+
+/// Largest error body read from the relay.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+/// Lifetime of the SAS token a call signs.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// What the service asks for.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// How long the relay may wait for the device to be connected.
+    pub connect_timeout: Duration,
+    /// How long the relay may wait for the device's answer.
+    pub response_timeout: Duration,
+    /// devstreams: the `HOST:PORT` or `PORT` the device should bridge to.
+    pub target: Option<String>,
+    /// devstreams: ask to carry TCP half-closes through the stream.
+    pub half_close: bool,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_secs(60),
+            target: None,
+            half_close: false,
+        }
+    }
+}
+
+/// The relay's answer when the device answered.
+#[derive(Debug, Clone)]
+pub struct StreamInvitation {
+    pub stream_name: String,
+    pub is_accepted: bool,
+    /// Streaming endpoint, when accepted.
+    pub url: String,
+    /// Service-side stream token, when accepted.
+    pub authorization_token: String,
+    /// Both ends agreed to carry half-closes.
+    pub half_close: bool,
+    /// Why the device said no, when rejected.
+    pub rejection_reason: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateStreamError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP exchange with the relay failed: {0}")]
+    Http(String),
+    #[error("the relay refused the service credentials (401): {0}; check SERVICE_CONNECTION_STRING with `relay policy show`")]
+    Unauthorized(String),
+    #[error("device not found (404): {0}")]
+    DeviceNotFound(String),
+    #[error("device is not connected (404103): {0}")]
+    DeviceOffline(String),
+    #[error("the device did not answer in time (504): {0}")]
+    DeviceTimeout(String),
+    #[error("the relay is busy (429), retry after {retry_after_seconds} s: {message}")]
+    Throttled { retry_after_seconds: u64, message: String },
+    #[error("the relay answered {status}: {message}")]
+    Unexpected { status: u16, message: String },
+    #[error("the relay did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A client for one service connection string.
+#[derive(Clone)]
+pub struct ServiceClient {
+    connection: ConnectionString,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl ServiceClient {
+    pub fn new(connection: ConnectionString, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { connection, tls }
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.connection.host_name
+    }
+
+    /// Asks the relay to create a stream to `device_id`, waiting for the
+    /// device's decision.
+    pub async fn create_stream(
+        &self,
+        device_id: &str,
+        stream_name: &str,
+        options: &StreamOptions,
+    ) -> Result<StreamInvitation, CreateStreamError> {
+        let total = options.connect_timeout.max(options.response_timeout) + Duration::from_secs(15);
+        tokio::time::timeout(total, self.exchange(device_id, stream_name, options))
+            .await
+            .map_err(|_| CreateStreamError::Timeout(total))?
+    }
+
+    async fn exchange(
+        &self,
+        device_id: &str,
+        stream_name: &str,
+        options: &StreamOptions,
+    ) -> Result<StreamInvitation, CreateStreamError> {
+        let stream = transport::connect(
+            self.connection.host(),
+            self.connection.port(),
+            Some(&self.tls),
+            transport::DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| CreateStreamError::Http(e.to_string()))?;
+        // The connection task ends with the exchange: dropping `sender` closes it.
+        let connection_task = tokio::spawn(connection);
+        let token = sas::sign(
+            &self.connection.host_name,
+            self.connection.key(),
+            SystemTime::now() + TOKEN_LIFETIME,
+            self.connection.shared_access_key_name.as_deref(),
+        );
+        let path = format!(
+            "/twins/{}/streams/{}?api-version={}",
+            utf8_percent_encode(device_id, sas::COMPONENT),
+            stream_name,
+            headers::API_VERSION
+        );
+        let mut request = http::Request::post(path)
+            .header(http::header::HOST, &self.connection.host_name)
+            .header(http::header::AUTHORIZATION, token)
+            .header(headers::CONNECT_TIMEOUT, options.connect_timeout.as_secs().max(1).to_string())
+            .header(headers::RESPONSE_TIMEOUT, options.response_timeout.as_secs().max(1).to_string())
+            .header(http::header::CONTENT_LENGTH, "0");
+        if let Some(target) = &options.target {
+            request = request.header(headers::TARGET, target);
+        }
+        if options.half_close {
+            request = request.header(headers::HALF_CLOSE, "True");
+        }
+        let request = request
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| CreateStreamError::Http(format!("cannot build the request (bad device id or stream name?): {e}")))?;
+        let response = sender.send_request(request).await.map_err(|e| CreateStreamError::Http(e.to_string()))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response.headers().get(name).and_then(|value| value.to_str().ok()).map(str::to_string)
+        };
+        let is_accepted = header(headers::IS_ACCEPTED);
+        let url = header(headers::URL).unwrap_or_default();
+        let authorization_token = header(headers::AUTH_TOKEN).unwrap_or_default();
+        let half_close = header(headers::HALF_CLOSE).as_deref() == Some("True");
+        let retry_after_seconds = header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1);
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
+        drop(sender);
+        connection_task.abort();
+        let message = error_message(&body);
+        match status {
+            200 => {
+                let is_accepted = match is_accepted.as_deref() {
+                    Some("True") => true,
+                    Some("False") => false,
+                    other => {
+                        return Err(CreateStreamError::Http(format!(
+                            "the relay answered 200 without a valid {} header ({other:?})",
+                            headers::IS_ACCEPTED
+                        )))
+                    }
+                };
+                if is_accepted && (url.is_empty() || authorization_token.is_empty()) {
+                    return Err(CreateStreamError::Http("the relay accepted without a streaming URL or token".into()));
+                }
+                Ok(StreamInvitation {
+                    stream_name: stream_name.to_string(),
+                    is_accepted,
+                    url,
+                    authorization_token,
+                    half_close: is_accepted && half_close,
+                    rejection_reason: (!is_accepted).then_some(message),
+                })
+            }
+            401 | 403 => Err(CreateStreamError::Unauthorized(message)),
+            404 if body_error_code(&body) == Some(headers::ERROR_DEVICE_NOT_ONLINE) => {
+                Err(CreateStreamError::DeviceOffline(message))
+            }
+            404 => Err(CreateStreamError::DeviceNotFound(message)),
+            504 => Err(CreateStreamError::DeviceTimeout(message)),
+            429 => Err(CreateStreamError::Throttled { retry_after_seconds, message }),
+            status => Err(CreateStreamError::Unexpected { status, message }),
+        }
+    }
+}
+
+fn body_error_code(body: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<serde_json::Value>(body).ok()?.get("errorCode")?.as_i64()
+}
+
+fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => match value.get("message").and_then(|m| m.as_str()) {
+            Some(message) => message.to_string(),
+            None => value.to_string(),
+        },
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    }
+}

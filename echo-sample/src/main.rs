@@ -1,1 +1,94 @@
-fn main() {}
+//! The device-streams echo sample, after IoT Hub's quickstarts: a device
+//! that echoes every message back, a service that sends one message and
+//! checks the echo, and `demo`, which runs a relay and both in one process.
+
+mod demo;
+mod device;
+mod service;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  echo-sample demo                                     # relay + device + service on loopback, nothing to set up
+  echo-sample device \"HostName=localhost:8443;DeviceId=MyDevice;SharedAccessKey=…\" --ca-cert relay-data/tls/cert.pem
+  echo-sample service \"HostName=localhost:8443;SharedAccessKeyName=service;SharedAccessKey=…\" MyDevice --ca-cert relay-data/tls/cert.pem
+
+Environment: DEVICE_CONNECTION_STRING, SERVICE_CONNECTION_STRING (or IOTHUB_CONNECTION_STRING),
+STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, RUST_LOG";
+
+#[derive(Parser)]
+#[command(name = "echo-sample", version, about = "Device streams echo sample: device, service, and an all-in-one demo", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Echo every message of every accepted stream back to the service.
+    Device {
+        /// Device connection string.
+        #[arg(env = "DEVICE_CONNECTION_STRING", hide_env_values = true)]
+        connection_string: String,
+        /// Extra CA certificate (PEM) to trust, e.g. the relay's self-signed cert.pem.
+        #[arg(long, env = "DEVSTREAMS_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+    },
+    /// Open a stream to the device, send one message and check its echo.
+    Service {
+        /// Service connection string.
+        #[arg(env = "SERVICE_CONNECTION_STRING", hide_env_values = true)]
+        connection_string: Option<String>,
+        /// Device to open the stream to.
+        #[arg(env = "STREAMING_TARGET_DEVICE", default_value = "MyDevice")]
+        device_id: String,
+        /// Text to send.
+        #[arg(long, default_value = service::DEFAULT_MESSAGE)]
+        message: String,
+        /// Extra CA certificate (PEM) to trust.
+        #[arg(long, env = "DEVSTREAMS_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+    },
+    /// Run a relay, an echo device and the echo service on loopback (TLS on).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("echo-sample: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Device { connection_string, ca_cert } => device::run(&connection_string, ca_cert.as_deref()).await,
+            Command::Service { connection_string, device_id, message, ca_cert } => {
+                let connection_string = connection_string
+                    .or_else(|| std::env::var("IOTHUB_CONNECTION_STRING").ok())
+                    .ok_or_else(|| anyhow::anyhow!("no service connection string: pass it as the first argument or set SERVICE_CONNECTION_STRING"))?;
+                service::run(&connection_string, &device_id, &message, ca_cert.as_deref()).await
+            }
+            Command::Demo => demo::run().await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("echo-sample: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

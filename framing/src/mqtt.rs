@@ -13,7 +13,8 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 pub use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeFilter,
+    SubscribeReasonCode, UnsubAck,
 };
 pub use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -1,8 +1,9 @@
-//! "A byte stream to the relay": one type for plain TCP and TLS, and the one
-//! place where outbound sockets get their options and deadlines.
+//! "A byte stream to the relay": one type for plain TCP and TLS, client or
+//! server side, and the one place where sockets get their options and
+//! outbound dials their deadlines.
 //!
 //! Everything above (REST, MQTT over WebSocket, streaming WebSocket) is built
-//! on [`RelayStream`], so TLS or plain is configuration, not a branch in each
+//! on [`NetworkStream`], so TLS or plain is configuration, not a branch in each
 //! client.
 
 use std::io;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// How long dialing (TCP + TLS) may take before it is abandoned.
@@ -32,8 +33,8 @@ pub enum ConnectError {
     Timeout { address: String, timeout: Duration },
 }
 
-/// A connection to the relay, with or without TLS.
-pub enum RelayStream {
+/// A connection to or from the relay, with or without TLS (either role).
+pub enum NetworkStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
@@ -50,7 +51,7 @@ pub async fn connect(
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
-) -> Result<RelayStream, ConnectError> {
+) -> Result<NetworkStream, ConnectError> {
     let address = format!("{host}:{port}");
     let dial = async {
         let tcp = TcpStream::connect((host, port))
@@ -58,7 +59,7 @@ pub async fn connect(
             .map_err(|source| ConnectError::Tcp { address: address.clone(), source })?;
         configure_socket(&tcp);
         match tls {
-            None => Ok(RelayStream::Plain(tcp)),
+            None => Ok(NetworkStream::Plain(tcp)),
             Some(config) => {
                 let server_name = ServerName::try_from(host.to_string())
                     .map_err(|_| ConnectError::ServerName { address: address.clone() })?;
@@ -66,7 +67,7 @@ pub async fn connect(
                     .connect(server_name, tcp)
                     .await
                     .map_err(|source| ConnectError::Tls { address: address.clone(), source })?;
-                Ok(RelayStream::Tls(Box::new(stream)))
+                Ok(NetworkStream::Tls(Box::new(TlsStream::Client(stream))))
             }
         }
     };
@@ -75,34 +76,34 @@ pub async fn connect(
         .map_err(|_| ConnectError::Timeout { address: address.clone(), timeout })?
 }
 
-impl AsyncRead for RelayStream {
+impl AsyncRead for NetworkStream {
     fn poll_read(self: Pin<&mut Self>, context: &mut Context<'_>, buffer: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RelayStream::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
-            RelayStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
+            NetworkStream::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
+            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
         }
     }
 }
 
-impl AsyncWrite for RelayStream {
+impl AsyncWrite for NetworkStream {
     fn poll_write(self: Pin<&mut Self>, context: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            RelayStream::Plain(stream) => Pin::new(stream).poll_write(context, data),
-            RelayStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
+            NetworkStream::Plain(stream) => Pin::new(stream).poll_write(context, data),
+            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RelayStream::Plain(stream) => Pin::new(stream).poll_flush(context),
-            RelayStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
+            NetworkStream::Plain(stream) => Pin::new(stream).poll_flush(context),
+            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RelayStream::Plain(stream) => Pin::new(stream).poll_shutdown(context),
-            RelayStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
+            NetworkStream::Plain(stream) => Pin::new(stream).poll_shutdown(context),
+            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
         }
     }
 
@@ -112,15 +113,15 @@ impl AsyncWrite for RelayStream {
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            RelayStream::Plain(stream) => Pin::new(stream).poll_write_vectored(context, buffers),
-            RelayStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(context, buffers),
+            NetworkStream::Plain(stream) => Pin::new(stream).poll_write_vectored(context, buffers),
+            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(context, buffers),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            RelayStream::Plain(stream) => stream.is_write_vectored(),
-            RelayStream::Tls(stream) => stream.is_write_vectored(),
+            NetworkStream::Plain(stream) => stream.is_write_vectored(),
+            NetworkStream::Tls(stream) => stream.is_write_vectored(),
         }
     }
 }

@@ -14,7 +14,7 @@ pub use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 pub use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::transport::{self, ConnectError, RelayStream};
+use crate::transport::{self, ConnectError, NetworkStream};
 
 /// Largest WebSocket message accepted by default (PROTOCOL.md leaves the
 /// size to us; our proxies send at most [`crate::pump::DEFAULT_READ_CHUNK`]).
@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 pub const READ_BUFFER_SIZE: usize = 16 * 1024;
 
 /// A client WebSocket to the relay.
-pub type ClientWebSocket = WebSocketStream<RelayStream>;
+pub type ClientWebSocket = WebSocketStream<NetworkStream>;
 
 /// WebSocket settings with every size bounded.
 pub fn config(max_message_size: usize) -> WebSocketConfig {

@@ -1,0 +1,22 @@
+//! The devstreams relay: device control channels (MQTT), stream creation
+//! (REST), the streaming endpoint (pairing and copying), the identity
+//! registry, and the limits that keep one client from hurting another.
+//! `main.rs` only parses the command line; everything here is testable
+//! in-process (the echo sample's demo runs a relay this way).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod data_dir;
+pub mod http_util;
+pub mod limits;
+pub mod metrics;
+pub mod pairing;
+pub mod registry;
+pub mod server;
+pub mod state;
+pub mod streaming;
+pub mod streams_api;
+
+pub use config::{Limits, RelayConfig, TlsMode};
+pub use server::{start, RunningRelay};

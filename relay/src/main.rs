@@ -1,1 +1,261 @@
-fn main() {}
+//! `relay`: serve, and manage the identity registry. Parsing only; the work
+//! is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use relay::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
+use relay::registry::Registry;
+use relay::{Limits, RelayConfig, TlsMode};
+
+const EXAMPLES: &str = "\
+Examples:
+  relay serve                                   # TLS on 0.0.0.0:8443, self-signed certificate in ./relay-data/tls
+  relay serve --listen 127.0.0.1:8443 --public-url wss://relay.example.com:8443
+  relay serve --tls-cert fullchain.pem --tls-key privkey.pem
+  relay device add MyDevice                     # prints the device connection string
+  relay device list
+  relay policy show                             # prints the service connection string
+
+Environment: RELAY_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
+
+#[derive(Parser)]
+#[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
+struct Cli {
+    /// Where the registry, secrets and TLS files live.
+    #[arg(long, global = true, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve devices and services (creates the data dir on first start).
+    Serve(ServeArgs),
+    /// Manage device identities (works while `relay serve` runs).
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Show service policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address of the main listener (HTTPS + WSS).
+    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Base URL of the streaming endpoint handed to clients, e.g. wss://relay.example.com:443.
+    /// By default each client gets the host it used to reach the relay.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// PEM certificate chain (instead of the generated self-signed one).
+    #[arg(long, requires = "tls_key", conflicts_with = "no_tls")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert", conflicts_with = "no_tls")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP/WS, for a relay behind a TLS-terminating load balancer.
+    #[arg(long)]
+    no_tls: bool,
+    /// Seconds from stream creation until both sides must be connected.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    handshake_timeout: u64,
+    /// Largest WebSocket message on stream sockets, bytes.
+    #[arg(long, default_value_t = Limits::default().max_message_size)]
+    max_message_size: usize,
+    /// Concurrent streams on this relay.
+    #[arg(long, default_value_t = Limits::default().max_streams)]
+    max_streams: usize,
+    /// Concurrent streams of one device.
+    #[arg(long, default_value_t = Limits::default().max_streams_per_device)]
+    max_streams_per_device: usize,
+    /// Stream creations per second on this relay.
+    #[arg(long, default_value_t = Limits::default().creations_per_second)]
+    creations_per_second: u32,
+    /// Stream creations per second for one device.
+    #[arg(long, default_value_t = Limits::default().creations_per_second_per_device)]
+    creations_per_second_per_device: u32,
+    /// Open connections on the main listener.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Seconds live streams may run on after SIGTERM/SIGINT before they are cut.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    drain_timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device and print its connection string (one line).
+    Add { device_id: String },
+    /// List registered device ids.
+    List,
+    /// Print a device's connection string (primary key).
+    Show { device_id: String },
+    /// Remove a device; a running relay cuts its control channel and streams.
+    Remove { device_id: String },
+    /// Replace one of a device's keys and print the new connection string.
+    RotateKey {
+        device_id: String,
+        /// Rotate the secondary key instead of the primary.
+        #[arg(long)]
+        secondary: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print a policy's service connection string.
+    Show {
+        #[arg(default_value = SERVICE_POLICY)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(arguments) => serve(cli.data_dir, arguments),
+        Command::Device(command) => device(&cli.data_dir, command),
+        Command::Policy(PolicyCommand::Show { name }) => policy_show(&cli.data_dir, &name),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("relay: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
+    let mut config = RelayConfig::new(arguments.listen, data_dir);
+    config.public_url = arguments.public_url;
+    if let Some(url) = &config.public_url {
+        if !(url.starts_with("wss://") || url.starts_with("ws://")) {
+            anyhow::bail!("--public-url {url:?} must start with wss:// (or ws:// behind a TLS-terminating proxy)");
+        }
+    }
+    config.tls = match (arguments.no_tls, arguments.tls_cert, arguments.tls_key) {
+        (true, _, _) => TlsMode::Disabled,
+        (false, Some(certificate), Some(private_key)) => TlsMode::Files { certificate, private_key },
+        _ => TlsMode::SelfSigned,
+    };
+    config.limits = Limits {
+        handshake_timeout: Duration::from_secs(arguments.handshake_timeout),
+        max_message_size: arguments.max_message_size,
+        max_streams: arguments.max_streams,
+        max_streams_per_device: arguments.max_streams_per_device,
+        creations_per_second: arguments.creations_per_second,
+        creations_per_second_per_device: arguments.creations_per_second_per_device,
+        max_connections: arguments.max_connections,
+        drain_timeout: Duration::from_secs(arguments.drain_timeout),
+        ..Limits::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let relay = relay::start(config).await?;
+        let tls = if relay.tls { "TLS" } else { "plain HTTP, --no-tls" };
+        println!("Listening on {} ({tls})", relay.local_address);
+        println!("Service connection string: {}", relay.service_connection_string);
+        if let Some(path) = &relay.certificate_path {
+            let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            println!("CA certificate for clients (--ca-cert): {}", absolute.display());
+        }
+        println!("Add a device with: relay device add <DeviceId>");
+        wait_for_shutdown_signal().await;
+        tracing::info!("shutting down: no new connections, draining live streams");
+        relay.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn host_name(data_dir: &DataDir) -> anyhow::Result<String> {
+    Ok(match data_dir.registry()?.setting(HOST_NAME_SETTING)? {
+        Some(host) => host,
+        None => {
+            eprintln!("relay: note: `relay serve` has not run on this data dir yet; assuming HostName=localhost:8443");
+            "localhost:8443".to_string()
+        }
+    })
+}
+
+fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<()> {
+    let data_dir = match command {
+        DeviceCommand::Add { .. } => DataDir::create_or_open(data_dir)?,
+        _ => DataDir::open_existing(data_dir)?,
+    };
+    let registry = data_dir.registry()?;
+    let print_connection_string = |record: &relay::registry::DeviceRecord| -> anyhow::Result<()> {
+        let host = host_name(&data_dir)?;
+        let connection = framing::ConnectionString::for_device(&host, &record.device_id, &record.primary_key)?;
+        println!("{}", connection.to_secret_string());
+        Ok(())
+    };
+    match command {
+        DeviceCommand::Add { device_id } => print_connection_string(&registry.add_device(&device_id)?),
+        DeviceCommand::List => {
+            for record in registry.list_devices()? {
+                println!("{}{}", record.device_id, if record.enabled { "" } else { " (disabled)" });
+            }
+            Ok(())
+        }
+        DeviceCommand::Show { device_id } => {
+            let record = registry.device(&device_id)?.ok_or(relay::registry::RegistryError::NoSuchDevice(device_id))?;
+            print_connection_string(&record)
+        }
+        DeviceCommand::Remove { device_id } => {
+            registry.remove_device(&device_id)?;
+            eprintln!("relay: removed device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::RotateKey { device_id, secondary } => {
+            let record = registry.rotate_device_key(&device_id, secondary)?;
+            if secondary {
+                let host = host_name(&data_dir)?;
+                let connection = framing::ConnectionString::for_device(&host, &record.device_id, &record.secondary_key)?;
+                println!("{}", connection.to_secret_string());
+                Ok(())
+            } else {
+                print_connection_string(&record)
+            }
+        }
+    }
+}
+
+fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let data_dir = DataDir::open_existing(data_dir)?;
+    let registry = data_dir.registry()?;
+    let policy = registry.policy(name)?.ok_or_else(|| relay::registry::RegistryError::NoSuchPolicy(name.to_string()))?;
+    let host = host_name(&data_dir)?;
+    println!("{}", framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string());
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Everything `relay serve` can be told, with the defaults `--help` shows.
+//! Every wait has a deadline here and every buffer a bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the relay gets its TLS certificate.
+#[derive(Debug, Clone)]
+pub enum TlsMode {
+    /// A self-signed certificate in `<data-dir>/tls`, created on first start.
+    SelfSigned,
+    /// The operator's certificate chain and private key (PEM).
+    Files { certificate: PathBuf, private_key: PathBuf },
+    /// Plain HTTP/MQTT, for a relay behind a TLS-terminating load balancer.
+    Disabled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Create → both sides connected; also the cap of the REST timeouts.
+    pub handshake_timeout: Duration,
+    /// A client must finish TLS within this.
+    pub tls_handshake_timeout: Duration,
+    /// A client must send its request headers within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// A device must send MQTT CONNECT within this after connecting.
+    pub mqtt_connect_timeout: Duration,
+    /// Largest request head (line + headers), bytes.
+    pub max_header_size: usize,
+    /// Largest WebSocket message (and frame) on stream sockets, bytes.
+    pub max_message_size: usize,
+    /// Largest MQTT packet from a device, bytes.
+    pub max_mqtt_packet_size: usize,
+    /// Concurrent streams (created, pairing or copying) on this relay.
+    pub max_streams: usize,
+    /// Concurrent streams of one device.
+    pub max_streams_per_device: usize,
+    /// Stream creations per second on this relay.
+    pub creations_per_second: u32,
+    /// Stream creations per second for one device.
+    pub creations_per_second_per_device: u32,
+    /// Open connections on the main listener.
+    pub max_connections: usize,
+    /// SAS tokens are accepted this long past their expiry.
+    pub clock_skew: Duration,
+    /// SAS tokens expiring further ahead than this are refused.
+    pub max_token_lifetime: Duration,
+    /// Live streams get this long to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            mqtt_connect_timeout: Duration::from_secs(10),
+            max_header_size: 16 * 1024,
+            max_message_size: framing::websocket::DEFAULT_MAX_MESSAGE_SIZE,
+            max_mqtt_packet_size: framing::mqtt::DEFAULT_MAX_PACKET_SIZE,
+            max_streams: 20_000,
+            max_streams_per_device: 200,
+            creations_per_second: 5_000,
+            creations_per_second_per_device: 500,
+            max_connections: 50_000,
+            clock_skew: Duration::from_secs(300),
+            max_token_lifetime: Duration::from_secs(366 * 24 * 3600),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Base URL of the streaming endpoint handed to clients (`wss://host:port`).
+    /// When unset, each side gets the host it used to reach this relay.
+    pub public_url: Option<String>,
+    pub tls: TlsMode,
+    /// The hub name in streaming URLs (`/bridges/{hub}/…`).
+    pub hub_name: String,
+    pub limits: Limits,
+}
+
+impl RelayConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            public_url: None,
+            tls: TlsMode::SelfSigned,
+            hub_name: "devstreams".into(),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The relay's data directory: registry, stream-token secret and TLS files.
+//!
+//! The first `relay serve` creates everything a working relay needs, so a new
+//! user goes from nothing to a running relay with one command. Secrets are
+//! written owner-only (0600, directory 0700) before any content lands in
+//! them. The CLI subcommands (`relay device …`) open the same directory.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rand::RngCore;
+
+use crate::registry::SqliteRegistry;
+
+pub const REGISTRY_FILE: &str = "registry.sqlite";
+pub const SECRET_FILE: &str = "stream-token.secret";
+pub const TLS_DIRECTORY: &str = "tls";
+pub const CERTIFICATE_FILE: &str = "cert.pem";
+pub const PRIVATE_KEY_FILE: &str = "key.pem";
+/// The policy every relay has; service connection strings name it.
+pub const SERVICE_POLICY: &str = "service";
+/// Settings key under which `relay serve` records its public host name, so
+/// that `relay device add` prints connection strings that reach it.
+pub const HOST_NAME_SETTING: &str = "host_name";
+
+pub struct DataDir {
+    pub path: PathBuf,
+}
+
+impl DataDir {
+    /// Opens an existing data dir (for the registry CLI).
+    pub fn open_existing(path: &Path) -> anyhow::Result<Self> {
+        if !path.join(REGISTRY_FILE).exists() {
+            anyhow::bail!(
+                "no relay data in {}: run `relay serve --data-dir {}` once to create it, or pass the right --data-dir",
+                path.display(),
+                path.display()
+            );
+        }
+        Ok(Self { path: path.to_path_buf() })
+    }
+
+    /// Opens the data dir, creating it and its registry when missing.
+    pub fn create_or_open(path: &Path) -> anyhow::Result<Self> {
+        create_private_directory(path)?;
+        let data_dir = Self { path: path.to_path_buf() };
+        let registry_path = data_dir.path.join(REGISTRY_FILE);
+        if !registry_path.exists() {
+            // Create the file owner-only before SQLite writes keys into it.
+            write_private_file(&registry_path, b"")?;
+        }
+        data_dir.registry()?.ensure_policy(SERVICE_POLICY)?;
+        Ok(data_dir)
+    }
+
+    pub fn registry(&self) -> anyhow::Result<SqliteRegistry> {
+        let path = self.path.join(REGISTRY_FILE);
+        SqliteRegistry::open(&path).with_context(|| format!("cannot open the registry {}", path.display()))
+    }
+
+    /// The stream-token secret, created on first use.
+    pub fn stream_token_secret(&self) -> anyhow::Result<Vec<u8>> {
+        let path = self.path.join(SECRET_FILE);
+        if !path.exists() {
+            let mut secret = [0u8; 32];
+            rand::rng().fill_bytes(&mut secret);
+            write_private_file(&path, &secret)?;
+        }
+        let secret = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if secret.len() < 32 {
+            anyhow::bail!("{} is shorter than 32 bytes: delete it and restart the relay to create a new one", path.display());
+        }
+        Ok(secret)
+    }
+
+    pub fn certificate_path(&self) -> PathBuf {
+        self.path.join(TLS_DIRECTORY).join(CERTIFICATE_FILE)
+    }
+
+    pub fn private_key_path(&self) -> PathBuf {
+        self.path.join(TLS_DIRECTORY).join(PRIVATE_KEY_FILE)
+    }
+
+    /// Writes a self-signed certificate for `names` unless one exists.
+    pub fn ensure_self_signed_certificate(&self, names: &[String]) -> anyhow::Result<()> {
+        let (certificate_path, key_path) = (self.certificate_path(), self.private_key_path());
+        if certificate_path.exists() && key_path.exists() {
+            return Ok(());
+        }
+        create_private_directory(&self.path.join(TLS_DIRECTORY))?;
+        let generated = rcgen::generate_simple_self_signed(names.to_vec())
+            .context("cannot generate a self-signed certificate")?;
+        write_private_file(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
+        fs::write(&certificate_path, generated.cert.pem())
+            .with_context(|| format!("cannot write {}", certificate_path.display()))?;
+        Ok(())
+    }
+}
+
+fn create_private_directory(path: &Path) -> anyhow::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path).with_context(|| format!("cannot create the data directory {}", path.display()))
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_start_creates_private_registry_secret_and_certificate() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("relay-data");
+        let data_dir = DataDir::create_or_open(&path).unwrap();
+        let secret = data_dir.stream_token_secret().unwrap();
+        assert_eq!(secret, data_dir.stream_token_secret().unwrap(), "the secret is stable across starts");
+        data_dir.ensure_self_signed_certificate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert!(data_dir.certificate_path().exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for file in [path.join(REGISTRY_FILE), path.join(SECRET_FILE), data_dir.private_key_path()] {
+                let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", file.display());
+            }
+        }
+        assert!(data_dir.registry().unwrap().ensure_policy(SERVICE_POLICY).is_ok());
+    }
+
+    #[test]
+    fn missing_data_dir_is_a_clear_error() {
+        let directory = tempfile::tempdir().unwrap();
+        let error = DataDir::open_existing(&directory.path().join("nope")).err().unwrap();
+        assert!(error.to_string().contains("relay serve"));
+    }
+}

@@ -1,0 +1,337 @@
+//! The main listener: TLS, HTTP/1.1, routing to the endpoints, and the
+//! background duties of a serving relay (expiring unpaired streams, noticing
+//! removed devices). [`RunningRelay`] is the handle that owns all of it and
+//! shuts it down in order: stop accepting, let streams drain, then cut.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use framing::mqtt::MqttConnection;
+use framing::stream_token::StreamTokenKey;
+use framing::transport::{configure_socket, NetworkStream};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use percent_encoding::percent_decode_str;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::{RelayConfig, TlsMode};
+use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
+use crate::http_util::{error_code, error_response, offers, switching_protocols, websocket_accept_key, Body};
+use crate::state::RelayState;
+use crate::{control, streaming, streams_api};
+
+/// How often unpaired streams are expired and the registry is checked.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A serving relay.
+pub struct RunningRelay {
+    pub local_address: SocketAddr,
+    /// `host:port` that clients should use (connection strings' HostName).
+    pub host_name: String,
+    pub service_connection_string: String,
+    /// The certificate clients pass as `--ca-cert`, when self-signed.
+    pub certificate_path: Option<PathBuf>,
+    /// Whether the listener speaks TLS.
+    pub tls: bool,
+    state: Arc<RelayState>,
+}
+
+impl RunningRelay {
+    /// Stops accepting, closes control channels, lets live streams finish
+    /// until the drain deadline, then cuts what is left.
+    pub async fn shutdown(self) {
+        let drain = self.state.config.limits.drain_timeout;
+        self.state.stop_accepting.cancel();
+        self.state.tasks.close();
+        if tokio::time::timeout(drain, self.state.tasks.wait()).await.is_err() {
+            tracing::warn!(?drain, "drain deadline passed; cutting the remaining streams");
+            self.state.stop_streams.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.state.tasks.wait()).await;
+        }
+    }
+
+    pub fn active_streams(&self) -> usize {
+        self.state.admission.active_streams()
+    }
+}
+
+fn system_host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|name| name.trim().to_string()).filter(|n| !n.is_empty())
+}
+
+/// `host` of a `wss://host:port/...` URL.
+fn url_authority(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map(|(_, rest)| rest)?;
+    rest.split('/').next().filter(|authority| !authority.is_empty())
+}
+
+fn tls_acceptor(config: &RelayConfig, data_dir: &DataDir, host_name: &str) -> anyhow::Result<Option<(TlsAcceptor, Option<PathBuf>)>> {
+    let (certificate_path, key_path, generated) = match &config.tls {
+        TlsMode::Disabled => return Ok(None),
+        TlsMode::Files { certificate, private_key } => (certificate.clone(), private_key.clone(), false),
+        TlsMode::SelfSigned => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+            names.extend(system_host_name());
+            names.push(framing::connection_string::split_host_port(host_name).0.to_string());
+            names.sort();
+            names.dedup();
+            data_dir.ensure_self_signed_certificate(&names)?;
+            (data_dir.certificate_path(), data_dir.private_key_path(), true)
+        }
+    };
+    let certificates = CertificateDer::pem_file_iter(&certificate_path)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read the TLS certificate {}", certificate_path.display()))?;
+    if certificates.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", certificate_path.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .with_context(|| format!("cannot read the TLS private key {}", key_path.display()))?;
+    let mut server_config = rustls::ServerConfig::builder_with_provider(framing::tls::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)
+        .context("the TLS certificate and private key do not match or are not supported")?;
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some((TlsAcceptor::from(Arc::new(server_config)), generated.then_some(certificate_path))))
+}
+
+/// Opens the data dir, binds the listener and starts serving.
+pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
+    let data_dir = DataDir::create_or_open(&config.data_dir)?;
+    let registry = data_dir.registry()?;
+    let secret = data_dir.stream_token_secret()?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!("cannot listen on {}: choose another --listen address or stop the program that uses it", config.listen)
+    })?;
+    let local_address = listener.local_addr()?;
+    let host_name = match config.public_url.as_deref().and_then(url_authority) {
+        Some(authority) => authority.to_string(),
+        None if local_address.ip().is_loopback() || local_address.ip().is_unspecified() => {
+            format!("localhost:{}", local_address.port())
+        }
+        None => local_address.to_string(),
+    };
+    registry.set_setting(HOST_NAME_SETTING, &host_name)?;
+    let policy = registry.ensure_policy(SERVICE_POLICY)?;
+    let service_connection_string =
+        framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?.to_secret_string();
+    let tls = tls_acceptor(&config, &data_dir, &host_name)?;
+    let certificate_path = tls.as_ref().and_then(|(_, path)| path.clone());
+    let acceptor = tls.map(|(acceptor, _)| acceptor);
+    let mut config = config;
+    config.listen = local_address;
+    let state = RelayState::new(config, Arc::new(registry), StreamTokenKey::from_secret(&secret));
+    let tls = acceptor.is_some();
+    state.tasks.spawn(accept_loop(state.clone(), listener, acceptor));
+    state.tasks.spawn(housekeeping(state.clone()));
+    tracing::info!(%local_address, tls, "relay serving");
+    Ok(RunningRelay { local_address, host_name, service_connection_string, certificate_path, tls, state })
+}
+
+/// Counts open connections; the slot is released when the guard drops.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, acceptor: Option<TlsAcceptor>) {
+    let open_connections = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = state.stop_accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if open_connections.fetch_add(1, Ordering::Relaxed) >= state.config.limits.max_connections {
+            open_connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, limit = state.config.limits.max_connections, "connection refused: too many open connections");
+            continue;
+        }
+        let slot = ConnectionSlot(open_connections.clone());
+        state.tasks.spawn(serve_connection(state.clone(), tcp, peer, acceptor.clone(), slot));
+    }
+}
+
+async fn serve_connection(
+    state: Arc<RelayState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    slot: ConnectionSlot,
+) {
+    configure_socket(&tcp);
+    let limits = &state.config.limits;
+    let stream = match acceptor {
+        None => NetworkStream::Plain(tcp),
+        Some(acceptor) => match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream))),
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let state = service_state.clone();
+        async move { Ok::<_, Infallible>(route(state, request, peer).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size.max(8192));
+    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+        }
+        _ = state.stop_accepting.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = state.stop_streams.cancelled() => {}
+            }
+        }
+    }
+    drop(slot);
+}
+
+fn decode_segment(segment: &str) -> Option<String> {
+    let spaced = segment.replace('+', " ");
+    percent_decode_str(&spaced).decode_utf8().ok().map(|text| text.into_owned())
+}
+
+fn not_found(message: &str) -> Response<Body> {
+    error_response(StatusCode::NOT_FOUND, error_code(StatusCode::NOT_FOUND, 0), message)
+}
+
+async fn route(state: Arc<RelayState>, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = request.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["twins", device, "streams", stream_name])
+        | (&Method::POST, ["twins", device, "modules", _, "streams", stream_name]) => {
+            let module_id = match segments.as_slice() {
+                [_, _, _, module, _, _] => decode_segment(module),
+                _ => None,
+            };
+            let Some(device_id) = decode_segment(device).filter(|d| !d.is_empty()) else {
+                return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 4), "the device id in the path is not valid UTF-8");
+            };
+            let create = streams_api::CreateStream {
+                device_id,
+                module_id,
+                stream_name: stream_name.to_string(),
+                headers: std::mem::take(request.headers_mut()),
+                peer,
+            };
+            streams_api::create(state, create).await
+        }
+        (&Method::GET, ["$iothub", "websocket"]) => control_upgrade(&state, request, peer),
+        (&Method::GET, ["bridges", _hub, device, stream_id]) => {
+            let Some(device_id) = decode_segment(device) else {
+                return not_found("no such stream");
+            };
+            let stream_id = stream_id.to_string();
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            streaming::upgrade(&state, request.headers(), on_upgrade, device_id, stream_id, peer)
+        }
+        (&Method::GET, ["health"]) => Response::new(Body::from("ok\n")),
+        (&Method::GET, ["metrics"]) => {
+            let gauges = [
+                ("devstreams_streams_active", "Streams created and not yet ended.", state.admission.active_streams() as u64),
+                ("devstreams_streams_pending", "Streams waiting for their sides to connect.", state.pairing.pending_count() as u64),
+                ("devstreams_devices_connected", "Devices with a control channel.", state.presence.connected_count() as u64),
+            ];
+            let mut response = Response::new(Body::from(state.metrics.render(&gauges)));
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
+        _ => not_found(&format!("no endpoint {method} {path}: see PROTOCOL.md for the relay's paths")),
+    }
+}
+
+/// MQTT over WebSocket (`/$iothub/websocket`, subprotocol `mqtt`).
+fn control_upgrade(state: &Arc<RelayState>, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let accept_key = match websocket_accept_key(request.headers()) {
+        Ok(key) => key,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 3), reason),
+    };
+    let subprotocol = offers(request.headers(), http::header::SEC_WEBSOCKET_PROTOCOL, "mqtt").then_some("mqtt");
+    let host = request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let task_state = state.clone();
+    state.tasks.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let max_packet = task_state.config.limits.max_mqtt_packet_size;
+        let config = framing::websocket::config(max_packet * 2);
+        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        control::run_session(task_state, MqttConnection::new(socket, max_packet), peer, host).await;
+    });
+    switching_protocols(&accept_key, subprotocol)
+}
+
+/// Expires unpaired streams and cuts devices removed from the registry.
+async fn housekeeping(state: Arc<RelayState>) {
+    let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut registry_version = state.registry.version().ok();
+    loop {
+        tokio::select! {
+            _ = state.stop_accepting.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let expired = state.pairing.sweep(Instant::now());
+        if expired > 0 {
+            tracing::debug!(expired, "expired unpaired streams");
+        }
+        let version = state.registry.version().ok();
+        if version == registry_version {
+            continue;
+        }
+        registry_version = version;
+        for device_id in state.presence.connected_devices() {
+            match state.registry.device(&device_id) {
+                Ok(Some(record)) if record.enabled => {}
+                Ok(_) => {
+                    tracing::info!(device_id, "device removed or disabled: closing its control channel and streams");
+                    state.presence.disconnect(&device_id);
+                    state.admission.cancel_device(&device_id);
+                }
+                Err(error) => tracing::warn!(%error, "registry check failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The state one serving relay shares between its connections: the parts of
+//! a relay that outlive a single request. Each piece is its own module; this
+//! only ties them together and owns the two shutdown signals.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use framing::stream_token::StreamTokenKey;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{RelayConfig, TlsMode};
+use crate::control::Presence;
+use crate::limits::Admission;
+use crate::metrics::Metrics;
+use crate::pairing::PairingTable;
+use crate::registry::Registry;
+
+pub struct RelayState {
+    pub config: RelayConfig,
+    pub registry: Arc<dyn Registry>,
+    pub token_key: StreamTokenKey,
+    pub presence: Presence,
+    pub pairing: PairingTable,
+    pub admission: Arc<Admission>,
+    pub metrics: Metrics,
+    /// Every task the relay spawns, so shutdown can wait for all of them.
+    pub tasks: TaskTracker,
+    /// Stop accepting and close control channels (start of a drain).
+    pub stop_accepting: CancellationToken,
+    /// Cut every live stream (end of the drain).
+    pub stop_streams: CancellationToken,
+    next_request_id: AtomicU64,
+}
+
+impl RelayState {
+    pub fn new(config: RelayConfig, registry: Arc<dyn Registry>, token_key: StreamTokenKey) -> Arc<Self> {
+        let admission = Admission::new(config.limits.clone());
+        let max_pending = config.limits.max_streams;
+        Arc::new(Self {
+            config,
+            registry,
+            token_key,
+            presence: Presence::default(),
+            pairing: PairingTable::new(max_pending),
+            admission,
+            metrics: Metrics::default(),
+            tasks: TaskTracker::new(),
+            stop_accepting: CancellationToken::new(),
+            stop_streams: CancellationToken::new(),
+            next_request_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A short decimal request id, as IoT Hub SDKs expect in `$rid`.
+    pub fn next_request_id(&self) -> String {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    /// The base of streaming URLs for a client that reached us as `host`.
+    pub fn streaming_base(&self, host: Option<&str>) -> String {
+        if let Some(public_url) = &self.config.public_url {
+            return public_url.trim_end_matches('/').to_string();
+        }
+        let scheme = match self.config.tls {
+            TlsMode::Disabled => "ws",
+            _ => "wss",
+        };
+        let valid_host = host.filter(|h| {
+            !h.is_empty() && h.len() < 256 && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        });
+        match valid_host {
+            Some(host) => format!("{scheme}://{host}"),
+            None => format!("{scheme}://localhost:{}", self.config.listen.port()),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! `POST /twins/{deviceId}/streams/{streamName}`: the service asks for a
+//! stream, the relay asks the device, and the answer goes back in IoT Hub's
+//! exact headers.
+//!
+//! The request is held open until the device decides or a deadline passes;
+//! every outcome (unknown device, offline, silent, rejected, throttled) is a
+//! distinct status with a message that says what to do, because a service
+//! program can only react to what it is told.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use framing::headers;
+use framing::sas::{ExpiryPolicy, SasToken};
+use framing::stream_token::Side;
+use framing::topics::{validate_stream_name, StreamRequest};
+use http::{HeaderMap, Response, StatusCode};
+use percent_encoding::utf8_percent_encode;
+use rand::RngCore;
+use tracing::Instrument;
+
+use crate::http_util::{error_code, error_response, throttled, Body};
+use crate::limits::AdmissionError;
+use crate::metrics::Metrics;
+use crate::state::RelayState;
+
+/// The part of the request the handler needs.
+pub struct CreateStream {
+    pub device_id: String,
+    pub module_id: Option<String>,
+    pub stream_name: String,
+    pub headers: HeaderMap,
+    pub peer: std::net::SocketAddr,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Checks the service SAS token: a known policy's key must have signed it.
+fn authorize(state: &RelayState, headers: &HeaderMap) -> Result<String, String> {
+    let text = header(headers, http::header::AUTHORIZATION.as_str()).ok_or("missing Authorization header")?;
+    let token = SasToken::parse(text).map_err(|error| error.to_string())?;
+    let policy_name = token.key_name.clone().ok_or("the SAS token names no policy (skn): use a service connection string")?;
+    let policy = state
+        .registry
+        .policy(&policy_name)
+        .map_err(|error| format!("registry: {error}"))?
+        .ok_or_else(|| format!("policy {policy_name:?} does not exist"))?;
+    let keys = policy.key_bytes();
+    let key_slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let expiry = ExpiryPolicy { clock_skew: state.config.limits.clock_skew, max_lifetime: state.config.limits.max_token_lifetime };
+    token.verify(&key_slices, SystemTime::now(), expiry).map_err(|error| error.to_string())?;
+    Ok(policy_name)
+}
+
+/// A timeout header in seconds, capped by the handshake limit.
+fn timeout_header(headers: &HeaderMap, name: &str, cap: Duration) -> Result<Duration, String> {
+    match header(headers, name) {
+        None => Ok(cap),
+        Some(text) => match text.trim().parse::<u64>() {
+            Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds).min(cap)),
+            _ => Err(format!("{name} must be a positive whole number of seconds")),
+        },
+    }
+}
+
+fn new_stream_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<Body> {
+    let CreateStream { device_id, module_id, stream_name, headers, peer } = request;
+    if let Err(reason) = authorize(&state, &headers) {
+        Metrics::add(&state.metrics.authentication_failures, 1);
+        tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            error_code(StatusCode::UNAUTHORIZED, 1),
+            &format!("service credentials refused: {reason}; use the connection string printed by `relay policy show`"),
+        );
+    }
+    if let Err(reason) = validate_stream_name(&stream_name) {
+        return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 1), reason);
+    }
+    let handshake_limit = state.config.limits.handshake_timeout;
+    let (connect_timeout, response_timeout) = match (
+        timeout_header(&headers, headers::CONNECT_TIMEOUT, handshake_limit),
+        timeout_header(&headers, headers::RESPONSE_TIMEOUT, handshake_limit),
+    ) {
+        (Ok(connect), Ok(response)) => (connect, response),
+        (Err(reason), _) | (_, Err(reason)) => {
+            return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 2), &reason)
+        }
+    };
+    match state.registry.device(&device_id) {
+        Ok(Some(record)) if record.enabled => {}
+        Ok(Some(_)) => {
+            return error_response(StatusCode::NOT_FOUND, error_code(StatusCode::NOT_FOUND, 1), &format!("device {device_id} is disabled"))
+        }
+        Ok(None) => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                error_code(StatusCode::NOT_FOUND, 1),
+                &format!("device {device_id} is not registered: add it with `relay device add {device_id}`"),
+            )
+        }
+        Err(error) => {
+            tracing::error!(%error, "registry lookup failed");
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, 503001, "the relay's registry is unavailable; retry later");
+        }
+    }
+    let permit = match state.admission.admit(&device_id) {
+        Ok(permit) => permit,
+        Err(error) => {
+            Metrics::add(&state.metrics.stream_creations_refused, 1);
+            tracing::warn!(device_id, %error, "stream creation refused by limits");
+            let retry_after = match error {
+                AdmissionError::RelayRate(_) | AdmissionError::DeviceRate { .. } => 1,
+                _ => 5,
+            };
+            return throttled(&error.to_string(), retry_after);
+        }
+    };
+    let stream_id = new_stream_id();
+    let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, stream_name = %stream_name);
+    negotiate(state, device_id, module_id, stream_name, headers, peer, stream_id, permit, connect_timeout, response_timeout)
+        .instrument(span)
+        .await
+}
+
+/// Reaches the device and waits for its decision, inside the stream's span.
+#[allow(clippy::too_many_arguments)]
+async fn negotiate(
+    state: Arc<RelayState>,
+    device_id: String,
+    module_id: Option<String>,
+    stream_name: String,
+    headers: HeaderMap,
+    peer: std::net::SocketAddr,
+    stream_id: String,
+    permit: crate::limits::StreamPermit,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Response<Body> {
+    let handshake_limit = state.config.limits.handshake_timeout;
+    Metrics::add(&state.metrics.streams_requested, 1);
+    tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
+
+    let Some(session) = state.presence.wait_for(&device_id, connect_timeout).await else {
+        tracing::info!(waited = ?connect_timeout, "stream failed: device not connected");
+        return error_response(
+            StatusCode::NOT_FOUND,
+            headers::ERROR_DEVICE_NOT_ONLINE,
+            &format!("device {device_id} is not connected (waited {} s): start device-proxy on the device and check its logs", connect_timeout.as_secs()),
+        );
+    };
+    let deadline = Instant::now() + handshake_limit;
+    let expiry = SystemTime::now() + handshake_limit;
+    if let Err(full) = state.pairing.register(&stream_id, &device_id, &stream_name, deadline, permit) {
+        Metrics::add(&state.metrics.stream_creations_refused, 1);
+        return throttled(&full.to_string(), 5);
+    }
+    let path = format!(
+        "/bridges/{}/{}/{}",
+        utf8_percent_encode(&state.config.hub_name, framing::sas::COMPONENT),
+        utf8_percent_encode(&device_id, framing::sas::COMPONENT),
+        stream_id
+    );
+    let service_url = format!("{}{path}", state.streaming_base(header(&headers, "host")));
+    let device_url = format!("{}{path}", state.streaming_base(session.host.as_deref()));
+    let stream_request = StreamRequest {
+        stream_name: stream_name.clone(),
+        request_id: state.next_request_id(),
+        url: device_url,
+        authorization_token: state.token_key.issue(&stream_id, &device_id, Side::Device, expiry),
+        target: header(&headers, headers::TARGET).map(str::to_string),
+        half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
+    };
+    let Ok(answer) = session.send_request(stream_request) else {
+        state.pairing.remove(&stream_id);
+        return throttled(&format!("device {device_id} has too many stream requests waiting; retry later"), 1);
+    };
+    let response = match tokio::time::timeout(response_timeout, answer).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => {
+            state.pairing.remove(&stream_id);
+            tracing::info!("stream failed: device disconnected before answering");
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                error_code(StatusCode::GATEWAY_TIMEOUT, 1),
+                &format!("device {device_id} disconnected before answering the stream request; retry"),
+            );
+        }
+        Err(_) => {
+            state.pairing.remove(&stream_id);
+            tracing::info!(waited = ?response_timeout, "stream failed: device did not answer");
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                error_code(StatusCode::GATEWAY_TIMEOUT, 1),
+                &format!("device {device_id} did not answer the stream request within {} s", response_timeout.as_secs()),
+            );
+        }
+    };
+    if response.status != 200 {
+        state.pairing.remove(&stream_id);
+        Metrics::add(&state.metrics.streams_rejected, 1);
+        let target = header(&headers, headers::TARGET);
+        tracing::info!(status = response.status, target, "stream rejected by the device");
+        let message = match target {
+            Some(target) => format!("device {device_id} rejected stream {stream_name} (target {target}): the device does not expose that target, or the target refused the connection; see the device's log"),
+            None => format!("device {device_id} rejected stream {stream_name}; see the device's log for why"),
+        };
+        let body = serde_json::json!({ "errorCode": 400_000 + i64::from(response.status % 1000), "message": message }).to_string();
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(headers::IS_ACCEPTED, "False")
+            .header(http::header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .body(Body::from(body))
+            .expect("a response built from valid parts is valid");
+    }
+    Metrics::add(&state.metrics.streams_accepted, 1);
+    tracing::info!("stream accepted by the device");
+    let service_token = state.token_key.issue(&stream_id, &device_id, Side::Service, expiry);
+    let half_close = response.half_close && header(&headers, headers::HALF_CLOSE) == Some("True");
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(headers::IS_ACCEPTED, "True")
+        .header(headers::URL, service_url)
+        .header(headers::AUTH_TOKEN, service_token);
+    if half_close {
+        builder = builder.header(headers::HALF_CLOSE, "True");
+    }
+    builder.body(Body::default()).expect("a response built from valid parts is valid")
+}

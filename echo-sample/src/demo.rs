@@ -30,7 +30,7 @@ pub async fn run() -> anyhow::Result<()> {
     let device_task = tokio::spawn(crate::device::serve(client, tls.clone(), "[device] ", stop.clone()));
 
     let service = ServiceClient::new(ConnectionString::parse_service(&relay.service_connection_string)?, tls.clone());
-    let result = crate::service::echo_once(&service, &tls, DEVICE_ID, crate::service::DEFAULT_MESSAGE).await;
+    let result = crate::service::echo_once(&service, &tls, DEVICE_ID, crate::service::DEFAULT_MESSAGE, &Default::default()).await;
     stop.cancel();
     let _ = device_task.await;
     relay.shutdown().await;

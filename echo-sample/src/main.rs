@@ -52,6 +52,9 @@ enum Command {
         /// Extra CA certificate (PEM) to trust.
         #[arg(long, env = "DEVSTREAMS_CA_CERT")]
         ca_cert: Option<PathBuf>,
+        /// Seconds the relay may wait for the device to be connected.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
+        connect_timeout: u64,
     },
     /// Run a relay, an echo device and the echo service on loopback (TLS on).
     Demo,
@@ -75,11 +78,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Device { connection_string, ca_cert } => device::run(&connection_string, ca_cert.as_deref()).await,
-            Command::Service { connection_string, device_id, message, ca_cert } => {
+            Command::Service { connection_string, device_id, message, ca_cert, connect_timeout } => {
                 let connection_string = connection_string
                     .or_else(|| std::env::var("IOTHUB_CONNECTION_STRING").ok())
                     .ok_or_else(|| anyhow::anyhow!("no service connection string: pass it as the first argument or set SERVICE_CONNECTION_STRING"))?;
-                service::run(&connection_string, &device_id, &message, ca_cert.as_deref()).await
+                let connect_timeout = std::time::Duration::from_secs(connect_timeout);
+                service::run(&connection_string, &device_id, &message, ca_cert.as_deref(), connect_timeout).await
             }
             Command::Demo => demo::run().await,
         }

@@ -15,10 +15,17 @@ pub const STREAM_NAME: &str = "TestStream";
 /// How long to wait for the echo.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn run(connection_string: &str, device_id: &str, message: &str, ca_cert: Option<&Path>) -> anyhow::Result<()> {
+pub async fn run(
+    connection_string: &str,
+    device_id: &str,
+    message: &str,
+    ca_cert: Option<&Path>,
+    connect_timeout: Duration,
+) -> anyhow::Result<()> {
     let connection = ConnectionString::parse_service(connection_string)?;
     let tls = framing::tls::client_config(ca_cert)?;
-    echo_once(&ServiceClient::new(connection, tls.clone()), &tls, device_id, message).await
+    let options = StreamOptions { connect_timeout, ..StreamOptions::default() };
+    echo_once(&ServiceClient::new(connection, tls.clone()), &tls, device_id, message, &options).await
 }
 
 /// One stream, one message, one verified echo.
@@ -27,9 +34,10 @@ pub async fn echo_once(
     tls: &Arc<rustls::ClientConfig>,
     device_id: &str,
     message: &str,
+    options: &StreamOptions,
 ) -> anyhow::Result<()> {
     let invitation = client
-        .create_stream(device_id, STREAM_NAME, &StreamOptions::default())
+        .create_stream(device_id, STREAM_NAME, options)
         .await
         .with_context(|| format!("cannot create a stream to {device_id}"))?;
     println!(

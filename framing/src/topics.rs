@@ -158,7 +158,7 @@ impl StreamResponse {
 }
 
 fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
-    query.split('&').filter_map(|pair| pair.split_once('=')).map(|(name, value)| (name, value))
+    query.split('&').filter_map(|pair| pair.split_once('='))
 }
 
 fn decode(value: &str) -> Result<String, TopicError> {

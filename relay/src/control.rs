@@ -36,6 +36,11 @@ pub struct OutgoingRequest {
     pub answer: oneshot::Sender<StreamResponse>,
 }
 
+/// The device's request queue is full, or its session just ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the device's stream request queue is full or its session ended")]
+pub struct RequestQueueFull;
+
 /// How the rest of the relay reaches a connected device.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -49,9 +54,9 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// Queues a request; the receiver yields the device's answer, or an
     /// error if the session ends first.
-    pub fn send_request(&self, request: StreamRequest) -> Result<oneshot::Receiver<StreamResponse>, ()> {
+    pub fn send_request(&self, request: StreamRequest) -> Result<oneshot::Receiver<StreamResponse>, RequestQueueFull> {
         let (answer, receiver) = oneshot::channel();
-        self.requests.try_send(OutgoingRequest { request, answer }).map_err(|_| ())?;
+        self.requests.try_send(OutgoingRequest { request, answer }).map_err(|_| RequestQueueFull)?;
         Ok(receiver)
     }
 }

@@ -1,0 +1,135 @@
+//! device-proxy: the device side of devstreams.
+//!
+//! It keeps a control channel open to the relay and, for each stream request,
+//! bridges the stream to one of the local TCP services the operator exposed
+//! (sshd on 22 by default). `main.rs` only parses the command line; the
+//! behaviour lives here so it can be exercised without spawning a process:
+//!
+//! - [`targets`]: which local services a request may reach;
+//! - [`control`]: the control channel's dial / re-dial loop;
+//! - [`backoff`]: how long to wait between dials;
+//! - [`bridge`]: one stream, from decision to last byte;
+//! - [`shutdown`] and [`logging`]: process plumbing.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod bridge;
+pub mod control;
+pub mod logging;
+pub mod shutdown;
+pub mod targets;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use framing::{ConnectionString, DeviceOptions};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::bridge::StreamContext;
+use crate::targets::{ExposedTargets, Target};
+
+/// How long live streams get to wind down at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything the command line decides. Not `Debug`: it holds the device key.
+pub struct Settings {
+    /// The device connection string as given (parsed by [`run`]).
+    pub connection_string: String,
+    /// The positional target, used when a request names none.
+    pub target: Target,
+    /// Further targets a request may name (`--allow`).
+    pub allowed: Vec<Target>,
+    /// Extra trusted CA certificate (PEM) for the relay.
+    pub ca_cert: Option<PathBuf>,
+    /// MQTT keep-alive of the control channel.
+    pub keep_alive: Duration,
+    /// Longest wait between re-dials.
+    pub max_backoff: Duration,
+    /// Deadline for dialing a local target.
+    pub target_connect_timeout: Duration,
+    /// Most streams open at once; more are rejected.
+    pub max_streams: usize,
+    /// WebSocket pings on stream sockets; a relay silent for three
+    /// intervals ends the stream. `None` turns them off.
+    pub ping_interval: Option<Duration>,
+}
+
+/// Runs until SIGINT or SIGTERM, then shuts down cleanly.
+pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
+    let mut signals =
+        shutdown::Signals::install().context("cannot install the SIGINT/SIGTERM handlers")?;
+    let shutdown = CancellationToken::new();
+    let run = run(settings, shutdown.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        result = &mut run => return result,
+        _ = signals.received() => {
+            info!("signal received; shutting down");
+            shutdown.cancel();
+        }
+    }
+    run.await
+}
+
+/// Checks the settings, then serves stream requests until `shutdown`.
+/// Errors are startup errors (bad connection string, bad CA file); once
+/// running, failures are logged and retried.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let connection = ConnectionString::parse_device(&settings.connection_string)
+        .context("invalid device connection string (first argument or DEVICE_CONNECTION_STRING)")?;
+    let device_id = connection
+        .device_id
+        .clone()
+        .context("the device connection string has no DeviceId")?;
+    let tls = framing::tls::client_config(settings.ca_cert.as_deref())?;
+    let targets = ExposedTargets::new(settings.target, settings.allowed);
+    info!(
+        device_id = %device_id,
+        relay = %connection.host_name,
+        targets = %targets,
+        max_streams = settings.max_streams,
+        "device-proxy starting"
+    );
+    let options = DeviceOptions {
+        keep_alive: settings.keep_alive,
+        ..DeviceOptions::default()
+    };
+    let context = Arc::new(StreamContext {
+        device_id,
+        targets,
+        tls,
+        target_connect_timeout: settings.target_connect_timeout,
+        stream_permits: Arc::new(Semaphore::new(settings.max_streams)),
+        max_streams: settings.max_streams,
+        ping_interval: settings.ping_interval,
+    });
+    let tracker = TaskTracker::new();
+    control::run(
+        &connection,
+        &options,
+        settings.max_backoff,
+        context,
+        &tracker,
+        &shutdown,
+    )
+    .await;
+    // The loop only returns on shutdown; make sure every stream hears it.
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            streams = tracker.len(),
+            "some streams did not end within {SHUTDOWN_GRACE:?}; exiting anyway"
+        );
+    }
+    info!("device-proxy stopped");
+    Ok(())
+}

@@ -1,1 +1,109 @@
-fn main() {}
+//! Command line of device-proxy; the behaviour lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use device_proxy::targets::Target;
+use device_proxy::Settings;
+
+const EXAMPLES: &str = "\
+Examples:
+  device-proxy \"HostName=relay.example.com:8443;DeviceId=MyDevice;SharedAccessKey=<key>\" localhost 22
+  device-proxy \"<device connection string>\" localhost 22 --ca-cert relay-data/tls/cert.pem
+  device-proxy \"<device connection string>\" localhost 22 --allow localhost:3389 --allow 192.168.1.20:80
+  DEVICE_CONNECTION_STRING=\"<device connection string>\" device-proxy
+
+Environment:
+  DEVICE_CONNECTION_STRING  device connection string, when not given as the first argument
+  DEVSTREAMS_CA_CERT        PEM certificate of the relay, when not given with --ca-cert
+  RUST_LOG                  log filter for stderr (default: info)
+
+`relay device add MyDevice` prints the device connection string.";
+
+/// Bridges devstreams streams to local TCP services (sshd on port 22 by
+/// default), dialing out to the relay; no inbound port is needed.
+#[derive(Debug, Parser)]
+#[command(name = "device-proxy", version, after_help = EXAMPLES)]
+struct Arguments {
+    /// Device connection string: HostName=…;DeviceId=…;SharedAccessKey=…
+    #[arg(
+        value_name = "CONNECTION_STRING",
+        env = "DEVICE_CONNECTION_STRING",
+        hide_env_values = true
+    )]
+    connection_string: Option<String>,
+
+    /// Host of the local service that streams reach when they name no target
+    #[arg(value_name = "TARGET_HOST", default_value = "localhost")]
+    target_host: String,
+
+    /// Port of that service
+    #[arg(value_name = "TARGET_PORT", default_value_t = 22, value_parser = clap::value_parser!(u16).range(1..))]
+    target_port: u16,
+
+    /// Also expose this HOST:PORT to services that ask for it (repeatable)
+    #[arg(long = "allow", value_name = "HOST:PORT", value_parser = parse_target)]
+    allow: Vec<Target>,
+
+    /// PEM certificate to trust for the relay, besides the system roots
+    #[arg(long, value_name = "PEM", env = "DEVSTREAMS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+
+    /// MQTT keep-alive of the control channel, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
+    keep_alive: u64,
+
+    /// Longest wait between re-dials of the relay, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    max_backoff: u64,
+
+    /// Deadline for connecting to a local target, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    target_connect_timeout: u64,
+
+    /// Most streams open at once; further requests are rejected
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_streams: u32,
+    /// Seconds between WebSocket pings on stream sockets; a relay silent for 3 intervals ends the stream (0 = off)
+    #[arg(long, value_name = "SECONDS", default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs())]
+    ping_interval: u64,
+}
+
+fn parse_target(text: &str) -> Result<Target, String> {
+    Target::parse(text).map_err(|error| error.to_string())
+}
+
+fn main() -> ExitCode {
+    let arguments = Arguments::parse();
+    let Some(connection_string) = arguments.connection_string else {
+        return fail("no device connection string: pass it as the first argument or set DEVICE_CONNECTION_STRING (`relay device add ID` prints one)");
+    };
+    device_proxy::logging::init();
+    let settings = Settings {
+        connection_string,
+        target: Target::new(arguments.target_host, arguments.target_port),
+        allowed: arguments.allow,
+        ca_cert: arguments.ca_cert,
+        keep_alive: Duration::from_secs(arguments.keep_alive),
+        max_backoff: Duration::from_secs(arguments.max_backoff),
+        target_connect_timeout: Duration::from_secs(arguments.target_connect_timeout),
+        max_streams: arguments.max_streams as usize,
+        ping_interval: (arguments.ping_interval > 0).then(|| std::time::Duration::from_secs(arguments.ping_interval)),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+    };
+    match runtime.block_on(device_proxy::run_until_signal(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&format!("{error:#}")),
+    }
+}
+
+/// Prints the one line a user reads on failure, and exits 1.
+fn fail(message: &str) -> ExitCode {
+    eprintln!("device-proxy: error: {message}");
+    ExitCode::from(1)
+}

@@ -16,7 +16,8 @@
 //! agreed to it in the stream request.
 
 use std::io;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -51,17 +52,27 @@ pub fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }))
 }
 
+/// How often a side pings its peer by default: well under the 60 s idle
+/// timeouts of common corporate proxies and load balancers.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// A peer that sends nothing (not even a pong) for this many ping intervals
+/// is declared dead.
+pub const SILENT_INTERVALS: u32 = 3;
+
 #[derive(Debug, Clone, Copy)]
 pub struct PumpOptions {
     /// Both ends agreed to carry half-closes as empty binary messages.
     pub half_close: bool,
     /// Bytes read from TCP per message.
     pub read_chunk: usize,
+    /// Ping the relay this often; `None` turns dead-peer detection off.
+    pub ping_interval: Option<Duration>,
 }
 
 impl Default for PumpOptions {
     fn default() -> Self {
-        Self { half_close: false, read_chunk: DEFAULT_READ_CHUNK }
+        Self { half_close: false, read_chunk: DEFAULT_READ_CHUNK, ping_interval: Some(DEFAULT_PING_INTERVAL) }
     }
 }
 
@@ -103,6 +114,44 @@ enum DownstreamEnd {
     TcpFailed(io::Error),
 }
 
+/// Shared by the two halves of one proxied stream. Both halves run in one
+/// task, so relaxed atomics suffice; they are atomics only because the
+/// stream's future must be `Send`.
+struct Liveness {
+    started: Instant,
+    last_received_nanos: AtomicU64,
+    upstream_half_closed: AtomicBool,
+    downstream_finished: AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_received_nanos: AtomicU64::new(0),
+            upstream_half_closed: AtomicBool::new(false),
+            downstream_finished: AtomicBool::new(false),
+        }
+    }
+
+    fn received(&self) {
+        let nanos = self.started.elapsed().as_nanos() as u64;
+        self.last_received_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last_received(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last_received_nanos.load(Ordering::Relaxed))
+    }
+
+    fn set(flag: &AtomicBool) {
+        flag.store(true, Ordering::Relaxed);
+    }
+
+    fn get(flag: &AtomicBool) -> bool {
+        flag.load(Ordering::Relaxed)
+    }
+}
+
 /// Moves bytes between `tcp` and `websocket` until the stream ends.
 pub async fn pump_tcp<S>(tcp: TcpStream, websocket: WebSocketStream<S>, options: PumpOptions) -> PumpReport
 where
@@ -113,17 +162,20 @@ where
     let (mut sink, mut stream) = websocket.split();
     let mut bytes_to_stream = 0u64;
     let mut bytes_to_tcp = 0u64;
+    let liveness = Liveness::new();
     enum Outcome {
         BothHalfClosed,
         Up(UpstreamEnd),
         Down(DownstreamEnd),
     }
     let outcome = {
-        let upstream = upstream(&mut tcp_reader, &mut sink, options, &mut bytes_to_stream);
-        let downstream = downstream(&mut stream, &mut tcp_writer, options, &mut bytes_to_tcp);
+        let upstream = upstream(&mut tcp_reader, &mut sink, options, &mut bytes_to_stream, &liveness);
+        let downstream = downstream(&mut stream, &mut tcp_writer, options, &mut bytes_to_tcp, &liveness);
         tokio::pin!(upstream, downstream);
         let (mut up_finished, mut down_finished) = (false, false);
+        let silence_limit = options.ping_interval.map(|interval| interval * SILENT_INTERVALS);
         loop {
+            let silence_deadline = silence_limit.map(|limit| liveness.last_received() + limit);
             tokio::select! {
                 end = &mut upstream, if !up_finished => match end {
                     UpstreamEnd::HalfClosed if down_finished => break Outcome::BothHalfClosed,
@@ -131,10 +183,23 @@ where
                     other => break Outcome::Up(other),
                 },
                 end = &mut downstream, if !down_finished => match end {
-                    DownstreamEnd::HalfClosed if up_finished => break Outcome::BothHalfClosed,
-                    DownstreamEnd::HalfClosed => down_finished = true,
+                    DownstreamEnd::HalfClosed if up_finished || Liveness::get(&liveness.upstream_half_closed) => {
+                        break Outcome::BothHalfClosed
+                    }
+                    DownstreamEnd::HalfClosed => {
+                        down_finished = true;
+                        Liveness::set(&liveness.downstream_finished);
+                    }
                     other => break Outcome::Down(other),
                 },
+                _ = sleep_until_optional(silence_deadline) => {
+                    if silence_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        break Outcome::Down(DownstreamEnd::StreamLost(format!(
+                            "the relay sent nothing for {:?} ({SILENT_INTERVALS} ping intervals)",
+                            silence_limit.unwrap_or_default()
+                        )));
+                    }
+                }
             }
         }
     };
@@ -182,37 +247,62 @@ where
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(message)).await;
 }
 
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_optional(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn upstream<S>(
     reader: &mut OwnedReadHalf,
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     options: PumpOptions,
     bytes: &mut u64,
+    liveness: &Liveness,
 ) -> UpstreamEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut next_ping = options.ping_interval.map(|interval| Instant::now() + interval);
+    let mut finished_sending = false;
     loop {
-        // Wait for data before taking a buffer, so an idle stream holds none.
-        if let Err(error) = reader.readable().await {
-            return UpstreamEnd::TcpFailed(error);
+        if finished_sending && (next_ping.is_none() || Liveness::get(&liveness.downstream_finished)) {
+            return UpstreamEnd::HalfClosed;
         }
-        let mut buffer = BytesMut::with_capacity(options.read_chunk);
-        match reader.try_read_buf(&mut buffer) {
-            Ok(0) if options.half_close => {
-                return match sink.send(Message::Binary(bytes::Bytes::new())).await {
-                    Ok(()) => UpstreamEnd::HalfClosed,
-                    Err(error) => UpstreamEnd::StreamFailed(error.to_string()),
-                };
-            }
-            Ok(0) => return UpstreamEnd::Eof,
-            Ok(count) => {
-                *bytes += count as u64;
-                if let Err(error) = sink.send(Message::Binary(buffer.freeze())).await {
-                    return UpstreamEnd::StreamFailed(error.to_string());
+        tokio::select! {
+            // Wait for data before taking a buffer, so an idle stream holds none.
+            readable = reader.readable(), if !finished_sending => {
+                if let Err(error) = readable {
+                    return UpstreamEnd::TcpFailed(error);
+                }
+                let mut buffer = BytesMut::with_capacity(options.read_chunk);
+                match reader.try_read_buf(&mut buffer) {
+                    Ok(0) if options.half_close => {
+                        if let Err(error) = sink.send(Message::Binary(bytes::Bytes::new())).await {
+                            return UpstreamEnd::StreamFailed(error.to_string());
+                        }
+                        finished_sending = true;
+                        Liveness::set(&liveness.upstream_half_closed);
+                    }
+                    Ok(0) => return UpstreamEnd::Eof,
+                    Ok(count) => {
+                        *bytes += count as u64;
+                        if let Err(error) = sink.send(Message::Binary(buffer.freeze())).await {
+                            return UpstreamEnd::StreamFailed(error.to_string());
+                        }
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return UpstreamEnd::TcpFailed(error),
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return UpstreamEnd::TcpFailed(error),
+            _ = sleep_until_optional(next_ping) => {
+                if let Err(error) = sink.send(Message::Ping(bytes::Bytes::new())).await {
+                    return UpstreamEnd::StreamFailed(error.to_string());
+                }
+                next_ping = options.ping_interval.map(|interval| Instant::now() + interval);
+            }
         }
     }
 }
@@ -222,12 +312,15 @@ async fn downstream<S>(
     writer: &mut OwnedWriteHalf,
     options: PumpOptions,
     bytes: &mut u64,
+    liveness: &Liveness,
 ) -> DownstreamEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        let data = match stream.next().await {
+        let next = stream.next().await;
+        liveness.received();
+        let data = match next {
             None => return DownstreamEnd::StreamLost("the relay connection ended without a Close".into()),
             Some(Err(error)) => return DownstreamEnd::StreamLost(error.to_string()),
             Some(Ok(Message::Close(frame))) => {
@@ -281,7 +374,11 @@ enum DirectionEnd {
 
 /// Copies messages between the two WebSockets of a stream, message for
 /// message with opcodes and boundaries kept, until either side ends.
-pub async fn relay<A, B>(first: WebSocketStream<A>, second: WebSocketStream<B>) -> RelayReport
+///
+/// With a `ping_interval`, each side is pinged that often (pings and pongs
+/// are hop-by-hop, never forwarded), and a side that sends nothing for
+/// [`SILENT_INTERVALS`] intervals is treated as gone.
+pub async fn relay<A, B>(first: WebSocketStream<A>, second: WebSocketStream<B>, ping_interval: Option<Duration>) -> RelayReport
 where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
@@ -290,8 +387,8 @@ where
     let (mut second_sink, mut second_stream) = second.split();
     let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
     let (from_first, end) = {
-        let forward_first = forward(&mut first_stream, &mut second_sink, &mut bytes_first_to_second);
-        let forward_second = forward(&mut second_stream, &mut first_sink, &mut bytes_second_to_first);
+        let forward_first = forward(&mut first_stream, &mut second_sink, &mut bytes_first_to_second, ping_interval);
+        let forward_second = forward(&mut second_stream, &mut first_sink, &mut bytes_second_to_first, ping_interval);
         tokio::select! {
             end = forward_first => (true, end),
             end = forward_second => (false, end),
@@ -314,15 +411,19 @@ where
     RelayReport { bytes_first_to_second, bytes_second_to_first, end }
 }
 
+/// One direction: reads `from`, writes `to`, pings `to`, watches `from`.
 async fn forward<A, B>(
     from: &mut SplitStream<WebSocketStream<A>>,
     to: &mut SplitSink<WebSocketStream<B>, Message>,
     bytes: &mut u64,
+    ping_interval: Option<Duration>,
 ) -> DirectionEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut last_received = Instant::now();
+    let mut next_ping = ping_interval.map(|interval| last_received + interval);
     loop {
         // Flush only when the source has nothing more ready: bulk transfers
         // batch their writes, interactive ones are flushed at once.
@@ -332,15 +433,42 @@ where
                 if to.flush().await.is_err() {
                     return DirectionEnd::DestinationLost;
                 }
-                from.next().await
+                loop {
+                    let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) else {
+                        break from.next().await;
+                    };
+                    let silent_at = last_received + interval * SILENT_INTERVALS;
+                    tokio::select! {
+                        next = from.next() => break next,
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ping_at.min(silent_at))) => {}
+                    }
+                    let now = Instant::now();
+                    if now >= silent_at {
+                        return source_lost(to).await;
+                    }
+                    if now >= ping_at {
+                        if to.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                            return DirectionEnd::DestinationLost;
+                        }
+                        next_ping = Some(now + interval);
+                    }
+                }
             }
         };
-        match next {
-            None | Some(Err(_)) => {
-                let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(lost)).await;
-                return DirectionEnd::SourceLost;
+        let now = Instant::now();
+        last_received = now;
+        // A destination that only receives must still be pinged, or the
+        // other direction would find it silent during a long download.
+        if let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) {
+            if now >= ping_at {
+                if to.feed(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    return DirectionEnd::DestinationLost;
+                }
+                next_ping = Some(now + interval);
             }
+        }
+        match next {
+            None | Some(Err(_)) => return source_lost(to).await,
             Some(Ok(Message::Close(frame))) => {
                 let frame = frame.unwrap_or(CloseFrame { code: CloseCode::Normal, reason: "".into() });
                 let code = u16::from(frame.code);
@@ -356,4 +484,14 @@ where
             Some(Ok(_)) => {}
         }
     }
+}
+
+/// The source vanished: tell the destination with 1011.
+async fn source_lost<B>(to: &mut SplitSink<WebSocketStream<B>, Message>) -> DirectionEnd
+where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(lost)).await;
+    DirectionEnd::SourceLost
 }

@@ -137,7 +137,8 @@ impl SasToken {
         let signature = base64::engine::general_purpose::STANDARD
             .decode(signature_text.as_bytes())
             .map_err(|_| SasError::Malformed("sig is not base64"))?;
-        let key_name = match key_name {
+        // Older IoT Hub C SDKs end device tokens with an empty `&skn=`: no policy.
+        let key_name = match key_name.filter(|name| !name.is_empty()) {
             Some(name) => Some(
                 percent_decode_str(name)
                     .decode_utf8()
@@ -236,6 +237,14 @@ mod tests {
         let reordered = format!("{PREFIX}{}&{}&{}&{}", fields[3], fields[2], fields[0], fields[1]);
         let parsed = SasToken::parse(&reordered).unwrap();
         assert_eq!(parsed.key_name.as_deref(), Some("service"));
+        parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
+    }
+
+    #[test]
+    fn empty_key_name_means_no_policy() {
+        let token = format!("{}&skn=", sign("hub/devices/d", KEY, in_an_hour(), None));
+        let parsed = SasToken::parse(&token).unwrap();
+        assert_eq!(parsed.key_name, None);
         parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
     }
 

@@ -40,7 +40,7 @@ pub struct Limits {
     pub creations_per_second: u32,
     /// Stream creations per second for one device.
     pub creations_per_second_per_device: u32,
-    /// Open connections on the main listener.
+    /// Open connections on the main and MQTT listeners together.
     pub max_connections: usize,
     /// SAS tokens are accepted this long past their expiry.
     pub clock_skew: Duration,
@@ -48,6 +48,9 @@ pub struct Limits {
     pub max_token_lifetime: Duration,
     /// Live streams get this long to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Stream sockets are pinged this often; a side silent for three
+    /// intervals is dropped. `None` turns it off.
+    pub ping_interval: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -68,6 +71,7 @@ impl Default for Limits {
             clock_skew: Duration::from_secs(300),
             max_token_lifetime: Duration::from_secs(366 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
+            ping_interval: Some(framing::pump::DEFAULT_PING_INTERVAL),
         }
     }
 }
@@ -75,6 +79,11 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub listen: SocketAddr,
+    /// MQTT over TLS for IoT Hub device SDKs, whose port is fixed at 8883.
+    /// `None` turns it off. `relay serve` defaults to `0.0.0.0:8883`; a
+    /// relay run in-process (the echo demo, tests) opts in explicitly so it
+    /// never competes for the well-known port.
+    pub mqtt_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Base URL of the streaming endpoint handed to clients (`wss://host:port`).
     /// When unset, each side gets the host it used to reach this relay.
@@ -89,6 +98,7 @@ impl RelayConfig {
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             listen,
+            mqtt_listen: None,
             data_dir,
             public_url: None,
             tls: TlsMode::SelfSigned,

@@ -1,15 +1,17 @@
-//! Device control channels: MQTT 3.1.1 sessions and the presence table.
+//! Device control channels: one MQTT 3.1.1 session, from CONNECT to its end.
 //!
-//! A device is *present* once it has subscribed to stream requests; before
-//! that a request published to it would be lost. Each session is one task
-//! that owns its connection and answers everything itself (keep-alive,
-//! subscriptions, stream answers), so a misbehaving device can only end its
-//! own session. A second CONNECT for the same device replaces the first, as
-//! in IoT Hub.
+//! The session does not care how its packets travel: MQTT over WebSocket on
+//! the main listener and MQTT over TLS on 8883 both end up in
+//! [`run_session`]. Each session is one task that owns its connection and
+//! answers everything itself (keep-alive, subscriptions, stream answers), so
+//! a misbehaving device can only end its own session. Where IoT Hub device
+//! SDKs expect a particular answer (other hubs' topics refused with 0x80, not
+//! a dropped connection; QoS 1 answers acknowledged; a second connection
+//! replacing the first) this module gives exactly that answer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use framing::mqtt::{
@@ -17,119 +19,20 @@ use framing::mqtt::{
     SubscribeReasonCode,
 };
 use framing::sas::{ExpiryPolicy, SasToken};
-use framing::topics::{StreamRequest, StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER};
-use tokio::sync::{mpsc, oneshot, watch};
+use framing::topics::{StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
+use crate::presence::{Identity, OutgoingRequest, SessionHandle};
 use crate::state::RelayState;
 
 /// Stream requests queued for one device before creations are refused.
 const REQUEST_QUEUE: usize = 256;
 /// Longest silence allowed from a device that asked for no keep-alive.
 const MAX_SILENCE: Duration = Duration::from_secs(30 * 60);
-
-/// A stream request on its way to a device, with where its answer goes.
-pub struct OutgoingRequest {
-    pub request: StreamRequest,
-    pub answer: oneshot::Sender<StreamResponse>,
-}
-
-/// The device's request queue is full, or its session just ended.
-#[derive(Debug, thiserror::Error)]
-#[error("the device's stream request queue is full or its session ended")]
-pub struct RequestQueueFull;
-
-/// How the rest of the relay reaches a connected device.
-#[derive(Clone)]
-pub struct SessionHandle {
-    pub session_id: u64,
-    /// The host the device used to reach us, for its streaming URL.
-    pub host: Option<String>,
-    requests: mpsc::Sender<OutgoingRequest>,
-    cancel: CancellationToken,
-}
-
-impl SessionHandle {
-    /// Queues a request; the receiver yields the device's answer, or an
-    /// error if the session ends first.
-    pub fn send_request(&self, request: StreamRequest) -> Result<oneshot::Receiver<StreamResponse>, RequestQueueFull> {
-        let (answer, receiver) = oneshot::channel();
-        self.requests.try_send(OutgoingRequest { request, answer }).map_err(|_| RequestQueueFull)?;
-        Ok(receiver)
-    }
-}
-
-/// Which devices are connected, and where.
-pub struct Presence {
-    sessions: Mutex<HashMap<String, SessionHandle>>,
-    changes: watch::Sender<u64>,
-    next_session_id: AtomicU64,
-}
-
-impl Default for Presence {
-    fn default() -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), changes: watch::Sender::new(0), next_session_id: AtomicU64::new(1) }
-    }
-}
-
-impl Presence {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn register(&self, device_id: &str, handle: SessionHandle) {
-        let replaced = self.lock().insert(device_id.to_string(), handle);
-        if let Some(old) = replaced {
-            tracing::info!(device_id, "a new connection replaces the device's previous control channel");
-            old.cancel.cancel();
-        }
-        self.changes.send_modify(|version| *version += 1);
-    }
-
-    fn unregister(&self, device_id: &str, session_id: u64) {
-        let mut sessions = self.lock();
-        if sessions.get(device_id).is_some_and(|handle| handle.session_id == session_id) {
-            sessions.remove(device_id);
-        }
-    }
-
-    pub fn get(&self, device_id: &str) -> Option<SessionHandle> {
-        self.lock().get(device_id).cloned()
-    }
-
-    pub fn connected_count(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn connected_devices(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
-    }
-
-    /// Waits up to `timeout` for the device to be present.
-    pub async fn wait_for(&self, device_id: &str, timeout: Duration) -> Option<SessionHandle> {
-        let mut changes = self.changes.subscribe();
-        let wait = async {
-            loop {
-                if let Some(handle) = self.get(device_id) {
-                    return handle;
-                }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.ok()
-    }
-
-    /// Closes a device's control channel (device removed or disabled).
-    pub fn disconnect(&self, device_id: &str) {
-        if let Some(handle) = self.lock().remove(device_id) {
-            handle.cancel.cancel();
-        }
-    }
-}
 
 /// Why a CONNECT was refused; the reason is logged, never the secret.
 struct Refusal {
@@ -142,7 +45,7 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
 }
 
 /// Checks a CONNECT: client id, username shape and the device SAS token.
-fn authenticate(state: &RelayState, connect: &Connect) -> Result<(String, Option<String>), Refusal> {
+fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refusal> {
     let (device_id, module_id) = match connect.client_id.split_once('/') {
         Some((device, module)) => (device.to_string(), Some(module.to_string())),
         None => (connect.client_id.clone(), None),
@@ -182,7 +85,7 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<(String, Option
     token
         .verify(&key_slices, SystemTime::now(), policy)
         .map_err(|error| refuse(ConnectReturnCode::NotAuthorized, error.to_string()))?;
-    Ok((device_id, module_id))
+    Ok(Identity { device_id, module_id })
 }
 
 /// Runs one control channel from its first byte to its end.
@@ -209,7 +112,7 @@ pub async fn run_session<T: PacketTransport>(
             return mqtt.shutdown().await;
         }
     };
-    let (device_id, module_id) = match authenticate(&state, &connect) {
+    let identity = match authenticate(&state, &connect) {
         Ok(identity) => identity,
         Err(refusal) => {
             Metrics::add(&state.metrics.authentication_failures, 1);
@@ -222,17 +125,27 @@ pub async fn run_session<T: PacketTransport>(
         return;
     }
     Metrics::add(&state.metrics.control_channels_opened, 1);
-    let span = tracing::info_span!("control", device_id = %device_id, module_id = module_id.as_deref().unwrap_or(""), %peer);
-    let session = Session {
+    let span = tracing::info_span!(
+        "control",
+        device_id = %identity.device_id,
+        module_id = identity.module_id.as_deref().unwrap_or(""),
+        %peer
+    );
+    let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(REQUEST_QUEUE);
+    let cancel = state.stop_accepting.child_token();
+    let handle = SessionHandle {
         session_id: state.presence.next_session_id.fetch_add(1, Ordering::Relaxed),
-        device_id,
-        keep_alive: connect.keep_alive,
         host,
+        requests: request_sender,
+        cancel: cancel.clone(),
     };
+    let session = Session { session_id: handle.session_id, identity, keep_alive: connect.keep_alive, cancel };
     async {
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
-        let end = session.serve(&state, &mut mqtt).await;
-        state.presence.unregister(&session.device_id, session.session_id);
+        // Replaces (and closes) the identity's previous channel right away, as IoT Hub does.
+        state.presence.connect(&session.identity, handle);
+        let end = session.serve(&state, &mut mqtt, requests).await;
+        state.presence.unregister(&session.identity, session.session_id);
         tracing::info!(reason = %end, "device disconnected");
         mqtt.shutdown().await;
     }
@@ -242,36 +155,40 @@ pub async fn run_session<T: PacketTransport>(
 
 struct Session {
     session_id: u64,
-    device_id: String,
+    identity: Identity,
     keep_alive: u16,
-    host: Option<String>,
+    cancel: CancellationToken,
 }
 
 impl Session {
-    /// The session loop; returns why it ended.
-    async fn serve<T: PacketTransport>(&self, state: &RelayState, mqtt: &mut MqttConnection<T>) -> String {
-        let silence_limit = match self.keep_alive {
+    /// How long the device may stay silent: 1.5 × its keep-alive (MQTT 3.1.1, 3.1.2.10).
+    fn silence_limit(&self) -> Duration {
+        match self.keep_alive {
             0 => MAX_SILENCE,
-            seconds => Duration::from_secs(seconds as u64) * 3 / 2,
-        };
-        let cancel = state.stop_accepting.child_token();
-        let (request_sender, mut requests) = mpsc::channel::<OutgoingRequest>(REQUEST_QUEUE);
-        let handle = SessionHandle {
-            session_id: self.session_id,
-            host: self.host.clone(),
-            requests: request_sender,
-            cancel: cancel.clone(),
-        };
+            seconds => Duration::from_secs(u64::from(seconds)) * 3 / 2,
+        }
+    }
+
+    /// The session loop; returns why it ended.
+    async fn serve<T: PacketTransport>(
+        &self,
+        state: &RelayState,
+        mqtt: &mut MqttConnection<T>,
+        mut requests: mpsc::Receiver<OutgoingRequest>,
+    ) -> String {
+        let silence_limit = self.silence_limit();
+        // Only what the device sends counts: our own publishes keep nothing alive.
+        let mut last_received = Instant::now();
         let mut pending: HashMap<String, oneshot::Sender<StreamResponse>> = HashMap::new();
-        let mut present = false;
+        let mut ready = false;
         loop {
             // Answers the REST side stopped waiting for are forgotten.
             pending.retain(|_, answer| !answer.is_closed());
             tokio::select! {
-                _ = cancel.cancelled() => {
+                _ = self.cancel.cancelled() => {
                     return "closed by the relay (device replaced, removed, or relay shutting down)".into();
                 }
-                _ = tokio::time::sleep(silence_limit) => {
+                _ = tokio::time::sleep_until(last_received + silence_limit) => {
                     return format!("silent for {silence_limit:?}, past 1.5 x its keep-alive");
                 }
                 Some(outgoing) = requests.recv() => {
@@ -282,6 +199,7 @@ impl Session {
                     }
                 }
                 packet = mqtt.read_packet() => {
+                    last_received = Instant::now();
                     let packet = match packet {
                         Ok(Some(packet)) => packet,
                         Ok(None) => return "connection closed by the device".into(),
@@ -290,6 +208,8 @@ impl Session {
                     let reply = match packet {
                         Packet::PingReq => Some(Packet::PingResp),
                         Packet::Subscribe(subscribe) => {
+                            // Topics of other IoT Hub features (methods, twin) are refused
+                            // one by one with 0x80; the connection stays up.
                             let codes = subscribe
                                 .filters
                                 .iter()
@@ -298,15 +218,17 @@ impl Session {
                                     _ => SubscribeReasonCode::Failure,
                                 })
                                 .collect();
-                            if !present && subscribe.filters.iter().any(|f| f.path == STREAM_REQUESTS_FILTER) {
-                                present = true;
-                                state.presence.register(&self.device_id, handle.clone());
+                            if !ready && subscribe.filters.iter().any(|f| f.path == STREAM_REQUESTS_FILTER) {
+                                ready = true;
+                                state.presence.mark_ready(&self.identity, self.session_id);
                             }
                             Some(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
                         }
                         Packet::Unsubscribe(unsubscribe) => {
                             Some(Packet::UnsubAck(framing::mqtt::UnsubAck { pkid: unsubscribe.pkid }))
                         }
+                        // A device's publish is consumed here and never delivered to any
+                        // subscriber, the device itself included.
                         Packet::Publish(publish) => {
                             match StreamResponse::from_topic(&publish.topic) {
                                 Ok(response) => match pending.remove(&response.request_id) {

@@ -12,6 +12,7 @@ pub mod http_util;
 pub mod limits;
 pub mod metrics;
 pub mod pairing;
+pub mod presence;
 pub mod registry;
 pub mod server;
 pub mod state;

@@ -168,7 +168,7 @@ mod tests {
         admission.admit("other").unwrap();
         drop(first);
         admission.admit("d").unwrap();
-        assert_eq!(admission.active_streams(), 2, "permits dropped at the end of statements release at once");
+        assert_eq!(admission.active_streams(), 1, "only `_second` is still held: dropped permits release at once");
     }
 
     #[test]

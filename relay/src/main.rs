@@ -14,14 +14,16 @@ use relay::{Limits, RelayConfig, TlsMode};
 
 const EXAMPLES: &str = "\
 Examples:
-  relay serve                                   # TLS on 0.0.0.0:8443, self-signed certificate in ./relay-data/tls
+  relay serve                                   # TLS on 0.0.0.0:8443, MQTT/TLS on 0.0.0.0:8883, self-signed certificate in ./relay-data/tls
   relay serve --listen 127.0.0.1:8443 --public-url wss://relay.example.com:8443
+  relay serve --listen 0.0.0.0:443 --mqtt-listen 0.0.0.0:8883   # ports IoT Hub SDK programs cannot change
+  relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
   relay device add MyDevice                     # prints the device connection string
   relay device list
   relay policy show                             # prints the service connection string
 
-Environment: RELAY_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
 
 #[derive(Parser)]
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
@@ -50,6 +52,13 @@ struct ServeArgs {
     /// Address of the main listener (HTTPS + WSS).
     #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
+    /// Address of the MQTT-over-TLS listener for IoT Hub device SDKs (their port is fixed at 8883).
+    /// Same certificate, device credentials and topics as MQTT over WebSocket on --listen.
+    #[arg(long, env = "RELAY_MQTT_LISTEN", default_value = "0.0.0.0:8883", conflicts_with = "no_mqtt")]
+    mqtt_listen: SocketAddr,
+    /// Do not open the MQTT-over-TLS listener; devices then connect with MQTT over WebSocket on --listen.
+    #[arg(long)]
+    no_mqtt: bool,
     /// Base URL of the streaming endpoint handed to clients, e.g. wss://relay.example.com:443.
     /// By default each client gets the host it used to reach the relay.
     #[arg(long)]
@@ -81,12 +90,15 @@ struct ServeArgs {
     /// Stream creations per second for one device.
     #[arg(long, default_value_t = Limits::default().creations_per_second_per_device)]
     creations_per_second_per_device: u32,
-    /// Open connections on the main listener.
+    /// Open connections on the main and MQTT listeners together.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
     /// Seconds live streams may run on after SIGTERM/SIGINT before they are cut.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     drain_timeout: u64,
+    /// Seconds between WebSocket pings on stream sockets; a side silent for 3 intervals is dropped (0 = off).
+    #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS")]
+    ping_interval: u64,
 }
 
 #[derive(Subcommand)]
@@ -141,6 +153,7 @@ fn main() -> ExitCode {
 
 fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
     let mut config = RelayConfig::new(arguments.listen, data_dir);
+    config.mqtt_listen = (!arguments.no_mqtt).then_some(arguments.mqtt_listen);
     config.public_url = arguments.public_url;
     if let Some(url) = &config.public_url {
         if !(url.starts_with("wss://") || url.starts_with("ws://")) {
@@ -161,6 +174,7 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
         creations_per_second_per_device: arguments.creations_per_second_per_device,
         max_connections: arguments.max_connections,
         drain_timeout: Duration::from_secs(arguments.drain_timeout),
+        ping_interval: (arguments.ping_interval > 0).then(|| Duration::from_secs(arguments.ping_interval)),
         ..Limits::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -168,6 +182,10 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
         let relay = relay::start(config).await?;
         let tls = if relay.tls { "TLS" } else { "plain HTTP, --no-tls" };
         println!("Listening on {} ({tls})", relay.local_address);
+        if let Some(mqtt_address) = relay.mqtt_address {
+            let mqtt_tls = if relay.tls { "TLS" } else { "plain TCP, --no-tls" };
+            println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
+        }
         println!("Service connection string: {}", relay.service_connection_string);
         if let Some(path) = &relay.certificate_path {
             let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());

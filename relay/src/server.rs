@@ -1,7 +1,10 @@
-//! The main listener: TLS, HTTP/1.1, routing to the endpoints, and the
-//! background duties of a serving relay (expiring unpaired streams, noticing
-//! removed devices). [`RunningRelay`] is the handle that owns all of it and
-//! shuts it down in order: stop accepting, let streams drain, then cut.
+//! The listeners: the main one (TLS, HTTP/1.1, routing to the endpoints) and
+//! MQTT over TLS on 8883 for IoT Hub device SDKs, plus the background duties
+//! of a serving relay (expiring unpaired streams, noticing removed devices).
+//! Both listeners share one accept loop, so the TLS handshake deadline and
+//! the connection limit are the same code for both; only what runs after
+//! TLS differs. [`RunningRelay`] is the handle that owns all of it and shuts
+//! it down in order: stop accepting, let streams drain, then cut.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use framing::mqtt::MqttConnection;
+use framing::mqtt::{ByteTransport, MqttConnection};
 use framing::stream_token::StreamTokenKey;
 use framing::transport::{configure_socket, NetworkStream};
 use http::{Method, Request, Response, StatusCode};
@@ -37,6 +40,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// A serving relay.
 pub struct RunningRelay {
     pub local_address: SocketAddr,
+    /// The MQTT-over-TLS listener's address, when it is on.
+    pub mqtt_address: Option<SocketAddr>,
     /// `host:port` that clients should use (connection strings' HostName).
     pub host_name: String,
     pub service_connection_string: String,
@@ -76,7 +81,15 @@ fn url_authority(url: &str) -> Option<&str> {
     rest.split('/').next().filter(|authority| !authority.is_empty())
 }
 
-fn tls_acceptor(config: &RelayConfig, data_dir: &DataDir, host_name: &str) -> anyhow::Result<Option<(TlsAcceptor, Option<PathBuf>)>> {
+/// The TLS acceptors of both listeners, built from one certificate.
+struct Acceptors {
+    main: TlsAcceptor,
+    mqtt: TlsAcceptor,
+    /// The self-signed certificate clients must trust, when generated.
+    generated_certificate: Option<PathBuf>,
+}
+
+fn tls_acceptors(config: &RelayConfig, data_dir: &DataDir, host_name: &str) -> anyhow::Result<Option<Acceptors>> {
     let (certificate_path, key_path, generated) = match &config.tls {
         TlsMode::Disabled => return Ok(None),
         TlsMode::Files { certificate, private_key } => (certificate.clone(), private_key.clone(), false),
@@ -98,13 +111,20 @@ fn tls_acceptor(config: &RelayConfig, data_dir: &DataDir, host_name: &str) -> an
     }
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .with_context(|| format!("cannot read the TLS private key {}", key_path.display()))?;
-    let mut server_config = rustls::ServerConfig::builder_with_provider(framing::tls::crypto_provider())
+    let mqtt_config = rustls::ServerConfig::builder_with_provider(framing::tls::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certificates, key)
         .context("the TLS certificate and private key do not match or are not supported")?;
-    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Some((TlsAcceptor::from(Arc::new(server_config)), generated.then_some(certificate_path))))
+    // MQTT clients differ in what ALPN they offer (nothing, "mqtt", ...); with
+    // no protocol configured the server negotiates none and refuses nobody.
+    let mut main_config = mqtt_config.clone();
+    main_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Acceptors {
+        main: TlsAcceptor::from(Arc::new(main_config)),
+        mqtt: TlsAcceptor::from(Arc::new(mqtt_config)),
+        generated_certificate: generated.then_some(certificate_path),
+    }))
 }
 
 /// Opens the data dir, binds the listener and starts serving.
@@ -116,6 +136,19 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         format!("cannot listen on {}: choose another --listen address or stop the program that uses it", config.listen)
     })?;
     let local_address = listener.local_addr()?;
+    let mqtt_listener = match config.mqtt_listen {
+        None => None,
+        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+            format!(
+                "cannot listen for MQTT on {address}: choose another --mqtt-listen address, stop the program that uses it, \
+                 or turn the MQTT listener off with --no-mqtt"
+            )
+        })?),
+    };
+    let mqtt_address = match &mqtt_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let host_name = match config.public_url.as_deref().and_then(url_authority) {
         Some(authority) => authority.to_string(),
         None if local_address.ip().is_loopback() || local_address.ip().is_unspecified() => {
@@ -127,17 +160,25 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let policy = registry.ensure_policy(SERVICE_POLICY)?;
     let service_connection_string =
         framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?.to_secret_string();
-    let tls = tls_acceptor(&config, &data_dir, &host_name)?;
-    let certificate_path = tls.as_ref().and_then(|(_, path)| path.clone());
-    let acceptor = tls.map(|(acceptor, _)| acceptor);
+    let acceptors = tls_acceptors(&config, &data_dir, &host_name)?;
+    let certificate_path = acceptors.as_ref().and_then(|acceptors| acceptors.generated_certificate.clone());
     let mut config = config;
     config.listen = local_address;
+    config.mqtt_listen = mqtt_address;
     let state = RelayState::new(config, Arc::new(registry), StreamTokenKey::from_secret(&secret));
-    let tls = acceptor.is_some();
-    state.tasks.spawn(accept_loop(state.clone(), listener, acceptor));
+    let tls = acceptors.is_some();
+    let open_connections = Arc::new(AtomicUsize::new(0));
+    let (main_acceptor, mqtt_acceptor) = match acceptors {
+        Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
+        None => (None, None),
+    };
+    state.tasks.spawn(accept_loop(state.clone(), listener, main_acceptor, Endpoint::Main, open_connections.clone()));
+    if let Some(mqtt_listener) = mqtt_listener {
+        state.tasks.spawn(accept_loop(state.clone(), mqtt_listener, mqtt_acceptor, Endpoint::Mqtt, open_connections));
+    }
     state.tasks.spawn(housekeeping(state.clone()));
-    tracing::info!(%local_address, tls, "relay serving");
-    Ok(RunningRelay { local_address, host_name, service_connection_string, certificate_path, tls, state })
+    tracing::info!(%local_address, mqtt_address = ?mqtt_address, tls, "relay serving");
+    Ok(RunningRelay { local_address, mqtt_address, host_name, service_connection_string, certificate_path, tls, state })
 }
 
 /// Counts open connections; the slot is released when the guard drops.
@@ -149,8 +190,24 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, acceptor: Option<TlsAcceptor>) {
-    let open_connections = Arc::new(AtomicUsize::new(0));
+/// What a listener serves once TLS is done.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    /// HTTP/1.1: REST, the streaming endpoint, MQTT over WebSocket.
+    Main,
+    /// MQTT 3.1.1 straight on the TLS stream (IoT Hub's port 8883).
+    Mqtt,
+}
+
+/// Accepts connections until shutdown; `open_connections` is shared by all
+/// listeners, because they share the process's file descriptors.
+async fn accept_loop(
+    state: Arc<RelayState>,
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    endpoint: Endpoint,
+    open_connections: Arc<AtomicUsize>,
+) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = state.stop_accepting.cancelled() => return,
@@ -166,37 +223,60 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, acceptor: Op
         };
         if open_connections.fetch_add(1, Ordering::Relaxed) >= state.config.limits.max_connections {
             open_connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, limit = state.config.limits.max_connections, "connection refused: too many open connections");
+            tracing::warn!(%peer, ?endpoint, limit = state.config.limits.max_connections, "connection refused: too many open connections");
             continue;
         }
         let slot = ConnectionSlot(open_connections.clone());
-        state.tasks.spawn(serve_connection(state.clone(), tcp, peer, acceptor.clone(), slot));
+        state.tasks.spawn(serve_connection(state.clone(), tcp, peer, acceptor.clone(), endpoint, slot));
     }
 }
 
+/// TLS with its deadline, then the endpoint; the slot is held throughout.
 async fn serve_connection(
     state: Arc<RelayState>,
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: Option<TlsAcceptor>,
+    endpoint: Endpoint,
     slot: ConnectionSlot,
 ) {
     configure_socket(&tcp);
     let limits = &state.config.limits;
-    let stream = match acceptor {
-        None => NetworkStream::Plain(tcp),
+    let (stream, server_name) = match acceptor {
+        None => (NetworkStream::Plain(tcp), None),
         Some(acceptor) => match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream))),
+            Ok(Ok(stream)) => {
+                let server_name = stream.get_ref().1.server_name().map(str::to_string);
+                (NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream))), server_name)
+            }
             Ok(Err(error)) => {
-                tracing::debug!(%peer, %error, "TLS handshake failed");
+                tracing::debug!(%peer, ?endpoint, %error, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
+                tracing::debug!(%peer, ?endpoint, "TLS handshake timed out");
                 return;
             }
         },
     };
+    match endpoint {
+        Endpoint::Main => serve_http(state, stream, peer).await,
+        Endpoint::Mqtt => serve_mqtt(state, stream, peer, server_name).await,
+    }
+    drop(slot);
+}
+
+/// MQTT on the TLS stream itself. The device never told us an HTTP `Host`,
+/// so its streaming URL names the host it asked for in TLS (SNI) and the
+/// main listener's port, where the streaming endpoint lives.
+async fn serve_mqtt(state: Arc<RelayState>, stream: NetworkStream, peer: SocketAddr, server_name: Option<String>) {
+    let host = format!("{}:{}", server_name.as_deref().unwrap_or("localhost"), state.config.listen.port());
+    let max_packet = state.config.limits.max_mqtt_packet_size;
+    control::run_session(state, MqttConnection::new(ByteTransport(stream), max_packet), peer, Some(host)).await;
+}
+
+async fn serve_http(state: Arc<RelayState>, stream: NetworkStream, peer: SocketAddr) {
+    let limits = &state.config.limits;
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |request| {
         let state = service_state.clone();
@@ -223,7 +303,6 @@ async fn serve_connection(
             }
         }
     }
-    drop(slot);
 }
 
 fn decode_segment(segment: &str) -> Option<String> {
@@ -243,7 +322,16 @@ async fn route(state: Arc<RelayState>, mut request: Request<Incoming>, peer: Soc
         (&Method::POST, ["twins", device, "streams", stream_name])
         | (&Method::POST, ["twins", device, "modules", _, "streams", stream_name]) => {
             let module_id = match segments.as_slice() {
-                [_, _, _, module, _, _] => decode_segment(module),
+                [_, _, _, module, _, _] => match decode_segment(module).filter(|m| !m.is_empty()) {
+                    Some(module_id) => Some(module_id),
+                    None => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            error_code(StatusCode::BAD_REQUEST, 4),
+                            "the module id in the path is empty or not valid UTF-8",
+                        )
+                    }
+                },
                 _ => None,
             };
             let Some(device_id) = decode_segment(device).filter(|d| !d.is_empty()) else {
@@ -273,6 +361,7 @@ async fn route(state: Arc<RelayState>, mut request: Request<Incoming>, peer: Soc
                 ("devstreams_streams_active", "Streams created and not yet ended.", state.admission.active_streams() as u64),
                 ("devstreams_streams_pending", "Streams waiting for their sides to connect.", state.pairing.pending_count() as u64),
                 ("devstreams_devices_connected", "Devices with a control channel.", state.presence.connected_count() as u64),
+                ("devstreams_tasks", "Tasks the relay owns (connections, sessions, streams).", state.tasks.len() as u64),
             ];
             let mut response = Response::new(Body::from(state.metrics.render(&gauges)));
             response

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{RelayConfig, TlsMode};
-use crate::control::Presence;
+use crate::presence::Presence;
 use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::pairing::PairingTable;

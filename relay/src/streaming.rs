@@ -132,7 +132,7 @@ async fn copy(
         }
     };
     let report = tokio::select! {
-        report = pump::relay(mine, theirs) => report,
+        report = pump::relay(mine, theirs, state.config.limits.ping_interval) => report,
         _ = device_removed => {
             tracing::info!(stream_name, "stream cut: the device was removed or disabled");
             return;

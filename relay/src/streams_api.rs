@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::http_util::{error_code, error_response, throttled, Body};
 use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
+use crate::presence::Identity;
 use crate::state::RelayState;
 
 /// The part of the request the handler needs.
@@ -149,12 +150,13 @@ async fn negotiate(
     Metrics::add(&state.metrics.streams_requested, 1);
     tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
 
-    let Some(session) = state.presence.wait_for(&device_id, connect_timeout).await else {
+    let identity = Identity { device_id: device_id.clone(), module_id: module_id.clone() };
+    let Some(session) = state.presence.wait_for(&identity, connect_timeout).await else {
         tracing::info!(waited = ?connect_timeout, "stream failed: device not connected");
         return error_response(
             StatusCode::NOT_FOUND,
             headers::ERROR_DEVICE_NOT_ONLINE,
-            &format!("device {device_id} is not connected (waited {} s): start device-proxy on the device and check its logs", connect_timeout.as_secs()),
+            &format!("device {identity} is not connected (waited {} s): start device-proxy on the device and check its logs", connect_timeout.as_secs()),
         );
     };
     let deadline = Instant::now() + handshake_limit;

@@ -1,1 +1,137 @@
-fn main() {}
+//! Command line of service-proxy; the behaviour lives in the library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use service_proxy::Settings;
+
+/// Read when SERVICE_CONNECTION_STRING is unset, as the IoT Hub Node sample does.
+const FALLBACK_CONNECTION_STRING_VARIABLE: &str = "IOTHUB_CONNECTION_STRING";
+
+const EXAMPLES: &str = "\
+Examples:
+  service-proxy \"HostName=relay.example.com:8443;SharedAccessKeyName=service;SharedAccessKey=<key>\" MyDevice 2222
+  ssh -p 2222 user@localhost
+  service-proxy \"<service connection string>\" MyDevice 2222 --ca-cert relay-data/tls/cert.pem
+  service-proxy \"<service connection string>\" MyDevice 3389 --target-port 3389
+  SERVICE_CONNECTION_STRING=\"<service connection string>\" STREAMING_TARGET_DEVICE=MyDevice PROXY_PORT=2222 service-proxy
+
+Environment:
+  SERVICE_CONNECTION_STRING  service connection string, when not given as the first argument
+                             (IOTHUB_CONNECTION_STRING is read when it is unset)
+  STREAMING_TARGET_DEVICE    device id, when not given as the second argument
+  PROXY_PORT                 local port, when not given as the third argument
+  DEVSTREAMS_CA_CERT         PEM certificate of the relay, when not given with --ca-cert
+  RUST_LOG                   log filter for stderr (default: info)
+
+Once listening, it prints one line on stdout: `Listening on 127.0.0.1:2222`.
+`relay policy show` prints the service connection string.";
+
+/// Listens on a local port and turns every TCP connection into a devstreams
+/// stream to one device (sshd on the device's port 22 by default).
+#[derive(Debug, Parser)]
+#[command(name = "service-proxy", version, after_help = EXAMPLES)]
+struct Arguments {
+    /// Service connection string: HostName=…;SharedAccessKeyName=…;SharedAccessKey=…
+    #[arg(
+        value_name = "CONNECTION_STRING",
+        env = "SERVICE_CONNECTION_STRING",
+        hide_env_values = true
+    )]
+    connection_string: Option<String>,
+
+    /// Id of the device to reach
+    #[arg(value_name = "DEVICE_ID", env = "STREAMING_TARGET_DEVICE")]
+    device_id: Option<String>,
+
+    /// Local port to listen on; 0 picks a free one
+    #[arg(value_name = "LOCAL_PORT", env = "PROXY_PORT", default_value_t = 2222)]
+    local_port: u16,
+
+    /// Local address to listen on
+    #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1")]
+    bind: IpAddr,
+
+    /// Port on the device to reach; without it the device uses its default target
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    target_port: Option<u16>,
+
+    /// PEM certificate to trust for the relay, besides the system roots
+    #[arg(long, value_name = "PEM", env = "DEVSTREAMS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+
+    /// Stream name sent with every stream request
+    #[arg(long, value_name = "NAME", default_value = "TestStream")]
+    stream_name: String,
+
+    /// How long the relay may wait for the device to be connected, in seconds
+    /// (long enough for a device that is re-dialing after an outage)
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    connect_timeout: u64,
+
+    /// How long the relay may wait for the device to accept or reject, in
+    /// seconds (device-proxy answers within its --target-connect-timeout)
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    response_timeout: u64,
+
+    /// Do not ask to carry TCP half-closes through the stream
+    #[arg(long)]
+    no_half_close: bool,
+
+    /// Most local connections served at once; more are closed at once
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Seconds between WebSocket pings on stream sockets; a relay silent for 3 intervals ends the stream (0 = off)
+    #[arg(long, value_name = "SECONDS", default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs())]
+    ping_interval: u64,
+}
+
+fn main() -> ExitCode {
+    let arguments = Arguments::parse();
+    let connection_string = arguments
+        .connection_string
+        .filter(|value| !value.is_empty())
+        .or_else(|| {
+            std::env::var(FALLBACK_CONNECTION_STRING_VARIABLE)
+                .ok()
+                .filter(|value| !value.is_empty())
+        });
+    let Some(connection_string) = connection_string else {
+        return fail("no service connection string: pass it as the first argument or set SERVICE_CONNECTION_STRING (`relay policy show` prints one)");
+    };
+    let Some(device_id) = arguments.device_id.filter(|value| !value.is_empty()) else {
+        return fail("no device id: pass it as the second argument or set STREAMING_TARGET_DEVICE");
+    };
+    service_proxy::logging::init();
+    let settings = Settings {
+        connection_string,
+        device_id,
+        bind: arguments.bind,
+        local_port: arguments.local_port,
+        target_port: arguments.target_port,
+        ca_cert: arguments.ca_cert,
+        stream_name: arguments.stream_name,
+        connect_timeout: Duration::from_secs(arguments.connect_timeout),
+        response_timeout: Duration::from_secs(arguments.response_timeout),
+        half_close: !arguments.no_half_close,
+        max_connections: arguments.max_connections as usize,
+        ping_interval: (arguments.ping_interval > 0).then(|| std::time::Duration::from_secs(arguments.ping_interval)),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+    };
+    match runtime.block_on(service_proxy::run_until_signal(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&format!("{error:#}")),
+    }
+}
+
+/// Prints the one line a user reads on failure, and exits 1.
+fn fail(message: &str) -> ExitCode {
+    eprintln!("service-proxy: error: {message}");
+    ExitCode::from(1)
+}

@@ -7,6 +7,8 @@
 //! `cargo test --workspace` (each binary package has its own CLI test, which
 //! makes cargo build it before any test runs).
 
+pub mod iothub;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -108,6 +110,8 @@ pub struct Relay {
     pub process: Process,
     pub directory: tempfile::TempDir,
     pub address: String,
+    /// The MQTT-over-TLS listener (`MQTT listening on …`), unless `--no-mqtt`.
+    pub mqtt_address: Option<String>,
     pub service_connection_string: String,
     pub ca_certificate: PathBuf,
 }
@@ -126,12 +130,21 @@ impl Relay {
         if !extra_arguments.contains(&"--listen") {
             arguments.extend(["--listen", "127.0.0.1:0"]);
         }
+        // Never the CLI default 0.0.0.0:8883: tests run side by side.
+        let mqtt = !extra_arguments.contains(&"--no-mqtt");
+        if mqtt && !extra_arguments.contains(&"--mqtt-listen") {
+            arguments.extend(["--mqtt-listen", "127.0.0.1:0"]);
+        }
         arguments.extend_from_slice(extra_arguments);
         let mut process = Process::spawn("relay", &arguments, directory.path(), &[]).await;
         let address = process.wait_for_line("Listening on ").await.split(' ').next().unwrap_or_default().to_string();
+        let mqtt_address = match mqtt {
+            true => Some(process.wait_for_line("MQTT listening on ").await.split(' ').next().unwrap_or_default().to_string()),
+            false => None,
+        };
         let service_connection_string = process.wait_for_line("Service connection string: ").await;
         let ca_certificate = PathBuf::from(process.wait_for_line("CA certificate for clients (--ca-cert): ").await);
-        Relay { process, directory, address, service_connection_string, ca_certificate }
+        Relay { process, directory, address, mqtt_address, service_connection_string, ca_certificate }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -140,6 +153,12 @@ impl Relay {
 
     pub fn port(&self) -> u16 {
         self.address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("address has a port")
+    }
+
+    /// Port of the MQTT-over-TLS listener; panics when it was turned off.
+    pub fn mqtt_port(&self) -> u16 {
+        let address = self.mqtt_address.as_deref().expect("the relay was started with its MQTT listener");
+        address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("MQTT address has a port")
     }
 
     /// Runs a `relay` registry subcommand against this relay's data dir.
@@ -384,4 +403,46 @@ pub async fn raw_https(relay: &Relay, request: &str) -> (u16, Vec<(String, Strin
         .map(|(name, value)| (name.to_string(), value.trim().to_string()))
         .collect();
     (status, headers, body.to_string())
+}
+
+/// Open file descriptors of a process.
+pub fn open_file_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|entries| entries.count()).unwrap_or(0)
+}
+
+/// Resident memory of a process, KiB.
+pub fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One value from the relay's `/metrics`.
+pub async fn relay_metric(relay: &Relay, name: &str) -> u64 {
+    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_https(relay, request).await;
+    assert_eq!(status, 200, "metrics answer");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
+}
+
+/// A TCP echo server on a given loopback port (to bring a target back).
+pub async fn start_echo_server_on(port: u16) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind echo server again");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = socket.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    })
 }

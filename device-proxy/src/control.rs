@@ -1,0 +1,137 @@
+//! The control channel's life: dial, take requests, re-dial.
+//!
+//! A device must come back on its own after any outage (relay restart, lost
+//! network, expired token), so this loop never gives up: every failure is
+//! logged and followed by a jittered backoff (see [`crate::backoff`]).
+//! Failures that retrying cannot fix — refused credentials, an untrusted
+//! certificate — are still retried (the operator may fix the relay side) but
+//! logged at error level with what to check.
+//!
+//! Each request is handed to its own tracked task ([`crate::bridge`]); this
+//! loop only dispatches, so it is always ready for the next request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use framing::transport::ConnectError;
+use framing::websocket::WebSocketConnectError;
+use framing::{ConnectionString, DeviceClient, DeviceError, DeviceOptions};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::backoff::{Backoff, FIRST_CEILING, HEALTHY_CONNECTION};
+use crate::bridge::{self, StreamContext};
+
+/// How long a polite MQTT DISCONNECT may take at shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keeps a control channel open until `shutdown`, spawning one task per
+/// stream request on `tracker`.
+pub async fn run(
+    connection: &ConnectionString,
+    options: &DeviceOptions,
+    max_backoff: Duration,
+    context: Arc<StreamContext>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let mut backoff = Backoff::new(FIRST_CEILING, max_backoff);
+    while !shutdown.is_cancelled() {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = DeviceClient::connect(connection, &context.tls, options) => connected,
+        };
+        let failure = match connected {
+            Ok(client) => {
+                info!(relay = %connection.host_name, "control channel connected; waiting for stream requests");
+                let connected_at = Instant::now();
+                let ending = take_requests(client, &context, tracker, shutdown).await;
+                if connected_at.elapsed() >= HEALTHY_CONNECTION {
+                    backoff.reset();
+                }
+                match ending {
+                    Some(failure) => failure,
+                    None => return,
+                }
+            }
+            Err(failure) => failure,
+        };
+        let delay = backoff.next_delay();
+        let retry_in_ms = delay.as_millis() as u64;
+        if needs_operator(&failure) {
+            error!(relay = %connection.host_name, retry_in_ms, "control channel failed: {failure}");
+        } else {
+            warn!(relay = %connection.host_name, retry_in_ms, "control channel failed: {failure}");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Dispatches requests until the channel fails (its error is returned) or
+/// shutdown (`None`, after a polite disconnect).
+async fn take_requests(
+    mut client: DeviceClient,
+    context: &Arc<StreamContext>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Option<DeviceError> {
+    let responder = client.responder();
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            next = client.next_request() => Some(next),
+        };
+        match next {
+            None => {
+                let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, client.disconnect()).await;
+                info!("control channel disconnected");
+                return None;
+            }
+            Some(Err(failure)) => return Some(failure),
+            Some(Ok(request)) => {
+                tracker.spawn(bridge::serve_request(
+                    request,
+                    responder.clone(),
+                    context.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+    }
+}
+
+/// Failures a retry alone will not cure: the operator must look.
+fn needs_operator(failure: &DeviceError) -> bool {
+    match failure {
+        DeviceError::Refused(_) | DeviceError::NoDeviceId | DeviceError::SubscriptionRefused => {
+            true
+        }
+        DeviceError::WebSocket(WebSocketConnectError::Connect(
+            ConnectError::Tls { .. } | ConnectError::ServerName { .. },
+        )) => true,
+        DeviceError::WebSocket(WebSocketConnectError::Refused { status, .. }) => {
+            matches!(status, 401 | 403 | 404)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_credentials_need_the_operator_but_a_lost_channel_does_not() {
+        assert!(needs_operator(&DeviceError::Refused(
+            framing::mqtt::ConnectReturnCode::NotAuthorized
+        )));
+        assert!(!needs_operator(&DeviceError::Closed));
+        assert!(!needs_operator(&DeviceError::RelaySilent(
+            Duration::from_secs(45)
+        )));
+    }
+}

@@ -1,0 +1,216 @@
+//! Presence: which identities (a device, or one module of a device) hold a
+//! control channel on this relay, and how to reach each one.
+//!
+//! Two moments matter and they are kept apart. At CONNECT a session becomes
+//! the identity's only control channel: the previous one is closed at once,
+//! as IoT Hub does, even before the new one subscribes. Only once it has
+//! subscribed to stream requests is it *ready*, because a request published
+//! before that would be lost; stream creation waits for readiness. The lock
+//! is held for map operations only, never across an await.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use framing::topics::{StreamRequest, StreamResponse};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Who a control channel speaks for. A module is its own identity: its
+/// channel neither replaces nor is replaced by its device's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub device_id: String,
+    pub module_id: Option<String>,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.module_id {
+            Some(module_id) => write!(formatter, "{}/{module_id}", self.device_id),
+            None => formatter.write_str(&self.device_id),
+        }
+    }
+}
+
+/// A stream request on its way to a device, with where its answer goes.
+pub struct OutgoingRequest {
+    pub request: StreamRequest,
+    pub answer: oneshot::Sender<StreamResponse>,
+}
+
+/// The device's request queue is full, or its session just ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the device's stream request queue is full or its session ended")]
+pub struct RequestQueueFull;
+
+/// How the rest of the relay reaches a connected device.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub session_id: u64,
+    /// The host the device used to reach us, for its streaming URL.
+    pub host: Option<String>,
+    pub(crate) requests: mpsc::Sender<OutgoingRequest>,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl SessionHandle {
+    /// Queues a request; the receiver yields the device's answer, or an
+    /// error if the session ends first.
+    pub fn send_request(&self, request: StreamRequest) -> Result<oneshot::Receiver<StreamResponse>, RequestQueueFull> {
+        let (answer, receiver) = oneshot::channel();
+        self.requests.try_send(OutgoingRequest { request, answer }).map_err(|_| RequestQueueFull)?;
+        Ok(receiver)
+    }
+}
+
+struct Entry {
+    handle: SessionHandle,
+    /// Subscribed to stream requests: requests may be sent.
+    ready: bool,
+}
+
+/// Which identities are connected, and where.
+pub struct Presence {
+    sessions: Mutex<HashMap<Identity, Entry>>,
+    changes: watch::Sender<u64>,
+    pub(crate) next_session_id: AtomicU64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self { sessions: Mutex::new(HashMap::new()), changes: watch::Sender::new(0), next_session_id: AtomicU64::new(1) }
+    }
+}
+
+impl Presence {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
+        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An authenticated connection becomes the identity's control channel;
+    /// the previous one, if any, is closed.
+    pub(crate) fn connect(&self, identity: &Identity, handle: SessionHandle) {
+        let replaced = self.lock().insert(identity.clone(), Entry { handle, ready: false });
+        if let Some(old) = replaced {
+            tracing::info!(%identity, "a new connection replaces the previous control channel");
+            old.handle.cancel.cancel();
+        }
+        self.changes.send_modify(|version| *version += 1);
+    }
+
+    /// The session subscribed to stream requests.
+    pub(crate) fn mark_ready(&self, identity: &Identity, session_id: u64) {
+        if let Some(entry) = self.lock().get_mut(identity).filter(|entry| entry.handle.session_id == session_id) {
+            entry.ready = true;
+        }
+        self.changes.send_modify(|version| *version += 1);
+    }
+
+    /// Forgets a session that ended, unless a newer one already took its place.
+    pub(crate) fn unregister(&self, identity: &Identity, session_id: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(identity).is_some_and(|entry| entry.handle.session_id == session_id) {
+            sessions.remove(identity);
+        }
+    }
+
+    /// The identity's session, once it is ready for stream requests.
+    pub fn get(&self, identity: &Identity) -> Option<SessionHandle> {
+        self.lock().get(identity).filter(|entry| entry.ready).map(|entry| entry.handle.clone())
+    }
+
+    /// Control channels open, ready or not.
+    pub fn connected_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Devices with at least one control channel (their own or a module's).
+    pub fn connected_devices(&self) -> Vec<String> {
+        let mut devices: Vec<String> = self.lock().keys().map(|identity| identity.device_id.clone()).collect();
+        devices.sort();
+        devices.dedup();
+        devices
+    }
+
+    /// Waits up to `timeout` for the identity to be ready.
+    pub async fn wait_for(&self, identity: &Identity, timeout: Duration) -> Option<SessionHandle> {
+        let mut changes = self.changes.subscribe();
+        let wait = async {
+            loop {
+                if let Some(handle) = self.get(identity) {
+                    return handle;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok()
+    }
+
+    /// Closes every control channel of a device and of its modules (the
+    /// device was removed or disabled).
+    pub fn disconnect(&self, device_id: &str) {
+        self.lock().retain(|identity, entry| {
+            let keep = identity.device_id != device_id;
+            if !keep {
+                entry.handle.cancel.cancel();
+            }
+            keep
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn identity(device_id: &str, module_id: Option<&str>) -> Identity {
+        Identity { device_id: device_id.into(), module_id: module_id.map(str::to_string) }
+    }
+
+    fn handle(presence: &Presence) -> SessionHandle {
+        let (requests, _receiver) = mpsc::channel(1);
+        SessionHandle {
+            session_id: presence.next_session_id.fetch_add(1, Ordering::Relaxed),
+            host: None,
+            requests,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_connection_closes_the_previous_one_before_it_subscribes() {
+        let presence = Presence::default();
+        let device = identity("d", None);
+        let first = handle(&presence);
+        presence.connect(&device, first.clone());
+        presence.mark_ready(&device, first.session_id);
+        let second = handle(&presence);
+        presence.connect(&device, second.clone());
+        assert!(first.cancel.is_cancelled());
+        assert!(presence.get(&device).is_none(), "the new session is not ready before it subscribes");
+        presence.unregister(&device, first.session_id);
+        presence.mark_ready(&device, second.session_id);
+        assert_eq!(presence.get(&device).map(|h| h.session_id), Some(second.session_id));
+    }
+
+    #[test]
+    fn modules_are_identities_of_their_own() {
+        let presence = Presence::default();
+        let device = identity("d", None);
+        let module = identity("d", Some("m"));
+        let device_handle = handle(&presence);
+        let module_handle = handle(&presence);
+        presence.connect(&device, device_handle.clone());
+        presence.connect(&module, module_handle.clone());
+        assert!(!device_handle.cancel.is_cancelled());
+        assert_eq!(presence.connected_devices(), vec!["d".to_string()]);
+        presence.disconnect("d");
+        assert!(device_handle.cancel.is_cancelled() && module_handle.cancel.is_cancelled());
+        assert_eq!(presence.connected_count(), 0);
+    }
+}

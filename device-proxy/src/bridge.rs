@@ -160,7 +160,6 @@ async fn reject(request: &StreamRequest, responder: &Responder, reason: &str) {
     }
 }
 
-
 /// A few words on how a stream ended, for its "closed" log line.
 pub fn describe_end(end: &PumpEnd) -> String {
     match end {

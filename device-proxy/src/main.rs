@@ -90,7 +90,8 @@ fn main() -> ExitCode {
         max_backoff: Duration::from_secs(arguments.max_backoff),
         target_connect_timeout: Duration::from_secs(arguments.target_connect_timeout),
         max_streams: arguments.max_streams as usize,
-        ping_interval: (arguments.ping_interval > 0).then(|| std::time::Duration::from_secs(arguments.ping_interval)),
+        ping_interval: (arguments.ping_interval > 0)
+            .then(|| std::time::Duration::from_secs(arguments.ping_interval)),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -17,8 +17,17 @@ pub async fn run(connection_string: &str, ca_cert: Option<&Path>) -> anyhow::Res
     let tls = framing::tls::client_config(ca_cert)?;
     let client = DeviceClient::connect(&connection, &tls, &DeviceOptions::default())
         .await
-        .with_context(|| format!("device {} cannot connect to {}", connection.device_id.as_deref().unwrap_or(""), connection.host_name))?;
-    println!("Device {} connected; waiting for stream requests (Ctrl-C to stop)", client.device_id());
+        .with_context(|| {
+            format!(
+                "device {} cannot connect to {}",
+                connection.device_id.as_deref().unwrap_or(""),
+                connection.host_name
+            )
+        })?;
+    println!(
+        "Device {} connected; waiting for stream requests (Ctrl-C to stop)",
+        client.device_id()
+    );
     let stop = CancellationToken::new();
     tokio::select! {
         result = serve(client, tls, "", stop.clone()) => result,
@@ -48,8 +57,16 @@ pub async fn serve(
             Ok(request) => request,
             Err(error) => break Err(anyhow::Error::new(error).context("the control channel ended")),
         };
-        println!("{prefix}Received stream request: Name={}", request.stream_name);
-        let (responder, tls, prefix, stop) = (responder.clone(), tls.clone(), prefix.to_string(), stop.clone());
+        println!(
+            "{prefix}Received stream request: Name={}",
+            request.stream_name
+        );
+        let (responder, tls, prefix, stop) = (
+            responder.clone(),
+            tls.clone(),
+            prefix.to_string(),
+            stop.clone(),
+        );
         streams.spawn(async move {
             tokio::select! {
                 result = echo_stream(&responder, &request, &tls, &prefix) => {
@@ -75,12 +92,16 @@ async fn echo_stream(
     prefix: &str,
 ) -> anyhow::Result<()> {
     responder.accept(request).await?;
-    let mut socket = framing::connect_stream(&request.url, &request.authorization_token, tls).await?;
+    let mut socket =
+        framing::connect_stream(&request.url, &request.authorization_token, tls).await?;
     while let Some(message) = socket.next().await {
         match message? {
             Message::Close(_) => break,
             message @ (Message::Binary(_) | Message::Text(_)) => {
-                println!("{prefix}Received stream data: {}", String::from_utf8_lossy(&message.clone().into_data()));
+                println!(
+                    "{prefix}Received stream data: {}",
+                    String::from_utf8_lossy(&message.clone().into_data())
+                );
                 socket.send(message).await?;
             }
             _ => {}

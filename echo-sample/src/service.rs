@@ -24,8 +24,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let connection = ConnectionString::parse_service(connection_string)?;
     let tls = framing::tls::client_config(ca_cert)?;
-    let options = StreamOptions { connect_timeout, ..StreamOptions::default() };
-    echo_once(&ServiceClient::new(connection, tls.clone()), &tls, device_id, message, &options).await
+    let options = StreamOptions {
+        connect_timeout,
+        ..StreamOptions::default()
+    };
+    echo_once(
+        &ServiceClient::new(connection, tls.clone()),
+        &tls,
+        device_id,
+        message,
+        &options,
+    )
+    .await
 }
 
 /// One stream, one message, one verified echo.
@@ -43,21 +53,32 @@ pub async fn echo_once(
     println!(
         "Stream response received: Name={} IsAccepted={}",
         invitation.stream_name,
-        if invitation.is_accepted { "True" } else { "False" }
+        if invitation.is_accepted {
+            "True"
+        } else {
+            "False"
+        }
     );
     if !invitation.is_accepted {
-        anyhow::bail!("the device rejected the stream: {}", invitation.rejection_reason.unwrap_or_default());
+        anyhow::bail!(
+            "the device rejected the stream: {}",
+            invitation.rejection_reason.unwrap_or_default()
+        );
     }
     let mut socket = framing::connect_stream(&invitation.url, &invitation.authorization_token, tls)
         .await
         .context("cannot connect to the streaming endpoint")?;
-    socket.send(Message::Binary(message.as_bytes().to_vec().into())).await?;
+    socket
+        .send(Message::Binary(message.as_bytes().to_vec().into()))
+        .await?;
     println!("Sent stream data: {message}");
     let echoed = tokio::time::timeout(ECHO_TIMEOUT, async {
         loop {
             match socket.next().await {
                 Some(Ok(Message::Binary(data))) => return Ok(data),
-                Some(Ok(Message::Close(frame))) => anyhow::bail!("the stream closed before the echo arrived: {frame:?}"),
+                Some(Ok(Message::Close(frame))) => {
+                    anyhow::bail!("the stream closed before the echo arrived: {frame:?}")
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(error)) => return Err(error.into()),
                 None => anyhow::bail!("the stream ended before the echo arrived"),

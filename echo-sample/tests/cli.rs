@@ -9,7 +9,10 @@ fn echo_sample() -> Command {
 
 #[test]
 fn help_shows_the_demo_example() {
-    let output = echo_sample().arg("--help").output().expect("echo-sample runs");
+    let output = echo_sample()
+        .arg("--help")
+        .output()
+        .expect("echo-sample runs");
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("echo-sample demo"));
 }
@@ -17,7 +20,11 @@ fn help_shows_the_demo_example() {
 #[test]
 fn a_device_connection_string_for_the_service_is_refused_in_one_line() {
     let output = echo_sample()
-        .args(["service", "HostName=localhost:1;DeviceId=d;SharedAccessKey=AAAA", "MyDevice"])
+        .args([
+            "service",
+            "HostName=localhost:1;DeviceId=d;SharedAccessKey=AAAA",
+            "MyDevice",
+        ])
         .output()
         .expect("echo-sample runs");
     assert_eq!(output.status.code(), Some(1));

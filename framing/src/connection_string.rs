@@ -13,14 +13,22 @@ use base64::Engine;
 /// Why a connection string was refused; each message says what to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConnectionStringError {
-    #[error("connection string part {part:?} has no '=': expected key=value pairs separated by ';'")]
+    #[error(
+        "connection string part {part:?} has no '=': expected key=value pairs separated by ';'"
+    )]
     MissingEquals { part: String },
     #[error("connection string has no {key}: expected HostName=…;{expected}")]
-    MissingKey { key: &'static str, expected: &'static str },
+    MissingKey {
+        key: &'static str,
+        expected: &'static str,
+    },
     #[error("connection string SharedAccessKey is not valid base64: copy the whole key as printed by `relay device add` or `relay policy show`")]
     KeyNotBase64,
     #[error("connection string is a {found} connection string, but a {wanted} connection string is needed here")]
-    WrongKind { found: &'static str, wanted: &'static str },
+    WrongKind {
+        found: &'static str,
+        wanted: &'static str,
+    },
     #[error("connection string HostName {0:?} is not a host name or host:port")]
     BadHostName(String),
 }
@@ -45,7 +53,12 @@ impl ConnectionString {
         let mut module_id = None;
         let mut key_name = None;
         let mut key = None;
-        for part in text.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in text
+            .trim()
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let (name, value) = part.split_once('=').ok_or_else(|| {
                 ConnectionStringError::MissingEquals {
                     // Never echo a whole part that may hold a key.
@@ -69,10 +82,12 @@ impl ConnectionString {
         if host_name.contains(['/', ' ', '@', '?', '#']) {
             return Err(ConnectionStringError::BadHostName(host_name));
         }
-        let shared_access_key = key.filter(|k| !k.is_empty()).ok_or(ConnectionStringError::MissingKey {
-            key: "SharedAccessKey",
-            expected: "…;SharedAccessKey=<base64 key>",
-        })?;
+        let shared_access_key =
+            key.filter(|k| !k.is_empty())
+                .ok_or(ConnectionStringError::MissingKey {
+                    key: "SharedAccessKey",
+                    expected: "…;SharedAccessKey=<base64 key>",
+                })?;
         let key_bytes = base64::engine::general_purpose::STANDARD
             .decode(&shared_access_key)
             .map_err(|_| ConnectionStringError::KeyNotBase64)?;
@@ -96,7 +111,10 @@ impl ConnectionString {
     pub fn parse_device(text: &str) -> Result<Self, ConnectionStringError> {
         let parsed = Self::parse(text)?;
         if parsed.device_id.is_none() {
-            return Err(ConnectionStringError::WrongKind { found: "service", wanted: "device" });
+            return Err(ConnectionStringError::WrongKind {
+                found: "service",
+                wanted: "device",
+            });
         }
         Ok(parsed)
     }
@@ -105,19 +123,34 @@ impl ConnectionString {
     pub fn parse_service(text: &str) -> Result<Self, ConnectionStringError> {
         let parsed = Self::parse(text)?;
         if parsed.shared_access_key_name.is_none() || parsed.device_id.is_some() {
-            return Err(ConnectionStringError::WrongKind { found: "device", wanted: "service" });
+            return Err(ConnectionStringError::WrongKind {
+                found: "device",
+                wanted: "service",
+            });
         }
         Ok(parsed)
     }
 
     /// Builds a device connection string from its parts.
-    pub fn for_device(host_name: &str, device_id: &str, key_base64: &str) -> Result<Self, ConnectionStringError> {
-        Self::parse(&format!("HostName={host_name};DeviceId={device_id};SharedAccessKey={key_base64}"))
+    pub fn for_device(
+        host_name: &str,
+        device_id: &str,
+        key_base64: &str,
+    ) -> Result<Self, ConnectionStringError> {
+        Self::parse(&format!(
+            "HostName={host_name};DeviceId={device_id};SharedAccessKey={key_base64}"
+        ))
     }
 
     /// Builds a service connection string from its parts.
-    pub fn for_policy(host_name: &str, policy: &str, key_base64: &str) -> Result<Self, ConnectionStringError> {
-        Self::parse(&format!("HostName={host_name};SharedAccessKeyName={policy};SharedAccessKey={key_base64}"))
+    pub fn for_policy(
+        host_name: &str,
+        policy: &str,
+        key_base64: &str,
+    ) -> Result<Self, ConnectionStringError> {
+        Self::parse(&format!(
+            "HostName={host_name};SharedAccessKeyName={policy};SharedAccessKey={key_base64}"
+        ))
     }
 
     pub fn key(&self) -> &[u8] {
@@ -190,7 +223,10 @@ mod tests {
 
     #[test]
     fn device_string_is_parsed_with_equals_in_key() {
-        let parsed = ConnectionString::parse(&format!("HostName=relay.example.com:8443;DeviceId=MyDevice;SharedAccessKey={KEY}")).unwrap();
+        let parsed = ConnectionString::parse(&format!(
+            "HostName=relay.example.com:8443;DeviceId=MyDevice;SharedAccessKey={KEY}"
+        ))
+        .unwrap();
         assert_eq!(parsed.host_name, "relay.example.com:8443");
         assert_eq!(parsed.host(), "relay.example.com");
         assert_eq!(parsed.port(), 8443);
@@ -210,11 +246,32 @@ mod tests {
 
     #[test]
     fn missing_parts_are_refused_with_a_reason() {
-        assert!(matches!(ConnectionString::parse("DeviceId=a;SharedAccessKey=AA=="), Err(ConnectionStringError::MissingKey { key: "HostName", .. })));
-        assert!(matches!(ConnectionString::parse("HostName=h;DeviceId=a"), Err(ConnectionStringError::MissingKey { key: "SharedAccessKey", .. })));
-        assert_eq!(ConnectionString::parse("HostName=h;DeviceId=a;SharedAccessKey=!!"), Err(ConnectionStringError::KeyNotBase64));
-        assert!(matches!(ConnectionString::parse("garbage"), Err(ConnectionStringError::MissingEquals { .. })));
-        assert!(ConnectionString::parse_device(&format!("HostName=h;SharedAccessKeyName=service;SharedAccessKey={KEY}")).is_err());
+        assert!(matches!(
+            ConnectionString::parse("DeviceId=a;SharedAccessKey=AA=="),
+            Err(ConnectionStringError::MissingKey {
+                key: "HostName",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ConnectionString::parse("HostName=h;DeviceId=a"),
+            Err(ConnectionStringError::MissingKey {
+                key: "SharedAccessKey",
+                ..
+            })
+        ));
+        assert_eq!(
+            ConnectionString::parse("HostName=h;DeviceId=a;SharedAccessKey=!!"),
+            Err(ConnectionStringError::KeyNotBase64)
+        );
+        assert!(matches!(
+            ConnectionString::parse("garbage"),
+            Err(ConnectionStringError::MissingEquals { .. })
+        ));
+        assert!(ConnectionString::parse_device(&format!(
+            "HostName=h;SharedAccessKeyName=service;SharedAccessKey={KEY}"
+        ))
+        .is_err());
     }
 
     #[test]

@@ -16,9 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection_string::ConnectionString;
 use crate::mqtt::{
-    Connect, ConnectReturnCode, MqttConnection, MqttError, Packet, Publish, QoS, Subscribe, SubscribeReasonCode,
+    Connect, ConnectReturnCode, MqttConnection, MqttError, Packet, Publish, QoS, Subscribe,
+    SubscribeReasonCode,
 };
-use crate::topics::{StreamRequest, StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER};
+use crate::topics::{
+    StreamRequest, StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER,
+};
 use crate::websocket::{self, ClientWebSocket, WebSocketConnectError, WebSocketRequest};
 use crate::{headers, sas};
 
@@ -88,7 +91,10 @@ impl DeviceClient {
         tls: &Arc<rustls::ClientConfig>,
         options: &DeviceOptions,
     ) -> Result<Self, DeviceError> {
-        let device_id = connection.device_id.clone().ok_or(DeviceError::NoDeviceId)?;
+        let device_id = connection
+            .device_id
+            .clone()
+            .ok_or(DeviceError::NoDeviceId)?;
         let handshake = Self::handshake(connection, &device_id, tls, options);
         let mqtt = tokio::time::timeout(options.connect_timeout, handshake)
             .await
@@ -96,8 +102,20 @@ impl DeviceClient {
         let (request_sender, requests) = mpsc::channel(REQUEST_QUEUE);
         let (commands, command_receiver) = mpsc::channel(REQUEST_QUEUE);
         let cancel = CancellationToken::new();
-        let session = tokio::spawn(run_session(mqtt, request_sender, command_receiver, cancel.clone(), options.keep_alive));
-        Ok(Self { device_id, requests, commands, cancel, session: Some(session) })
+        let session = tokio::spawn(run_session(
+            mqtt,
+            request_sender,
+            command_receiver,
+            cancel.clone(),
+            options.keep_alive,
+        ));
+        Ok(Self {
+            device_id,
+            requests,
+            commands,
+            cancel,
+            session: Some(session),
+        })
     }
 
     async fn handshake(
@@ -122,11 +140,22 @@ impl DeviceClient {
         let (client_id, resource) = match &connection.module_id {
             Some(module) => (
                 format!("{device_id}/{module}"),
-                format!("{}/devices/{device_id}/modules/{module}", connection.host_name),
+                format!(
+                    "{}/devices/{device_id}/modules/{module}",
+                    connection.host_name
+                ),
             ),
-            None => (device_id.to_string(), format!("{}/devices/{device_id}", connection.host_name)),
+            None => (
+                device_id.to_string(),
+                format!("{}/devices/{device_id}", connection.host_name),
+            ),
         };
-        let password = sas::sign(&resource, connection.key(), SystemTime::now() + options.token_lifetime, None);
+        let password = sas::sign(
+            &resource,
+            connection.key(),
+            SystemTime::now() + options.token_lifetime,
+            None,
+        );
         let mut connect = Connect::new(client_id.clone());
         connect.keep_alive = options.keep_alive.as_secs().clamp(1, u16::MAX as u64) as u16;
         connect.clean_session = false;
@@ -147,14 +176,24 @@ impl DeviceClient {
             None => return Err(DeviceError::Closed),
         }
         let subscribe = Subscribe::new_many([
-            rumqttc::mqttbytes::v4::SubscribeFilter::new(STREAM_REQUESTS_FILTER.into(), QoS::AtMostOnce),
-            rumqttc::mqttbytes::v4::SubscribeFilter::new(STREAM_RESPONSES_FILTER.into(), QoS::AtMostOnce),
+            rumqttc::mqttbytes::v4::SubscribeFilter::new(
+                STREAM_REQUESTS_FILTER.into(),
+                QoS::AtMostOnce,
+            ),
+            rumqttc::mqttbytes::v4::SubscribeFilter::new(
+                STREAM_RESPONSES_FILTER.into(),
+                QoS::AtMostOnce,
+            ),
         ]);
         let mut subscribe = subscribe;
         subscribe.pkid = 1;
         mqtt.write_packet(&Packet::Subscribe(subscribe)).await?;
         match mqtt.read_packet().await? {
-            Some(Packet::SubAck(ack)) if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) => {}
+            Some(Packet::SubAck(ack))
+                if ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_))) => {}
             Some(Packet::SubAck(_)) => return Err(DeviceError::SubscriptionRefused),
             Some(_) => return Err(DeviceError::Unexpected("a packet other than SUBACK")),
             None => return Err(DeviceError::Closed),
@@ -183,7 +222,9 @@ impl DeviceClient {
 
     /// A handle that answers requests from other tasks.
     pub fn responder(&self) -> Responder {
-        Responder { commands: self.commands.clone() }
+        Responder {
+            commands: self.commands.clone(),
+        }
     }
 
     /// Closes the control channel politely (MQTT DISCONNECT).
@@ -210,19 +251,34 @@ pub struct Responder {
 impl Responder {
     /// Accepts; carries half-close when the service asked for it.
     pub async fn accept(&self, request: &StreamRequest) -> Result<(), DeviceError> {
-        self.answer(StreamResponse { request_id: request.request_id.clone(), status: 200, half_close: request.half_close })
-            .await
+        self.answer(StreamResponse {
+            request_id: request.request_id.clone(),
+            status: 200,
+            half_close: request.half_close,
+        })
+        .await
     }
 
     /// Rejects (status 400).
     pub async fn reject(&self, request: &StreamRequest) -> Result<(), DeviceError> {
-        self.answer(StreamResponse { request_id: request.request_id.clone(), status: 400, half_close: false }).await
+        self.answer(StreamResponse {
+            request_id: request.request_id.clone(),
+            status: 400,
+            half_close: false,
+        })
+        .await
     }
 
     async fn answer(&self, response: StreamResponse) -> Result<(), DeviceError> {
         let (done, written) = oneshot::channel();
-        self.commands.send(Command::Answer(response, done)).await.map_err(|_| DeviceError::Closed)?;
-        written.await.map_err(|_| DeviceError::Closed)?.map_err(|_| DeviceError::Closed)
+        self.commands
+            .send(Command::Answer(response, done))
+            .await
+            .map_err(|_| DeviceError::Closed)?;
+        written
+            .await
+            .map_err(|_| DeviceError::Closed)?
+            .map_err(|_| DeviceError::Closed)
     }
 }
 

@@ -20,10 +20,10 @@ pub mod websocket;
 
 pub use connection_string::ConnectionString;
 pub use device_client::{DeviceClient, DeviceError, DeviceOptions};
-pub use service_client::{CreateStreamError, ServiceClient, StreamInvitation, StreamOptions};
-pub use topics::StreamRequest;
 /// The TLS library every client configuration here is built with.
 pub use rustls;
+pub use service_client::{CreateStreamError, ServiceClient, StreamInvitation, StreamOptions};
+pub use topics::StreamRequest;
 
 /// The stream id of a streaming URL (`wss://host/bridges/{hub}/{deviceId}/{streamId}`):
 /// its last path segment. Logged so the relay's, the device's and the
@@ -31,32 +31,6 @@ pub use rustls;
 pub fn stream_id_from_url(url: &str) -> &str {
     let path = url.split(['?', '#']).next().unwrap_or_default();
     path.rsplit('/').next().unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_id_is_the_last_path_segment() {
-        assert_eq!(stream_id_from_url("wss://relay:8443/bridges/hub/MyDevice/0123abcd"), "0123abcd");
-        assert_eq!(stream_id_from_url("wss://relay/bridges/hub/MyDevice/42?x=1"), "42");
-        assert_eq!(stream_id_from_url(""), "");
-    }
-
-    /// Proxies spawn their pumps, so a non-`Send` pump would only fail to
-    /// compile there; this never runs, it makes the check happen here.
-    #[allow(dead_code)]
-    fn pump_futures_are_send(
-        tcp: tokio::net::TcpStream,
-        first: websocket::ClientWebSocket,
-        second: websocket::ClientWebSocket,
-        third: websocket::ClientWebSocket,
-    ) {
-        fn assert_send<T: Send>(_: T) {}
-        assert_send(pump::pump_tcp(tcp, first, pump::PumpOptions::default()));
-        assert_send(pump::relay(second, third, None));
-    }
 }
 
 /// Opens the WebSocket of one side of a stream, presenting its token.
@@ -77,4 +51,36 @@ pub async fn connect_stream(
         tls,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_id_is_the_last_path_segment() {
+        assert_eq!(
+            stream_id_from_url("wss://relay:8443/bridges/hub/MyDevice/0123abcd"),
+            "0123abcd"
+        );
+        assert_eq!(
+            stream_id_from_url("wss://relay/bridges/hub/MyDevice/42?x=1"),
+            "42"
+        );
+        assert_eq!(stream_id_from_url(""), "");
+    }
+
+    /// Proxies spawn their pumps, so a non-`Send` pump would only fail to
+    /// compile there; this never runs, it makes the check happen here.
+    #[allow(dead_code)]
+    fn pump_futures_are_send(
+        tcp: tokio::net::TcpStream,
+        first: websocket::ClientWebSocket,
+        second: websocket::ClientWebSocket,
+        third: websocket::ClientWebSocket,
+    ) {
+        fn assert_send<T: Send>(_: T) {}
+        assert_send(pump::pump_tcp(tcp, first, pump::PumpOptions::default()));
+        assert_send(pump::relay(second, third, None));
+    }
 }

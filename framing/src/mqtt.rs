@@ -13,8 +13,8 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 pub use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeFilter,
-    SubscribeReasonCode, UnsubAck,
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, SubAck, Subscribe,
+    SubscribeFilter, SubscribeReasonCode, UnsubAck,
 };
 pub use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,7 +37,10 @@ pub enum MqttError {
 /// Something MQTT packets can be read from and written to.
 pub trait PacketTransport: Send {
     /// Appends received bytes to `buffer`; `Ok(0)` means the peer closed.
-    fn read_into(&mut self, buffer: &mut BytesMut) -> impl Future<Output = Result<usize, MqttError>> + Send;
+    fn read_into(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = Result<usize, MqttError>> + Send;
     fn write_bytes(&mut self, bytes: Bytes) -> impl Future<Output = Result<(), MqttError>> + Send;
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
 }
@@ -63,7 +66,9 @@ where
     }
 
     async fn write_bytes(&mut self, bytes: Bytes) -> Result<(), MqttError> {
-        self.send(Message::Binary(bytes)).await.map_err(|error| MqttError::Io(io::Error::other(error)))
+        self.send(Message::Binary(bytes))
+            .await
+            .map_err(|error| MqttError::Io(io::Error::other(error)))
     }
 
     async fn shutdown(&mut self) {
@@ -102,7 +107,11 @@ pub struct MqttConnection<T> {
 
 impl<T: PacketTransport> MqttConnection<T> {
     pub fn new(transport: T, max_packet_size: usize) -> Self {
-        Self { transport, received: BytesMut::new(), max_packet_size }
+        Self {
+            transport,
+            received: BytesMut::new(),
+            max_packet_size,
+        }
     }
 
     /// The next packet, or `None` when the peer closed cleanly. Cancel-safe.
@@ -119,14 +128,18 @@ impl<T: PacketTransport> MqttConnection<T> {
                 return Ok(None);
             }
             if self.received.len() > self.max_packet_size + 8 {
-                return Err(MqttError::Packet(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(self.received.len())));
+                return Err(MqttError::Packet(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(self.received.len()),
+                ));
             }
         }
     }
 
     pub async fn write_packet(&mut self, packet: &Packet) -> Result<(), MqttError> {
         let mut encoded = BytesMut::with_capacity(packet.size() + 5);
-        packet.write(&mut encoded, self.max_packet_size).map_err(MqttError::Packet)?;
+        packet
+            .write(&mut encoded, self.max_packet_size)
+            .map_err(MqttError::Packet)?;
         self.transport.write_bytes(encoded.freeze()).await
     }
 

@@ -36,6 +36,8 @@ pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// The relay lost the other side of the stream without a Close.
 pub const CLOSE_PEER_LOST: u16 = 1011;
+/// A message was larger than the receiver accepts.
+pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// devstreams: the sender's TCP connection was reset or failed.
 pub const CLOSE_TCP_RESET: u16 = 4000;
 /// devstreams: the stream was not paired before the handshake deadline.
@@ -49,7 +51,10 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds a Close message.
 pub fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }))
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }))
 }
 
 /// How often a side pings its peer by default: well under the 60 s idle
@@ -72,7 +77,11 @@ pub struct PumpOptions {
 
 impl Default for PumpOptions {
     fn default() -> Self {
-        Self { half_close: false, read_chunk: DEFAULT_READ_CHUNK, ping_interval: Some(DEFAULT_PING_INTERVAL) }
+        Self {
+            half_close: false,
+            read_chunk: DEFAULT_READ_CHUNK,
+            ping_interval: Some(DEFAULT_PING_INTERVAL),
+        }
     }
 }
 
@@ -109,7 +118,10 @@ enum UpstreamEnd {
 enum DownstreamEnd {
     /// The remote half-closed; our TCP write side is shut down.
     HalfClosed,
-    RemoteClosed { code: u16, reason: String },
+    RemoteClosed {
+        code: u16,
+        reason: String,
+    },
     StreamLost(String),
     TcpFailed(io::Error),
 }
@@ -153,7 +165,11 @@ impl Liveness {
 }
 
 /// Moves bytes between `tcp` and `websocket` until the stream ends.
-pub async fn pump_tcp<S>(tcp: TcpStream, websocket: WebSocketStream<S>, options: PumpOptions) -> PumpReport
+pub async fn pump_tcp<S>(
+    tcp: TcpStream,
+    websocket: WebSocketStream<S>,
+    options: PumpOptions,
+) -> PumpReport
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -169,11 +185,25 @@ where
         Down(DownstreamEnd),
     }
     let outcome = {
-        let upstream = upstream(&mut tcp_reader, &mut sink, options, &mut bytes_to_stream, &liveness);
-        let downstream = downstream(&mut stream, &mut tcp_writer, options, &mut bytes_to_tcp, &liveness);
+        let upstream = upstream(
+            &mut tcp_reader,
+            &mut sink,
+            options,
+            &mut bytes_to_stream,
+            &liveness,
+        );
+        let downstream = downstream(
+            &mut stream,
+            &mut tcp_writer,
+            options,
+            &mut bytes_to_tcp,
+            &liveness,
+        );
         tokio::pin!(upstream, downstream);
         let (mut up_finished, mut down_finished) = (false, false);
-        let silence_limit = options.ping_interval.map(|interval| interval * SILENT_INTERVALS);
+        let silence_limit = options
+            .ping_interval
+            .map(|interval| interval * SILENT_INTERVALS);
         loop {
             let silence_deadline = silence_limit.map(|limit| liveness.last_received() + limit);
             tokio::select! {
@@ -218,12 +248,21 @@ where
         Outcome::Up(UpstreamEnd::HalfClosed) | Outcome::Down(DownstreamEnd::HalfClosed) => {
             unreachable!("a lone half-close keeps the loop running")
         }
-        Outcome::Up(UpstreamEnd::TcpFailed(error)) | Outcome::Down(DownstreamEnd::TcpFailed(error)) => {
-            send_close(&mut sink, close_message(CLOSE_TCP_RESET, "the TCP connection on the other end failed")).await;
+        Outcome::Up(UpstreamEnd::TcpFailed(error))
+        | Outcome::Down(DownstreamEnd::TcpFailed(error)) => {
+            send_close(
+                &mut sink,
+                close_message(
+                    CLOSE_TCP_RESET,
+                    "the TCP connection on the other end failed",
+                ),
+            )
+            .await;
             abort_tcp(tcp_reader, tcp_writer);
             PumpEnd::LocalFailed(error.to_string())
         }
-        Outcome::Up(UpstreamEnd::StreamFailed(reason)) | Outcome::Down(DownstreamEnd::StreamLost(reason)) => {
+        Outcome::Up(UpstreamEnd::StreamFailed(reason))
+        | Outcome::Down(DownstreamEnd::StreamLost(reason)) => {
             abort_tcp(tcp_reader, tcp_writer);
             PumpEnd::StreamLost(reason)
         }
@@ -237,7 +276,11 @@ where
             }
         }
     };
-    PumpReport { bytes_to_stream, bytes_to_tcp, end }
+    PumpReport {
+        bytes_to_stream,
+        bytes_to_tcp,
+        end,
+    }
 }
 
 async fn send_close<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, message: Message)
@@ -265,10 +308,13 @@ async fn upstream<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut next_ping = options.ping_interval.map(|interval| Instant::now() + interval);
+    let mut next_ping = options
+        .ping_interval
+        .map(|interval| Instant::now() + interval);
     let mut finished_sending = false;
     loop {
-        if finished_sending && (next_ping.is_none() || Liveness::get(&liveness.downstream_finished)) {
+        if finished_sending && (next_ping.is_none() || Liveness::get(&liveness.downstream_finished))
+        {
             return UpstreamEnd::HalfClosed;
         }
         tokio::select! {
@@ -321,7 +367,11 @@ where
         let next = stream.next().await;
         liveness.received();
         let data = match next {
-            None => return DownstreamEnd::StreamLost("the relay connection ended without a Close".into()),
+            None => {
+                return DownstreamEnd::StreamLost(
+                    "the relay connection ended without a Close".into(),
+                )
+            }
             Some(Err(error)) => return DownstreamEnd::StreamLost(error.to_string()),
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = frame
@@ -356,6 +406,9 @@ pub enum RelayEnd {
     Closed { by_first: bool, code: u16 },
     /// One side vanished without a Close; the other was closed with 1011.
     Lost { first_lost: bool },
+    /// One side sent a message over the size limit: it was closed with
+    /// 1009, the other side with 1011.
+    MessageTooBig { from_first: bool },
 }
 
 /// Byte counts and outcome of one relayed stream.
@@ -369,6 +422,7 @@ pub struct RelayReport {
 enum DirectionEnd {
     Closed(u16),
     SourceLost,
+    SourceTooBig,
     DestinationLost,
 }
 
@@ -378,7 +432,11 @@ enum DirectionEnd {
 /// With a `ping_interval`, each side is pinged that often (pings and pongs
 /// are hop-by-hop, never forwarded), and a side that sends nothing for
 /// [`SILENT_INTERVALS`] intervals is treated as gone.
-pub async fn relay<A, B>(first: WebSocketStream<A>, second: WebSocketStream<B>, ping_interval: Option<Duration>) -> RelayReport
+pub async fn relay<A, B>(
+    first: WebSocketStream<A>,
+    second: WebSocketStream<B>,
+    ping_interval: Option<Duration>,
+) -> RelayReport
 where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
@@ -387,8 +445,18 @@ where
     let (mut second_sink, mut second_stream) = second.split();
     let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
     let (from_first, end) = {
-        let forward_first = forward(&mut first_stream, &mut second_sink, &mut bytes_first_to_second, ping_interval);
-        let forward_second = forward(&mut second_stream, &mut first_sink, &mut bytes_second_to_first, ping_interval);
+        let forward_first = forward(
+            &mut first_stream,
+            &mut second_sink,
+            &mut bytes_first_to_second,
+            ping_interval,
+        );
+        let forward_second = forward(
+            &mut second_stream,
+            &mut first_sink,
+            &mut bytes_second_to_first,
+            ping_interval,
+        );
         tokio::select! {
             end = forward_first => (true, end),
             end = forward_second => (false, end),
@@ -396,8 +464,25 @@ where
     };
     let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
     let end = match end {
-        DirectionEnd::Closed(code) => RelayEnd::Closed { by_first: from_first, code },
-        DirectionEnd::SourceLost => RelayEnd::Lost { first_lost: from_first },
+        DirectionEnd::Closed(code) => RelayEnd::Closed {
+            by_first: from_first,
+            code,
+        },
+        DirectionEnd::SourceLost => RelayEnd::Lost {
+            first_lost: from_first,
+        },
+        DirectionEnd::SourceTooBig => {
+            let too_big = close_message(
+                CLOSE_MESSAGE_TOO_BIG,
+                "message larger than the relay accepts",
+            );
+            if from_first {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(too_big)).await;
+            } else {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(too_big)).await;
+            }
+            RelayEnd::MessageTooBig { from_first }
+        }
         DirectionEnd::DestinationLost => {
             // The destination is gone: close the source, which is still there.
             if from_first {
@@ -405,10 +490,16 @@ where
             } else {
                 let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(lost)).await;
             }
-            RelayEnd::Lost { first_lost: !from_first }
+            RelayEnd::Lost {
+                first_lost: !from_first,
+            }
         }
     };
-    RelayReport { bytes_first_to_second, bytes_second_to_first, end }
+    RelayReport {
+        bytes_first_to_second,
+        bytes_second_to_first,
+        end,
+    }
 }
 
 /// One direction: reads `from`, writes `to`, pings `to`, watches `from`.
@@ -468,11 +559,20 @@ where
             }
         }
         match next {
+            Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                source_lost(to).await;
+                return DirectionEnd::SourceTooBig;
+            }
             None | Some(Err(_)) => return source_lost(to).await,
             Some(Ok(Message::Close(frame))) => {
-                let frame = frame.unwrap_or(CloseFrame { code: CloseCode::Normal, reason: "".into() });
+                let frame = frame.unwrap_or(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                });
                 let code = u16::from(frame.code);
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(Message::Close(Some(frame)))).await;
+                let _ =
+                    tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(Message::Close(Some(frame))))
+                        .await;
                 return DirectionEnd::Closed(code);
             }
             Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {

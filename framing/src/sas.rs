@@ -18,7 +18,11 @@ use sha2::Sha256;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The characters a URL component keeps unescaped (RFC 3986 unreserved).
-pub const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+pub const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Longest token text accepted; real tokens are ~200 bytes.
 pub const MAX_TOKEN_LENGTH: usize = 4096;
@@ -48,7 +52,10 @@ pub struct ExpiryPolicy {
 
 impl Default for ExpiryPolicy {
     fn default() -> Self {
-        Self { clock_skew: Duration::from_secs(300), max_lifetime: Duration::from_secs(366 * 24 * 3600) }
+        Self {
+            clock_skew: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(366 * 24 * 3600),
+        }
     }
 }
 
@@ -105,13 +112,15 @@ impl SasToken {
         if text.len() > MAX_TOKEN_LENGTH {
             return Err(SasError::Malformed("longer than 4096 bytes"));
         }
-        let fields = text
-            .trim()
-            .strip_prefix(PREFIX)
-            .ok_or(SasError::Malformed("does not start with 'SharedAccessSignature '"))?;
-        let (mut signed_resource, mut signature, mut expiry_text, mut key_name) = (None, None, None, None);
+        let fields = text.trim().strip_prefix(PREFIX).ok_or(SasError::Malformed(
+            "does not start with 'SharedAccessSignature '",
+        ))?;
+        let (mut signed_resource, mut signature, mut expiry_text, mut key_name) =
+            (None, None, None, None);
         for field in fields.split('&').filter(|f| !f.is_empty()) {
-            let (name, value) = field.split_once('=').ok_or(SasError::Malformed("a field has no '='"))?;
+            let (name, value) = field
+                .split_once('=')
+                .ok_or(SasError::Malformed("a field has no '='"))?;
             let slot = match name {
                 "sr" => &mut signed_resource,
                 "sig" => &mut signature,
@@ -130,7 +139,9 @@ impl SasToken {
             .decode_utf8()
             .map_err(|_| SasError::Malformed("sr is not UTF-8"))?
             .into_owned();
-        let expiry_seconds = expiry_text.parse().map_err(|_| SasError::Malformed("se is not a number of seconds"))?;
+        let expiry_seconds = expiry_text
+            .parse()
+            .map_err(|_| SasError::Malformed("se is not a number of seconds"))?;
         let signature_text = percent_decode_str(signature)
             .decode_utf8()
             .map_err(|_| SasError::Malformed("sig is not UTF-8"))?;
@@ -159,9 +170,16 @@ impl SasToken {
 
     /// Checks expiry, then the signature against each candidate key (a
     /// device has a primary and a secondary key; either may sign).
-    pub fn verify(&self, keys: &[&[u8]], now: SystemTime, policy: ExpiryPolicy) -> Result<(), SasError> {
+    pub fn verify(
+        &self,
+        keys: &[&[u8]],
+        now: SystemTime,
+        policy: ExpiryPolicy,
+    ) -> Result<(), SasError> {
         let now_seconds = unix_seconds(now);
-        let expiry_with_skew = self.expiry_seconds.saturating_add(policy.clock_skew.as_secs());
+        let expiry_with_skew = self
+            .expiry_seconds
+            .saturating_add(policy.clock_skew.as_secs());
         if now_seconds > expiry_with_skew {
             return Err(SasError::Expired(now_seconds - self.expiry_seconds));
         }
@@ -179,7 +197,8 @@ impl SasToken {
         let mut matched = false;
         for key in keys {
             for signed in candidates {
-                let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+                let mut mac =
+                    HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
                 mac.update(signed.as_bytes());
                 mac.update(b"\n");
                 mac.update(self.expiry_text.as_bytes());
@@ -199,7 +218,9 @@ impl SasToken {
     pub fn device_path(&self) -> Option<(&str, Option<&str>)> {
         let (_host, path) = self.resource.split_once("/devices/")?;
         match path.split_once("/modules/") {
-            Some((device, module)) if !device.is_empty() && !module.is_empty() => Some((device, Some(module))),
+            Some((device, module)) if !device.is_empty() && !module.is_empty() => {
+                Some((device, Some(module)))
+            }
             Some(_) => None,
             None if !path.is_empty() && !path.contains('/') => Some((path, None)),
             None => None,
@@ -208,7 +229,9 @@ impl SasToken {
 }
 
 pub fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -223,21 +246,33 @@ mod tests {
 
     #[test]
     fn signed_token_verifies() {
-        let token = sign("relay.example.com/devices/My Device", KEY, in_an_hour(), None);
+        let token = sign(
+            "relay.example.com/devices/My Device",
+            KEY,
+            in_an_hour(),
+            None,
+        );
         let parsed = SasToken::parse(&token).unwrap();
         assert_eq!(parsed.resource, "relay.example.com/devices/My Device");
         assert_eq!(parsed.device_path(), Some(("My Device", None)));
-        parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
+        parsed
+            .verify(&[KEY], SystemTime::now(), ExpiryPolicy::default())
+            .unwrap();
     }
 
     #[test]
     fn fields_in_any_order_verify() {
         let token = sign("hub", KEY, in_an_hour(), Some("service"));
         let fields: Vec<&str> = token.strip_prefix(PREFIX).unwrap().split('&').collect();
-        let reordered = format!("{PREFIX}{}&{}&{}&{}", fields[3], fields[2], fields[0], fields[1]);
+        let reordered = format!(
+            "{PREFIX}{}&{}&{}&{}",
+            fields[3], fields[2], fields[0], fields[1]
+        );
         let parsed = SasToken::parse(&reordered).unwrap();
         assert_eq!(parsed.key_name.as_deref(), Some("service"));
-        parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
+        parsed
+            .verify(&[KEY], SystemTime::now(), ExpiryPolicy::default())
+            .unwrap();
     }
 
     #[test]
@@ -245,22 +280,35 @@ mod tests {
         let token = format!("{}&skn=", sign("hub/devices/d", KEY, in_an_hour(), None));
         let parsed = SasToken::parse(&token).unwrap();
         assert_eq!(parsed.key_name, None);
-        parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
+        parsed
+            .verify(&[KEY], SystemTime::now(), ExpiryPolicy::default())
+            .unwrap();
     }
 
     #[test]
     fn wrong_key_is_refused() {
         let token = SasToken::parse(&sign("hub", KEY, in_an_hour(), None)).unwrap();
-        assert_eq!(token.verify(&[b"other"], SystemTime::now(), ExpiryPolicy::default()), Err(SasError::BadSignature));
-        token.verify(&[b"other", KEY], SystemTime::now(), ExpiryPolicy::default()).unwrap();
+        assert_eq!(
+            token.verify(&[b"other"], SystemTime::now(), ExpiryPolicy::default()),
+            Err(SasError::BadSignature)
+        );
+        token
+            .verify(&[b"other", KEY], SystemTime::now(), ExpiryPolicy::default())
+            .unwrap();
     }
 
     #[test]
     fn expired_token_is_refused_after_skew() {
         let past = SystemTime::now() - Duration::from_secs(600);
         let token = SasToken::parse(&sign("hub", KEY, past, None)).unwrap();
-        assert!(matches!(token.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()), Err(SasError::Expired(_))));
-        let lenient = ExpiryPolicy { clock_skew: Duration::from_secs(900), ..ExpiryPolicy::default() };
+        assert!(matches!(
+            token.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()),
+            Err(SasError::Expired(_))
+        ));
+        let lenient = ExpiryPolicy {
+            clock_skew: Duration::from_secs(900),
+            ..ExpiryPolicy::default()
+        };
         token.verify(&[KEY], SystemTime::now(), lenient).unwrap();
     }
 
@@ -268,27 +316,45 @@ mod tests {
     fn token_too_far_in_future_is_refused() {
         let far = SystemTime::now() + Duration::from_secs(10 * 366 * 24 * 3600);
         let token = SasToken::parse(&sign("hub", KEY, far, None)).unwrap();
-        assert!(matches!(token.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()), Err(SasError::TooFarInFuture(_))));
+        assert!(matches!(
+            token.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()),
+            Err(SasError::TooFarInFuture(_))
+        ));
     }
 
     #[test]
     fn tampered_resource_is_refused() {
-        let token = sign("hub/devices/a", KEY, in_an_hour(), None).replace("devices%2Fa", "devices%2Fb");
+        let token =
+            sign("hub/devices/a", KEY, in_an_hour(), None).replace("devices%2Fa", "devices%2Fb");
         let parsed = SasToken::parse(&token).unwrap();
-        assert_eq!(parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()), Err(SasError::BadSignature));
+        assert_eq!(
+            parsed.verify(&[KEY], SystemTime::now(), ExpiryPolicy::default()),
+            Err(SasError::BadSignature)
+        );
     }
 
     #[test]
     fn malformed_tokens_are_errors_not_panics() {
-        for text in ["", "SharedAccessSignature ", "SharedAccessSignature sr=a", "Bearer x", "SharedAccessSignature sr=a&se=x&sig=AA==", "SharedAccessSignature sr=a&sr=b&se=1&sig=AA=="] {
+        for text in [
+            "",
+            "SharedAccessSignature ",
+            "SharedAccessSignature sr=a",
+            "Bearer x",
+            "SharedAccessSignature sr=a&se=x&sig=AA==",
+            "SharedAccessSignature sr=a&sr=b&se=1&sig=AA==",
+        ] {
             assert!(SasToken::parse(text).is_err(), "{text}");
         }
     }
 
     #[test]
     fn device_path_needs_a_device() {
-        let parse = |resource: &str| SasToken::parse(&sign(resource, KEY, in_an_hour(), None)).unwrap();
-        assert_eq!(parse("h/devices/d/modules/m").device_path(), Some(("d", Some("m"))));
+        let parse =
+            |resource: &str| SasToken::parse(&sign(resource, KEY, in_an_hour(), None)).unwrap();
+        assert_eq!(
+            parse("h/devices/d/modules/m").device_path(),
+            Some(("d", Some("m")))
+        );
         assert_eq!(parse("h").device_path(), None);
         assert_eq!(parse("h/devices/").device_path(), None);
         assert_eq!(parse("h/devices/a/b").device_path(), None);

@@ -77,7 +77,10 @@ pub enum CreateStreamError {
     #[error("the device did not answer in time (504): {0}")]
     DeviceTimeout(String),
     #[error("the relay is busy (429), retry after {retry_after_seconds} s: {message}")]
-    Throttled { retry_after_seconds: u64, message: String },
+    Throttled {
+        retry_after_seconds: u64,
+        message: String,
+    },
     #[error("the relay answered {status}: {message}")]
     Unexpected { status: u16, message: String },
     #[error("the relay did not answer within {0:?}")]
@@ -147,8 +150,14 @@ impl ServiceClient {
         let mut request = http::Request::post(path)
             .header(http::header::HOST, &self.connection.host_name)
             .header(http::header::AUTHORIZATION, token)
-            .header(headers::CONNECT_TIMEOUT, options.connect_timeout.as_secs().max(1).to_string())
-            .header(headers::RESPONSE_TIMEOUT, options.response_timeout.as_secs().max(1).to_string())
+            .header(
+                headers::CONNECT_TIMEOUT,
+                options.connect_timeout.as_secs().max(1).to_string(),
+            )
+            .header(
+                headers::RESPONSE_TIMEOUT,
+                options.response_timeout.as_secs().max(1).to_string(),
+            )
             .header(http::header::CONTENT_LENGTH, "0");
         if let Some(target) = &options.target {
             request = request.header(headers::TARGET, target);
@@ -156,19 +165,30 @@ impl ServiceClient {
         if options.half_close {
             request = request.header(headers::HALF_CLOSE, "True");
         }
-        let request = request
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| CreateStreamError::Http(format!("cannot build the request (bad device id or stream name?): {e}")))?;
-        let response = sender.send_request(request).await.map_err(|e| CreateStreamError::Http(e.to_string()))?;
+        let request = request.body(Empty::<Bytes>::new()).map_err(|e| {
+            CreateStreamError::Http(format!(
+                "cannot build the request (bad device id or stream name?): {e}"
+            ))
+        })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| CreateStreamError::Http(e.to_string()))?;
         let status = response.status().as_u16();
         let header = |name: &str| {
-            response.headers().get(name).and_then(|value| value.to_str().ok()).map(str::to_string)
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string)
         };
         let is_accepted = header(headers::IS_ACCEPTED);
         let url = header(headers::URL).unwrap_or_default();
         let authorization_token = header(headers::AUTH_TOKEN).unwrap_or_default();
         let half_close = header(headers::HALF_CLOSE).as_deref() == Some("True");
-        let retry_after_seconds = header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1);
+        let retry_after_seconds = header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
             .collect()
             .await
@@ -190,7 +210,9 @@ impl ServiceClient {
                     }
                 };
                 if is_accepted && (url.is_empty() || authorization_token.is_empty()) {
-                    return Err(CreateStreamError::Http("the relay accepted without a streaming URL or token".into()));
+                    return Err(CreateStreamError::Http(
+                        "the relay accepted without a streaming URL or token".into(),
+                    ));
                 }
                 Ok(StreamInvitation {
                     stream_name: stream_name.to_string(),
@@ -207,14 +229,20 @@ impl ServiceClient {
             }
             404 => Err(CreateStreamError::DeviceNotFound(message)),
             504 => Err(CreateStreamError::DeviceTimeout(message)),
-            429 => Err(CreateStreamError::Throttled { retry_after_seconds, message }),
+            429 => Err(CreateStreamError::Throttled {
+                retry_after_seconds,
+                message,
+            }),
             status => Err(CreateStreamError::Unexpected { status, message }),
         }
     }
 }
 
 fn body_error_code(body: &[u8]) -> Option<i64> {
-    serde_json::from_slice::<serde_json::Value>(body).ok()?.get("errorCode")?.as_i64()
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("errorCode")?
+        .as_i64()
 }
 
 fn error_message(body: &[u8]) -> String {

@@ -71,10 +71,20 @@ impl StreamTokenKey {
         validation.leeway = Self::LEEWAY.as_secs();
         validation.required_spec_claims = ["exp"].into_iter().map(String::from).collect();
         validation.validate_exp = true;
-        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
     }
 
-    pub fn issue(&self, stream_id: &str, device_id: &str, side: Side, expiry: SystemTime) -> String {
+    pub fn issue(
+        &self,
+        stream_id: &str,
+        device_id: &str,
+        side: Side,
+        expiry: SystemTime,
+    ) -> String {
         let claims = StreamClaims {
             stream_id: stream_id.to_string(),
             device_id: device_id.to_string(),
@@ -108,7 +118,12 @@ mod tests {
     #[test]
     fn issued_token_round_trips_and_has_no_forbidden_characters() {
         let key = StreamTokenKey::from_secret(b"secret");
-        let token = key.issue("abc", "MyDevice", Side::Device, SystemTime::now() + Duration::from_secs(60));
+        let token = key.issue(
+            "abc",
+            "MyDevice",
+            Side::Device,
+            SystemTime::now() + Duration::from_secs(60),
+        );
         // The C SDK splits the request topic on these; the token must not hold them.
         assert!(!token.contains(['=', '&', '/', '+', '%']), "{token}");
         let claims = key.verify(&token).unwrap();
@@ -119,14 +134,29 @@ mod tests {
     #[test]
     fn expired_token_is_refused() {
         let key = StreamTokenKey::from_secret(b"secret");
-        let token = key.issue("abc", "d", Side::Service, SystemTime::now() - Duration::from_secs(60));
+        let token = key.issue(
+            "abc",
+            "d",
+            Side::Service,
+            SystemTime::now() - Duration::from_secs(60),
+        );
         assert_eq!(key.verify(&token), Err(StreamTokenError::Expired));
     }
 
     #[test]
     fn token_from_another_secret_is_refused() {
-        let token = StreamTokenKey::from_secret(b"a").issue("s", "d", Side::Service, SystemTime::now() + Duration::from_secs(60));
-        assert!(matches!(StreamTokenKey::from_secret(b"b").verify(&token), Err(StreamTokenError::Invalid(_))));
-        assert!(StreamTokenKey::from_secret(b"b").verify("not.a.jwt").is_err());
+        let token = StreamTokenKey::from_secret(b"a").issue(
+            "s",
+            "d",
+            Side::Service,
+            SystemTime::now() + Duration::from_secs(60),
+        );
+        assert!(matches!(
+            StreamTokenKey::from_secret(b"b").verify(&token),
+            Err(StreamTokenError::Invalid(_))
+        ));
+        assert!(StreamTokenKey::from_secret(b"b")
+            .verify("not.a.jwt")
+            .is_err());
     }
 }

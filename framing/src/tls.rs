@@ -29,7 +29,10 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Reads all certificates of a PEM file.
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let error = |reason: String| TlsConfigError::CaCertificate { path: path.display().to_string(), reason };
+    let error = |reason: String| TlsConfigError::CaCertificate {
+        path: path.display().to_string(),
+        reason,
+    };
     let certificates = CertificateDer::pem_file_iter(path)
         .map_err(|e| error(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -52,10 +55,12 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
     }
     if let Some(path) = extra_ca {
         for certificate in load_certificates(path)? {
-            roots.add(certificate).map_err(|e| TlsConfigError::CaCertificate {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            roots
+                .add(certificate)
+                .map_err(|e| TlsConfigError::CaCertificate {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
         }
     }
     if roots.is_empty() {

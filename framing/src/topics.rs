@@ -37,7 +37,10 @@ pub fn validate_stream_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_STREAM_NAME_LENGTH {
         return Err("stream name is longer than 128 bytes");
     }
-    if name.chars().any(|c| matches!(c, '/' | '+' | '#' | '?' | '\0') || c.is_control() || c.is_whitespace()) {
+    if name
+        .chars()
+        .any(|c| matches!(c, '/' | '+' | '#' | '?' | '\0') || c.is_control() || c.is_whitespace())
+    {
         return Err("stream name holds '/', '+', '#', '?', white space or a control character");
     }
     Ok(())
@@ -92,8 +95,12 @@ impl StreamRequest {
     }
 
     pub fn from_topic(topic: &str) -> Result<Self, TopicError> {
-        let rest = topic.strip_prefix(REQUEST_PREFIX).ok_or(TopicError::NotStreams)?;
-        let (stream_name, query) = rest.split_once("/?").ok_or(TopicError::Malformed("no '/?' after the stream name"))?;
+        let rest = topic
+            .strip_prefix(REQUEST_PREFIX)
+            .ok_or(TopicError::NotStreams)?;
+        let (stream_name, query) = rest
+            .split_once("/?")
+            .ok_or(TopicError::Malformed("no '/?' after the stream name"))?;
         validate_stream_name(stream_name).map_err(TopicError::Malformed)?;
         let mut request = StreamRequest {
             stream_name: stream_name.to_string(),
@@ -113,8 +120,13 @@ impl StreamRequest {
                 _ => {}
             }
         }
-        if request.request_id.is_empty() || request.url.is_empty() || request.authorization_token.is_empty() {
-            return Err(TopicError::Malformed("a stream request needs $rid, $url and $auth"));
+        if request.request_id.is_empty()
+            || request.url.is_empty()
+            || request.authorization_token.is_empty()
+        {
+            return Err(TopicError::Malformed(
+                "a stream request needs $rid, $url and $auth",
+            ));
         }
         Ok(request)
     }
@@ -140,9 +152,15 @@ impl StreamResponse {
     }
 
     pub fn from_topic(topic: &str) -> Result<Self, TopicError> {
-        let rest = topic.strip_prefix(RESPONSE_PREFIX).ok_or(TopicError::NotStreams)?;
-        let (status, query) = rest.split_once("/?").ok_or(TopicError::Malformed("no '/?' after the status"))?;
-        let status = status.parse().map_err(|_| TopicError::Malformed("status is not a number"))?;
+        let rest = topic
+            .strip_prefix(RESPONSE_PREFIX)
+            .ok_or(TopicError::NotStreams)?;
+        let (status, query) = rest
+            .split_once("/?")
+            .ok_or(TopicError::Malformed("no '/?' after the status"))?;
+        let status = status
+            .parse()
+            .map_err(|_| TopicError::Malformed("status is not a number"))?;
         let mut request_id = None;
         let mut half_close = false;
         for (name, value) in query_pairs(query) {
@@ -152,8 +170,14 @@ impl StreamResponse {
                 _ => {}
             }
         }
-        let request_id = request_id.filter(|r| !r.is_empty()).ok_or(TopicError::Malformed("no $rid"))?;
-        Ok(StreamResponse { request_id, status, half_close })
+        let request_id = request_id
+            .filter(|r| !r.is_empty())
+            .ok_or(TopicError::Malformed("no $rid"))?;
+        Ok(StreamResponse {
+            request_id,
+            status,
+            half_close,
+        })
     }
 }
 
@@ -187,18 +211,29 @@ mod tests {
     fn request_topic_has_exactly_five_levels() {
         let topic = request().to_topic();
         assert_eq!(topic.split('/').count(), 5, "{topic}");
-        assert!(topic.starts_with("$iothub/streams/POST/TestStream/?$rid=17&$url=wss%3A%2F%2Frelay"));
+        assert!(
+            topic.starts_with("$iothub/streams/POST/TestStream/?$rid=17&$url=wss%3A%2F%2Frelay")
+        );
     }
 
     #[test]
     fn request_topic_round_trips() {
-        assert_eq!(StreamRequest::from_topic(&request().to_topic()).unwrap(), request());
+        assert_eq!(
+            StreamRequest::from_topic(&request().to_topic()).unwrap(),
+            request()
+        );
     }
 
     #[test]
     fn request_auth_value_is_taken_verbatim_like_the_c_sdk() {
         let topic = request().to_topic();
-        let auth = topic.split("$auth=").nth(1).unwrap().split('&').next().unwrap();
+        let auth = topic
+            .split("$auth=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
         assert_eq!(auth, request().authorization_token);
     }
 
@@ -206,15 +241,26 @@ mod tests {
     fn request_without_required_keys_is_refused() {
         assert!(StreamRequest::from_topic("$iothub/streams/POST/x/?$rid=1").is_err());
         assert!(StreamRequest::from_topic("$iothub/streams/POST/x").is_err());
-        assert_eq!(StreamRequest::from_topic("$iothub/twin/x"), Err(TopicError::NotStreams));
+        assert_eq!(
+            StreamRequest::from_topic("$iothub/twin/x"),
+            Err(TopicError::NotStreams)
+        );
     }
 
     #[test]
     fn response_topics_round_trip() {
-        let accepted = StreamResponse { request_id: "5".into(), status: 200, half_close: false };
+        let accepted = StreamResponse {
+            request_id: "5".into(),
+            status: 200,
+            half_close: false,
+        };
         assert_eq!(accepted.to_topic(), "$iothub/streams/res/200/?$rid=5");
-        assert_eq!(StreamResponse::from_topic(&accepted.to_topic()).unwrap(), accepted);
-        let rejected = StreamResponse::from_topic("$iothub/streams/res/400/?$rid=9&$other=x").unwrap();
+        assert_eq!(
+            StreamResponse::from_topic(&accepted.to_topic()).unwrap(),
+            accepted
+        );
+        let rejected =
+            StreamResponse::from_topic("$iothub/streams/res/400/?$rid=9&$other=x").unwrap();
         assert_eq!(rejected.status, 400);
         assert!(StreamResponse::from_topic("$iothub/streams/res/abc/?$rid=9").is_err());
         assert!(StreamResponse::from_topic("$iothub/streams/res/200/?x=1").is_err());

@@ -15,8 +15,8 @@ use std::time::Duration;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::TlsStream;
 
 /// How long dialing (TCP + TLS) may take before it is abandoned.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,28 +56,44 @@ pub async fn connect(
     let dial = async {
         let tcp = TcpStream::connect((host, port))
             .await
-            .map_err(|source| ConnectError::Tcp { address: address.clone(), source })?;
+            .map_err(|source| ConnectError::Tcp {
+                address: address.clone(),
+                source,
+            })?;
         configure_socket(&tcp);
         match tls {
             None => Ok(NetworkStream::Plain(tcp)),
             Some(config) => {
-                let server_name = ServerName::try_from(host.to_string())
-                    .map_err(|_| ConnectError::ServerName { address: address.clone() })?;
+                let server_name = ServerName::try_from(host.to_string()).map_err(|_| {
+                    ConnectError::ServerName {
+                        address: address.clone(),
+                    }
+                })?;
                 let stream = TlsConnector::from(config.clone())
                     .connect(server_name, tcp)
                     .await
-                    .map_err(|source| ConnectError::Tls { address: address.clone(), source })?;
+                    .map_err(|source| ConnectError::Tls {
+                        address: address.clone(),
+                        source,
+                    })?;
                 Ok(NetworkStream::Tls(Box::new(TlsStream::Client(stream))))
             }
         }
     };
     tokio::time::timeout(timeout, dial)
         .await
-        .map_err(|_| ConnectError::Timeout { address: address.clone(), timeout })?
+        .map_err(|_| ConnectError::Timeout {
+            address: address.clone(),
+            timeout,
+        })?
 }
 
 impl AsyncRead for NetworkStream {
-    fn poll_read(self: Pin<&mut Self>, context: &mut Context<'_>, buffer: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NetworkStream::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
             NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
@@ -86,7 +102,11 @@ impl AsyncRead for NetworkStream {
 }
 
 impl AsyncWrite for NetworkStream {
-    fn poll_write(self: Pin<&mut Self>, context: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             NetworkStream::Plain(stream) => Pin::new(stream).poll_write(context, data),
             NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
@@ -114,7 +134,9 @@ impl AsyncWrite for NetworkStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             NetworkStream::Plain(stream) => Pin::new(stream).poll_write_vectored(context, buffers),
-            NetworkStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(context, buffers),
+            NetworkStream::Tls(stream) => {
+                Pin::new(stream.as_mut()).poll_write_vectored(context, buffers)
+            }
         }
     }
 

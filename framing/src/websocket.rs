@@ -81,28 +81,45 @@ pub async fn connect(
     let mut http_request = request.url.into_client_request().map_err(|_| bad_url())?;
     let headers = http_request.headers_mut();
     if let Some(authorization) = request.authorization {
-        let value = HeaderValue::from_str(authorization).map_err(|_| WebSocketConnectError::Handshake("authorization is not a valid header value".into()))?;
+        let value = HeaderValue::from_str(authorization).map_err(|_| {
+            WebSocketConnectError::Handshake("authorization is not a valid header value".into())
+        })?;
         headers.insert("authorization", value);
     }
     if let Some(subprotocol) = request.subprotocol {
-        headers.insert("sec-websocket-protocol", HeaderValue::from_str(subprotocol).map_err(|_| bad_url())?);
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(subprotocol).map_err(|_| bad_url())?,
+        );
     }
     let handshake = async {
         let stream = transport::connect(host, port, secure.then_some(tls), request.timeout).await?;
-        tokio_tungstenite::client_async_with_config(http_request, stream, Some(config(request.max_message_size)))
-            .await
-            .map(|(socket, _response)| socket)
-            .map_err(|error| match error {
-                tokio_tungstenite::tungstenite::Error::Http(response) => {
-                    let detail = response
-                        .body()
-                        .as_ref()
-                        .map(|body| format!(": {}", String::from_utf8_lossy(&body[..body.len().min(300)])))
-                        .unwrap_or_default();
-                    WebSocketConnectError::Refused { status: response.status().as_u16(), detail }
+        tokio_tungstenite::client_async_with_config(
+            http_request,
+            stream,
+            Some(config(request.max_message_size)),
+        )
+        .await
+        .map(|(socket, _response)| socket)
+        .map_err(|error| match error {
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                let detail = response
+                    .body()
+                    .as_ref()
+                    .map(|body| {
+                        format!(
+                            ": {}",
+                            String::from_utf8_lossy(&body[..body.len().min(300)])
+                        )
+                    })
+                    .unwrap_or_default();
+                WebSocketConnectError::Refused {
+                    status: response.status().as_u16(),
+                    detail,
                 }
-                other => WebSocketConnectError::Handshake(other.to_string()),
-            })
+            }
+            other => WebSocketConnectError::Handshake(other.to_string()),
+        })
     };
     tokio::time::timeout(request.timeout, handshake)
         .await

@@ -11,7 +11,10 @@ pub enum TlsMode {
     /// A self-signed certificate in `<data-dir>/tls`, created on first start.
     SelfSigned,
     /// The operator's certificate chain and private key (PEM).
-    Files { certificate: PathBuf, private_key: PathBuf },
+    Files {
+        certificate: PathBuf,
+        private_key: PathBuf,
+    },
     /// Plain HTTP/MQTT, for a relay behind a TLS-terminating load balancer.
     Disabled,
 }
@@ -48,6 +51,10 @@ pub struct Limits {
     pub max_token_lifetime: Duration,
     /// Live streams get this long to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Per-address connection cap and authentication-failure slowdown.
+    pub sources: crate::sources::SourcePolicy,
+    /// Streams waiting for their two sides at once.
+    pub max_pending_streams: usize,
     /// Stream sockets are pinged this often; a side silent for three
     /// intervals is dropped. `None` turns it off.
     pub ping_interval: Option<Duration>,
@@ -72,6 +79,8 @@ impl Default for Limits {
             max_token_lifetime: Duration::from_secs(366 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
             ping_interval: Some(framing::pump::DEFAULT_PING_INTERVAL),
+            sources: crate::sources::SourcePolicy::default(),
+            max_pending_streams: 10_000,
         }
     }
 }

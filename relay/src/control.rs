@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use framing::mqtt::{
-    ConnAck, Connect, ConnectReturnCode, MqttConnection, Packet, PacketTransport, PubAck, Publish, QoS, SubAck,
-    SubscribeReasonCode,
+    ConnAck, Connect, ConnectReturnCode, MqttConnection, Packet, PacketTransport, PubAck, Publish,
+    QoS, SubAck, SubscribeReasonCode,
 };
 use framing::sas::{ExpiryPolicy, SasToken};
 use framing::topics::{StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER};
@@ -41,7 +41,10 @@ struct Refusal {
 }
 
 fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
-    Refusal { code, reason: reason.into() }
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
 }
 
 /// Checks a CONNECT: client id, username shape and the device SAS token.
@@ -51,41 +54,76 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refus
         None => (connect.client_id.clone(), None),
     };
     if device_id.is_empty() || module_id.as_deref() == Some("") {
-        return Err(refuse(ConnectReturnCode::BadClientId, "client id must be deviceId or deviceId/moduleId"));
+        return Err(refuse(
+            ConnectReturnCode::BadClientId,
+            "client id must be deviceId or deviceId/moduleId",
+        ));
     }
-    let login = connect
-        .login
-        .as_ref()
-        .ok_or_else(|| refuse(ConnectReturnCode::BadUserNamePassword, "CONNECT has no username and password"))?;
+    let login = connect.login.as_ref().ok_or_else(|| {
+        refuse(
+            ConnectReturnCode::BadUserNamePassword,
+            "CONNECT has no username and password",
+        )
+    })?;
     // `<host>/<clientId>/?api-version=…`; only the client id part is checked.
     let expected = format!("/{}/", connect.client_id);
     if !login.username.contains(&expected) {
-        return Err(refuse(ConnectReturnCode::BadUserNamePassword, "username is not <host>/<deviceId>/?api-version=…"));
+        return Err(refuse(
+            ConnectReturnCode::BadUserNamePassword,
+            "username is not <host>/<deviceId>/?api-version=…",
+        ));
     }
-    let token = SasToken::parse(&login.password)
-        .map_err(|error| refuse(ConnectReturnCode::BadUserNamePassword, format!("password: {error}")))?;
+    let token = SasToken::parse(&login.password).map_err(|error| {
+        refuse(
+            ConnectReturnCode::BadUserNamePassword,
+            format!("password: {error}"),
+        )
+    })?;
     if token.key_name.is_some() {
-        return Err(refuse(ConnectReturnCode::NotAuthorized, "device tokens must not name a policy (skn)"));
+        return Err(refuse(
+            ConnectReturnCode::NotAuthorized,
+            "device tokens must not name a policy (skn)",
+        ));
     }
     match token.device_path() {
-        Some((token_device, token_module)) if token_device == device_id && token_module == module_id.as_deref() => {}
-        _ => return Err(refuse(ConnectReturnCode::NotAuthorized, "the SAS token was signed for another device")),
+        Some((token_device, token_module))
+            if token_device == device_id && token_module == module_id.as_deref() => {}
+        _ => {
+            return Err(refuse(
+                ConnectReturnCode::NotAuthorized,
+                "the SAS token was signed for another device",
+            ))
+        }
     }
     let record = state
         .registry
         .device(&device_id)
-        .map_err(|error| refuse(ConnectReturnCode::ServiceUnavailable, format!("registry: {error}")))?
+        .map_err(|error| {
+            refuse(
+                ConnectReturnCode::ServiceUnavailable,
+                format!("registry: {error}"),
+            )
+        })?
         .ok_or_else(|| refuse(ConnectReturnCode::NotAuthorized, "unknown device"))?;
     if !record.enabled {
-        return Err(refuse(ConnectReturnCode::NotAuthorized, "device is disabled"));
+        return Err(refuse(
+            ConnectReturnCode::NotAuthorized,
+            "device is disabled",
+        ));
     }
     let keys = record.key_bytes();
     let key_slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    let policy = ExpiryPolicy { clock_skew: state.config.limits.clock_skew, max_lifetime: state.config.limits.max_token_lifetime };
+    let policy = ExpiryPolicy {
+        clock_skew: state.config.limits.clock_skew,
+        max_lifetime: state.config.limits.max_token_lifetime,
+    };
     token
         .verify(&key_slices, SystemTime::now(), policy)
         .map_err(|error| refuse(ConnectReturnCode::NotAuthorized, error.to_string()))?;
-    Ok(Identity { device_id, module_id })
+    Ok(Identity {
+        device_id,
+        module_id,
+    })
 }
 
 /// Runs one control channel from its first byte to its end.
@@ -112,16 +150,31 @@ pub async fn run_session<T: PacketTransport>(
             return mqtt.shutdown().await;
         }
     };
+    // An address that keeps failing waits before each new attempt is judged.
+    let delay = state.sources.failure_delay(peer.ip());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let identity = match authenticate(&state, &connect) {
         Ok(identity) => identity,
         Err(refusal) => {
             Metrics::add(&state.metrics.authentication_failures, 1);
+            state.sources.record_failure(peer.ip());
             tracing::warn!(%peer, client_id = %connect.client_id, reason = %refusal.reason, "control channel refused");
-            let _ = mqtt.write_packet(&Packet::ConnAck(ConnAck::new(refusal.code, false))).await;
+            let _ = mqtt
+                .write_packet(&Packet::ConnAck(ConnAck::new(refusal.code, false)))
+                .await;
             return mqtt.shutdown().await;
         }
     };
-    if mqtt.write_packet(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await.is_err() {
+    if mqtt
+        .write_packet(&Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false,
+        )))
+        .await
+        .is_err()
+    {
         return;
     }
     Metrics::add(&state.metrics.control_channels_opened, 1);
@@ -134,18 +187,28 @@ pub async fn run_session<T: PacketTransport>(
     let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(REQUEST_QUEUE);
     let cancel = state.stop_accepting.child_token();
     let handle = SessionHandle {
-        session_id: state.presence.next_session_id.fetch_add(1, Ordering::Relaxed),
+        session_id: state
+            .presence
+            .next_session_id
+            .fetch_add(1, Ordering::Relaxed),
         host,
         requests: request_sender,
         cancel: cancel.clone(),
     };
-    let session = Session { session_id: handle.session_id, identity, keep_alive: connect.keep_alive, cancel };
+    let session = Session {
+        session_id: handle.session_id,
+        identity,
+        keep_alive: connect.keep_alive,
+        cancel,
+    };
     async {
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
         // Replaces (and closes) the identity's previous channel right away, as IoT Hub does.
         state.presence.connect(&session.identity, handle);
         let end = session.serve(&state, &mut mqtt, requests).await;
-        state.presence.unregister(&session.identity, session.session_id);
+        state
+            .presence
+            .unregister(&session.identity, session.session_id);
         tracing::info!(reason = %end, "device disconnected");
         mqtt.shutdown().await;
     }

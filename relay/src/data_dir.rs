@@ -39,13 +39,17 @@ impl DataDir {
                 path.display()
             );
         }
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     /// Opens the data dir, creating it and its registry when missing.
     pub fn create_or_open(path: &Path) -> anyhow::Result<Self> {
         create_private_directory(path)?;
-        let data_dir = Self { path: path.to_path_buf() };
+        let data_dir = Self {
+            path: path.to_path_buf(),
+        };
         let registry_path = data_dir.path.join(REGISTRY_FILE);
         if !registry_path.exists() {
             // Create the file owner-only before SQLite writes keys into it.
@@ -57,7 +61,8 @@ impl DataDir {
 
     pub fn registry(&self) -> anyhow::Result<SqliteRegistry> {
         let path = self.path.join(REGISTRY_FILE);
-        SqliteRegistry::open(&path).with_context(|| format!("cannot open the registry {}", path.display()))
+        SqliteRegistry::open(&path)
+            .with_context(|| format!("cannot open the registry {}", path.display()))
     }
 
     /// The stream-token secret, created on first use.
@@ -70,7 +75,10 @@ impl DataDir {
         }
         let secret = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         if secret.len() < 32 {
-            anyhow::bail!("{} is shorter than 32 bytes: delete it and restart the relay to create a new one", path.display());
+            anyhow::bail!(
+                "{} is shorter than 32 bytes: delete it and restart the relay to create a new one",
+                path.display()
+            );
         }
         Ok(secret)
     }
@@ -107,7 +115,9 @@ fn create_private_directory(path: &Path) -> anyhow::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(path).with_context(|| format!("cannot create the data directory {}", path.display()))
+    builder
+        .create(path)
+        .with_context(|| format!("cannot create the data directory {}", path.display()))
 }
 
 fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -118,8 +128,11 @@ fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(contents).with_context(|| format!("cannot write {}", path.display()))
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
@@ -132,24 +145,40 @@ mod tests {
         let path = directory.path().join("relay-data");
         let data_dir = DataDir::create_or_open(&path).unwrap();
         let secret = data_dir.stream_token_secret().unwrap();
-        assert_eq!(secret, data_dir.stream_token_secret().unwrap(), "the secret is stable across starts");
-        data_dir.ensure_self_signed_certificate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert_eq!(
+            secret,
+            data_dir.stream_token_secret().unwrap(),
+            "the secret is stable across starts"
+        );
+        data_dir
+            .ensure_self_signed_certificate(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         assert!(data_dir.certificate_path().exists());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            for file in [path.join(REGISTRY_FILE), path.join(SECRET_FILE), data_dir.private_key_path()] {
+            for file in [
+                path.join(REGISTRY_FILE),
+                path.join(SECRET_FILE),
+                data_dir.private_key_path(),
+            ] {
                 let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
                 assert_eq!(mode, 0o600, "{}", file.display());
             }
         }
-        assert!(data_dir.registry().unwrap().ensure_policy(SERVICE_POLICY).is_ok());
+        assert!(data_dir
+            .registry()
+            .unwrap()
+            .ensure_policy(SERVICE_POLICY)
+            .is_ok());
     }
 
     #[test]
     fn missing_data_dir_is_a_clear_error() {
         let directory = tempfile::tempdir().unwrap();
-        let error = DataDir::open_existing(&directory.path().join("nope")).err().unwrap();
+        let error = DataDir::open_existing(&directory.path().join("nope"))
+            .err()
+            .unwrap();
         assert!(error.to_string().contains("relay serve"));
     }
 }

@@ -22,7 +22,9 @@ pub enum AdmissionError {
     TooManyDeviceStreams { device_id: String, limit: usize },
     #[error("stream creations exceed {0} per second on this relay; retry in a second")]
     RelayRate(u32),
-    #[error("stream creations for device {device_id} exceed {limit} per second; retry in a second")]
+    #[error(
+        "stream creations for device {device_id} exceed {limit} per second; retry in a second"
+    )]
     DeviceRate { device_id: String, limit: u32 },
 }
 
@@ -67,7 +69,10 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(limits: Limits) -> Arc<Self> {
-        Arc::new(Self { limits, counts: Mutex::new(Counts::default()) })
+        Arc::new(Self {
+            limits,
+            counts: Mutex::new(Counts::default()),
+        })
     }
 
     pub fn active_streams(&self) -> usize {
@@ -75,7 +80,9 @@ impl Admission {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits one stream creation for `device_id`.
@@ -85,7 +92,10 @@ impl Admission {
         if counts.streams >= self.limits.max_streams {
             return Err(AdmissionError::TooManyStreams(self.limits.max_streams));
         }
-        let device_streams = counts.per_device.get(device_id).map_or(0, |device| device.count);
+        let device_streams = counts
+            .per_device
+            .get(device_id)
+            .map_or(0, |device| device.count);
         if device_streams >= self.limits.max_streams_per_device {
             return Err(AdmissionError::TooManyDeviceStreams {
                 device_id: device_id.to_string(),
@@ -93,31 +103,52 @@ impl Admission {
             });
         }
         let relay_rate = self.limits.creations_per_second;
-        let relay_bucket = counts.relay_bucket.get_or_insert(Bucket { tokens: relay_rate as f64, updated: now });
+        let relay_bucket = counts.relay_bucket.get_or_insert(Bucket {
+            tokens: relay_rate as f64,
+            updated: now,
+        });
         if !relay_bucket.take(relay_rate, now) {
             return Err(AdmissionError::RelayRate(relay_rate));
         }
         let device_rate = self.limits.creations_per_second_per_device;
-        if counts.last_sweep.is_none_or(|last| now.duration_since(last) > Duration::from_secs(10)) {
+        if counts
+            .last_sweep
+            .is_none_or(|last| now.duration_since(last) > Duration::from_secs(10))
+        {
             // A bucket idle long enough to be full again carries no state.
-            counts.device_buckets.retain(|_, bucket| now.duration_since(bucket.updated) < Duration::from_secs(10));
+            counts
+                .device_buckets
+                .retain(|_, bucket| now.duration_since(bucket.updated) < Duration::from_secs(10));
             counts.last_sweep = Some(now);
         }
         let device_bucket = counts
             .device_buckets
             .entry(device_id.to_string())
-            .or_insert(Bucket { tokens: device_rate as f64, updated: now });
+            .or_insert(Bucket {
+                tokens: device_rate as f64,
+                updated: now,
+            });
         if !device_bucket.take(device_rate, now) {
-            return Err(AdmissionError::DeviceRate { device_id: device_id.to_string(), limit: device_rate });
+            return Err(AdmissionError::DeviceRate {
+                device_id: device_id.to_string(),
+                limit: device_rate,
+            });
         }
         counts.streams += 1;
         let device = counts
             .per_device
             .entry(device_id.to_string())
-            .or_insert_with(|| DeviceStreams { count: 0, cancel: CancellationToken::new() });
+            .or_insert_with(|| DeviceStreams {
+                count: 0,
+                cancel: CancellationToken::new(),
+            });
         device.count += 1;
         let cancel = device.cancel.clone();
-        Ok(StreamPermit { admission: self.clone(), device_id: device_id.to_string(), cancel })
+        Ok(StreamPermit {
+            admission: self.clone(),
+            device_id: device_id.to_string(),
+            cancel,
+        })
     }
 
     /// Cuts every stream of a device (it was removed or disabled).
@@ -161,30 +192,52 @@ mod tests {
 
     #[test]
     fn device_cap_is_enforced_and_released_on_drop() {
-        let admission = Admission::new(Limits { max_streams_per_device: 2, ..Limits::default() });
+        let admission = Admission::new(Limits {
+            max_streams_per_device: 2,
+            ..Limits::default()
+        });
         let first = admission.admit("d").unwrap();
         let _second = admission.admit("d").unwrap();
-        assert!(matches!(admission.admit("d"), Err(AdmissionError::TooManyDeviceStreams { .. })));
+        assert!(matches!(
+            admission.admit("d"),
+            Err(AdmissionError::TooManyDeviceStreams { .. })
+        ));
         admission.admit("other").unwrap();
         drop(first);
         admission.admit("d").unwrap();
-        assert_eq!(admission.active_streams(), 1, "only `_second` is still held: dropped permits release at once");
+        assert_eq!(
+            admission.active_streams(),
+            1,
+            "only `_second` is still held: dropped permits release at once"
+        );
     }
 
     #[test]
     fn creation_rate_is_enforced_per_device() {
-        let admission = Admission::new(Limits { creations_per_second_per_device: 3, ..Limits::default() });
+        let admission = Admission::new(Limits {
+            creations_per_second_per_device: 3,
+            ..Limits::default()
+        });
         for _ in 0..3 {
             admission.admit("d").unwrap();
         }
-        assert!(matches!(admission.admit("d"), Err(AdmissionError::DeviceRate { .. })));
+        assert!(matches!(
+            admission.admit("d"),
+            Err(AdmissionError::DeviceRate { .. })
+        ));
         admission.admit("e").unwrap();
     }
 
     #[test]
     fn global_cap_is_enforced() {
-        let admission = Admission::new(Limits { max_streams: 1, ..Limits::default() });
+        let admission = Admission::new(Limits {
+            max_streams: 1,
+            ..Limits::default()
+        });
         let _held = admission.admit("a").unwrap();
-        assert_eq!(admission.admit("b").err(), Some(AdmissionError::TooManyStreams(1)));
+        assert_eq!(
+            admission.admit("b").err(),
+            Some(AdmissionError::TooManyStreams(1))
+        );
     }
 }

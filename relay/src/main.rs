@@ -29,7 +29,12 @@ Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUS
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
 struct Cli {
     /// Where the registry, secrets and TLS files live.
-    #[arg(long, global = true, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "RELAY_DATA_DIR",
+        default_value = "./relay-data"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -38,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve devices and services (creates the data dir on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage device identities (works while `relay serve` runs).
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -54,7 +59,12 @@ struct ServeArgs {
     listen: SocketAddr,
     /// Address of the MQTT-over-TLS listener for IoT Hub device SDKs (their port is fixed at 8883).
     /// Same certificate, device credentials and topics as MQTT over WebSocket on --listen.
-    #[arg(long, env = "RELAY_MQTT_LISTEN", default_value = "0.0.0.0:8883", conflicts_with = "no_mqtt")]
+    #[arg(
+        long,
+        env = "RELAY_MQTT_LISTEN",
+        default_value = "0.0.0.0:8883",
+        conflicts_with = "no_mqtt"
+    )]
     mqtt_listen: SocketAddr,
     /// Do not open the MQTT-over-TLS listener; devices then connect with MQTT over WebSocket on --listen.
     #[arg(long)]
@@ -96,6 +106,27 @@ struct ServeArgs {
     /// Seconds live streams may run on after SIGTERM/SIGINT before they are cut.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     drain_timeout: u64,
+    /// Seconds a client has to finish the TLS handshake.
+    #[arg(long, default_value_t = Limits::default().tls_handshake_timeout.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    tls_handshake_timeout: u64,
+    /// Seconds a client has to send its request headers (slow clients are cut).
+    #[arg(long, default_value_t = Limits::default().header_read_timeout.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    header_read_timeout: u64,
+    /// Seconds a device has to send MQTT CONNECT after connecting.
+    #[arg(long, default_value_t = Limits::default().mqtt_connect_timeout.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    mqtt_connect_timeout: u64,
+    /// Largest HTTP request head (request line and headers), bytes; larger ones get 431.
+    #[arg(long, default_value_t = Limits::default().max_header_size)]
+    max_header_size: usize,
+    /// Largest MQTT packet from a device, bytes.
+    #[arg(long, default_value_t = Limits::default().max_mqtt_packet_size)]
+    max_mqtt_packet_size: usize,
+    /// Open connections one source address may hold.
+    #[arg(long, default_value_t = Limits::default().sources.max_connections_per_source)]
+    max_connections_per_source: usize,
+    /// Streams waiting for their two sides to connect.
+    #[arg(long, default_value_t = Limits::default().max_pending_streams)]
+    max_pending_streams: usize,
     /// Seconds between WebSocket pings on stream sockets; a side silent for 3 intervals is dropped (0 = off).
     #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS")]
     ping_interval: u64,
@@ -133,12 +164,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve(arguments) => serve(cli.data_dir, arguments),
+        Command::Serve(arguments) => serve(cli.data_dir, *arguments),
         Command::Device(command) => device(&cli.data_dir, command),
         Command::Policy(PolicyCommand::Show { name }) => policy_show(&cli.data_dir, &name),
     };
@@ -162,7 +194,10 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
     }
     config.tls = match (arguments.no_tls, arguments.tls_cert, arguments.tls_key) {
         (true, _, _) => TlsMode::Disabled,
-        (false, Some(certificate), Some(private_key)) => TlsMode::Files { certificate, private_key },
+        (false, Some(certificate), Some(private_key)) => TlsMode::Files {
+            certificate,
+            private_key,
+        },
         _ => TlsMode::SelfSigned,
     };
     config.limits = Limits {
@@ -174,22 +209,47 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
         creations_per_second_per_device: arguments.creations_per_second_per_device,
         max_connections: arguments.max_connections,
         drain_timeout: Duration::from_secs(arguments.drain_timeout),
-        ping_interval: (arguments.ping_interval > 0).then(|| Duration::from_secs(arguments.ping_interval)),
+        ping_interval: (arguments.ping_interval > 0)
+            .then(|| Duration::from_secs(arguments.ping_interval)),
+        tls_handshake_timeout: Duration::from_secs(arguments.tls_handshake_timeout),
+        header_read_timeout: Duration::from_secs(arguments.header_read_timeout),
+        mqtt_connect_timeout: Duration::from_secs(arguments.mqtt_connect_timeout),
+        max_header_size: arguments.max_header_size,
+        max_mqtt_packet_size: arguments.max_mqtt_packet_size,
+        max_pending_streams: arguments.max_pending_streams,
+        sources: relay::sources::SourcePolicy {
+            max_connections_per_source: arguments.max_connections_per_source,
+            ..Default::default()
+        },
         ..Limits::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let relay = relay::start(config).await?;
-        let tls = if relay.tls { "TLS" } else { "plain HTTP, --no-tls" };
+        let tls = if relay.tls {
+            "TLS"
+        } else {
+            "plain HTTP, --no-tls"
+        };
         println!("Listening on {} ({tls})", relay.local_address);
         if let Some(mqtt_address) = relay.mqtt_address {
-            let mqtt_tls = if relay.tls { "TLS" } else { "plain TCP, --no-tls" };
+            let mqtt_tls = if relay.tls {
+                "TLS"
+            } else {
+                "plain TCP, --no-tls"
+            };
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
         }
-        println!("Service connection string: {}", relay.service_connection_string);
+        println!(
+            "Service connection string: {}",
+            relay.service_connection_string
+        );
         if let Some(path) = &relay.certificate_path {
             let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-            println!("CA certificate for clients (--ca-cert): {}", absolute.display());
+            println!(
+                "CA certificate for clients (--ca-cert): {}",
+                absolute.display()
+            );
         }
         println!("Add a device with: relay device add <DeviceId>");
         wait_for_shutdown_signal().await;
@@ -203,10 +263,11 @@ async fn wait_for_shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}
@@ -234,20 +295,29 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
     let registry = data_dir.registry()?;
     let print_connection_string = |record: &relay::registry::DeviceRecord| -> anyhow::Result<()> {
         let host = host_name(&data_dir)?;
-        let connection = framing::ConnectionString::for_device(&host, &record.device_id, &record.primary_key)?;
+        let connection =
+            framing::ConnectionString::for_device(&host, &record.device_id, &record.primary_key)?;
         println!("{}", connection.to_secret_string());
         Ok(())
     };
     match command {
-        DeviceCommand::Add { device_id } => print_connection_string(&registry.add_device(&device_id)?),
+        DeviceCommand::Add { device_id } => {
+            print_connection_string(&registry.add_device(&device_id)?)
+        }
         DeviceCommand::List => {
             for record in registry.list_devices()? {
-                println!("{}{}", record.device_id, if record.enabled { "" } else { " (disabled)" });
+                println!(
+                    "{}{}",
+                    record.device_id,
+                    if record.enabled { "" } else { " (disabled)" }
+                );
             }
             Ok(())
         }
         DeviceCommand::Show { device_id } => {
-            let record = registry.device(&device_id)?.ok_or(relay::registry::RegistryError::NoSuchDevice(device_id))?;
+            let record = registry
+                .device(&device_id)?
+                .ok_or(relay::registry::RegistryError::NoSuchDevice(device_id))?;
             print_connection_string(&record)
         }
         DeviceCommand::Remove { device_id } => {
@@ -255,11 +325,18 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
             eprintln!("relay: removed device {device_id}");
             Ok(())
         }
-        DeviceCommand::RotateKey { device_id, secondary } => {
+        DeviceCommand::RotateKey {
+            device_id,
+            secondary,
+        } => {
             let record = registry.rotate_device_key(&device_id, secondary)?;
             if secondary {
                 let host = host_name(&data_dir)?;
-                let connection = framing::ConnectionString::for_device(&host, &record.device_id, &record.secondary_key)?;
+                let connection = framing::ConnectionString::for_device(
+                    &host,
+                    &record.device_id,
+                    &record.secondary_key,
+                )?;
                 println!("{}", connection.to_secret_string());
                 Ok(())
             } else {
@@ -272,8 +349,13 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
 fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
     let data_dir = DataDir::open_existing(data_dir)?;
     let registry = data_dir.registry()?;
-    let policy = registry.policy(name)?.ok_or_else(|| relay::registry::RegistryError::NoSuchPolicy(name.to_string()))?;
+    let policy = registry
+        .policy(name)?
+        .ok_or_else(|| relay::registry::RegistryError::NoSuchPolicy(name.to_string()))?;
     let host = host_name(&data_dir)?;
-    println!("{}", framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string());
+    println!(
+        "{}",
+        framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
+    );
     Ok(())
 }

@@ -26,24 +26,73 @@ impl Metrics {
     /// Prometheus exposition text; `gauges` are point-in-time values.
     pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let counters: [(&str, &str, &AtomicU64); 11] = [
-            ("devstreams_streams_requested_total", "Stream creation requests with valid credentials.", &self.streams_requested),
-            ("devstreams_streams_accepted_total", "Streams accepted by their device.", &self.streams_accepted),
-            ("devstreams_streams_rejected_total", "Streams rejected by their device.", &self.streams_rejected),
-            ("devstreams_streams_established_total", "Streams whose two sides were paired.", &self.streams_established),
-            ("devstreams_streams_closed_total", "Paired streams that ended.", &self.streams_closed),
-            ("devstreams_streams_expired_total", "Streams not paired before the handshake deadline.", &self.streams_expired),
-            ("devstreams_stream_creations_refused_total", "Creations refused by limits (429).", &self.stream_creations_refused),
-            ("devstreams_authentication_failures_total", "Refused SAS or stream tokens.", &self.authentication_failures),
-            ("devstreams_bytes_device_to_service_total", "Bytes relayed from devices to services.", &self.bytes_device_to_service),
-            ("devstreams_bytes_service_to_device_total", "Bytes relayed from services to devices.", &self.bytes_service_to_device),
-            ("devstreams_control_channels_opened_total", "Device control channels authenticated.", &self.control_channels_opened),
+            (
+                "devstreams_streams_requested_total",
+                "Stream creation requests with valid credentials.",
+                &self.streams_requested,
+            ),
+            (
+                "devstreams_streams_accepted_total",
+                "Streams accepted by their device.",
+                &self.streams_accepted,
+            ),
+            (
+                "devstreams_streams_rejected_total",
+                "Streams rejected by their device.",
+                &self.streams_rejected,
+            ),
+            (
+                "devstreams_streams_established_total",
+                "Streams whose two sides were paired.",
+                &self.streams_established,
+            ),
+            (
+                "devstreams_streams_closed_total",
+                "Paired streams that ended.",
+                &self.streams_closed,
+            ),
+            (
+                "devstreams_streams_expired_total",
+                "Streams not paired before the handshake deadline.",
+                &self.streams_expired,
+            ),
+            (
+                "devstreams_stream_creations_refused_total",
+                "Creations refused by limits (429).",
+                &self.stream_creations_refused,
+            ),
+            (
+                "devstreams_authentication_failures_total",
+                "Refused SAS or stream tokens.",
+                &self.authentication_failures,
+            ),
+            (
+                "devstreams_bytes_device_to_service_total",
+                "Bytes relayed from devices to services.",
+                &self.bytes_device_to_service,
+            ),
+            (
+                "devstreams_bytes_service_to_device_total",
+                "Bytes relayed from services to devices.",
+                &self.bytes_service_to_device,
+            ),
+            (
+                "devstreams_control_channels_opened_total",
+                "Device control channels authenticated.",
+                &self.control_channels_opened,
+            ),
         ];
         let mut text = String::new();
         for (name, help, counter) in counters {
-            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", counter.load(Ordering::Relaxed)));
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                counter.load(Ordering::Relaxed)
+            ));
         }
         for (name, help, value) in gauges {
-            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
         }
         text
     }

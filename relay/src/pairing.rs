@@ -51,9 +51,16 @@ pub enum ClaimError {
 /// The result of a successful claim.
 pub enum Claim {
     /// First side: wait for the other until the deadline.
-    Wait { receiver: oneshot::Receiver<Arrival>, deadline: Instant, stream_name: String },
+    Wait {
+        receiver: oneshot::Receiver<Arrival>,
+        deadline: Instant,
+        stream_name: String,
+    },
     /// Second side: hand the socket to the waiting side.
-    Join { sender: oneshot::Sender<Arrival>, permit: Option<StreamPermit> },
+    Join {
+        sender: oneshot::Sender<Arrival>,
+        permit: Option<StreamPermit>,
+    },
 }
 
 pub struct PairingTable {
@@ -67,11 +74,16 @@ pub struct PairingFull(pub usize);
 
 impl PairingTable {
     pub fn new(max_pending: usize) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), max_pending }
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            max_pending,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingStream>> {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn pending_count(&self) -> usize {
@@ -139,7 +151,11 @@ impl PairingTable {
             _ => {
                 let (sender, receiver) = oneshot::channel();
                 entry.waiting = Some((side, sender));
-                Ok(Claim::Wait { receiver, deadline: entry.deadline, stream_name: entry.stream_name.clone() })
+                Ok(Claim::Wait {
+                    receiver,
+                    deadline: entry.deadline,
+                    stream_name: entry.stream_name.clone(),
+                })
             }
         }
     }
@@ -163,7 +179,9 @@ mod tests {
     fn table_with(stream_id: &str, deadline: Instant) -> PairingTable {
         let table = PairingTable::new(10);
         let permit = Admission::new(Limits::default()).admit("d").unwrap();
-        table.register(stream_id, "d", "TestStream", deadline, permit).unwrap();
+        table
+            .register(stream_id, "d", "TestStream", deadline, permit)
+            .unwrap();
         table
     }
 
@@ -171,10 +189,22 @@ mod tests {
     fn sides_pair_in_either_order_and_tokens_work_once() {
         for first in [Side::Device, Side::Service] {
             let table = table_with("s", Instant::now() + Duration::from_secs(60));
-            assert!(matches!(table.claim("s", "d", first), Ok(Claim::Wait { .. })));
-            assert_eq!(table.claim("s", "d", first).err(), Some(ClaimError::AlreadyUsed));
-            assert!(matches!(table.claim("s", "d", first.other()), Ok(Claim::Join { .. })));
-            assert_eq!(table.claim("s", "d", first.other()).err(), Some(ClaimError::Unknown));
+            assert!(matches!(
+                table.claim("s", "d", first),
+                Ok(Claim::Wait { .. })
+            ));
+            assert_eq!(
+                table.claim("s", "d", first).err(),
+                Some(ClaimError::AlreadyUsed)
+            );
+            assert!(matches!(
+                table.claim("s", "d", first.other()),
+                Ok(Claim::Join { .. })
+            ));
+            assert_eq!(
+                table.claim("s", "d", first.other()).err(),
+                Some(ClaimError::Unknown)
+            );
             assert_eq!(table.pending_count(), 0);
         }
     }
@@ -182,17 +212,34 @@ mod tests {
     #[test]
     fn foreign_device_and_expired_streams_are_refused() {
         let table = table_with("s", Instant::now() + Duration::from_secs(60));
-        assert_eq!(table.claim("s", "other", Side::Device).err(), Some(ClaimError::WrongDevice));
-        assert_eq!(table.claim("nope", "d", Side::Device).err(), Some(ClaimError::Unknown));
+        assert_eq!(
+            table.claim("s", "other", Side::Device).err(),
+            Some(ClaimError::WrongDevice)
+        );
+        assert_eq!(
+            table.claim("nope", "d", Side::Device).err(),
+            Some(ClaimError::Unknown)
+        );
         let expired = table_with("s", Instant::now());
-        assert_eq!(expired.claim("s", "d", Side::Device).err(), Some(ClaimError::Unknown));
+        assert_eq!(
+            expired.claim("s", "d", Side::Device).err(),
+            Some(ClaimError::Unknown)
+        );
     }
 
     #[test]
     fn sweep_removes_only_expired_entries() {
         let table = table_with("old", Instant::now());
         let permit = Admission::new(Limits::default()).admit("d").unwrap();
-        table.register("new", "d", "n", Instant::now() + Duration::from_secs(60), permit).unwrap();
+        table
+            .register(
+                "new",
+                "d",
+                "n",
+                Instant::now() + Duration::from_secs(60),
+                permit,
+            )
+            .unwrap();
         assert_eq!(table.sweep(Instant::now() + Duration::from_millis(1)), 1);
         assert_eq!(table.pending_count(), 1);
     }
@@ -202,7 +249,11 @@ mod tests {
         let table = PairingTable::new(1);
         let admission = Admission::new(Limits::default());
         let later = Instant::now() + Duration::from_secs(60);
-        table.register("a", "d", "n", later, admission.admit("d").unwrap()).unwrap();
-        assert!(table.register("b", "d", "n", later, admission.admit("d").unwrap()).is_err());
+        table
+            .register("a", "d", "n", later, admission.admit("d").unwrap())
+            .unwrap();
+        assert!(table
+            .register("b", "d", "n", later, admission.admit("d").unwrap())
+            .is_err());
     }
 }

@@ -58,9 +58,14 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// Queues a request; the receiver yields the device's answer, or an
     /// error if the session ends first.
-    pub fn send_request(&self, request: StreamRequest) -> Result<oneshot::Receiver<StreamResponse>, RequestQueueFull> {
+    pub fn send_request(
+        &self,
+        request: StreamRequest,
+    ) -> Result<oneshot::Receiver<StreamResponse>, RequestQueueFull> {
         let (answer, receiver) = oneshot::channel();
-        self.requests.try_send(OutgoingRequest { request, answer }).map_err(|_| RequestQueueFull)?;
+        self.requests
+            .try_send(OutgoingRequest { request, answer })
+            .map_err(|_| RequestQueueFull)?;
         Ok(receiver)
     }
 }
@@ -80,19 +85,31 @@ pub struct Presence {
 
 impl Default for Presence {
     fn default() -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), changes: watch::Sender::new(0), next_session_id: AtomicU64::new(1) }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            changes: watch::Sender::new(0),
+            next_session_id: AtomicU64::new(1),
+        }
     }
 }
 
 impl Presence {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// An authenticated connection becomes the identity's control channel;
     /// the previous one, if any, is closed.
     pub(crate) fn connect(&self, identity: &Identity, handle: SessionHandle) {
-        let replaced = self.lock().insert(identity.clone(), Entry { handle, ready: false });
+        let replaced = self.lock().insert(
+            identity.clone(),
+            Entry {
+                handle,
+                ready: false,
+            },
+        );
         if let Some(old) = replaced {
             tracing::info!(%identity, "a new connection replaces the previous control channel");
             old.handle.cancel.cancel();
@@ -102,7 +119,11 @@ impl Presence {
 
     /// The session subscribed to stream requests.
     pub(crate) fn mark_ready(&self, identity: &Identity, session_id: u64) {
-        if let Some(entry) = self.lock().get_mut(identity).filter(|entry| entry.handle.session_id == session_id) {
+        if let Some(entry) = self
+            .lock()
+            .get_mut(identity)
+            .filter(|entry| entry.handle.session_id == session_id)
+        {
             entry.ready = true;
         }
         self.changes.send_modify(|version| *version += 1);
@@ -111,14 +132,20 @@ impl Presence {
     /// Forgets a session that ended, unless a newer one already took its place.
     pub(crate) fn unregister(&self, identity: &Identity, session_id: u64) {
         let mut sessions = self.lock();
-        if sessions.get(identity).is_some_and(|entry| entry.handle.session_id == session_id) {
+        if sessions
+            .get(identity)
+            .is_some_and(|entry| entry.handle.session_id == session_id)
+        {
             sessions.remove(identity);
         }
     }
 
     /// The identity's session, once it is ready for stream requests.
     pub fn get(&self, identity: &Identity) -> Option<SessionHandle> {
-        self.lock().get(identity).filter(|entry| entry.ready).map(|entry| entry.handle.clone())
+        self.lock()
+            .get(identity)
+            .filter(|entry| entry.ready)
+            .map(|entry| entry.handle.clone())
     }
 
     /// Control channels open, ready or not.
@@ -128,7 +155,11 @@ impl Presence {
 
     /// Devices with at least one control channel (their own or a module's).
     pub fn connected_devices(&self) -> Vec<String> {
-        let mut devices: Vec<String> = self.lock().keys().map(|identity| identity.device_id.clone()).collect();
+        let mut devices: Vec<String> = self
+            .lock()
+            .keys()
+            .map(|identity| identity.device_id.clone())
+            .collect();
         devices.sort();
         devices.dedup();
         devices
@@ -169,7 +200,10 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn identity(device_id: &str, module_id: Option<&str>) -> Identity {
-        Identity { device_id: device_id.into(), module_id: module_id.map(str::to_string) }
+        Identity {
+            device_id: device_id.into(),
+            module_id: module_id.map(str::to_string),
+        }
     }
 
     fn handle(presence: &Presence) -> SessionHandle {
@@ -192,10 +226,16 @@ mod tests {
         let second = handle(&presence);
         presence.connect(&device, second.clone());
         assert!(first.cancel.is_cancelled());
-        assert!(presence.get(&device).is_none(), "the new session is not ready before it subscribes");
+        assert!(
+            presence.get(&device).is_none(),
+            "the new session is not ready before it subscribes"
+        );
         presence.unregister(&device, first.session_id);
         presence.mark_ready(&device, second.session_id);
-        assert_eq!(presence.get(&device).map(|h| h.session_id), Some(second.session_id));
+        assert_eq!(
+            presence.get(&device).map(|h| h.session_id),
+            Some(second.session_id)
+        );
     }
 
     #[test]

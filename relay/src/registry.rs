@@ -118,13 +118,21 @@ impl SqliteRegistry {
                  name TEXT PRIMARY KEY NOT NULL,
                  value TEXT NOT NULL);",
         )?;
-        Ok(Self { connection: Mutex::new(connection) })
+        Ok(Self {
+            connection: Mutex::new(connection),
+        })
     }
 
-    fn with<T>(&self, work: impl FnOnce(&Connection) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+    fn with<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (statements are atomic), so a poisoned lock is still usable.
-        let connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         work(&connection)
     }
 
@@ -149,15 +157,25 @@ impl SqliteRegistry {
     }
 
     pub fn remove_device(&self, device_id: &str) -> Result<(), RegistryError> {
-        self.with(|connection| match connection.execute("DELETE FROM devices WHERE device_id = ?1", [device_id])? {
-            0 => Err(RegistryError::NoSuchDevice(device_id.to_string())),
-            _ => Ok(()),
+        self.with(|connection| {
+            match connection.execute("DELETE FROM devices WHERE device_id = ?1", [device_id])? {
+                0 => Err(RegistryError::NoSuchDevice(device_id.to_string())),
+                _ => Ok(()),
+            }
         })
     }
 
     /// Replaces one key of a device (`primary` or `secondary`) with a new one.
-    pub fn rotate_device_key(&self, device_id: &str, secondary: bool) -> Result<DeviceRecord, RegistryError> {
-        let column = if secondary { "secondary_key" } else { "primary_key" };
+    pub fn rotate_device_key(
+        &self,
+        device_id: &str,
+        secondary: bool,
+    ) -> Result<DeviceRecord, RegistryError> {
+        let column = if secondary {
+            "secondary_key"
+        } else {
+            "primary_key"
+        };
         let key = generate_key();
         self.with(|connection| {
             let sql = format!("UPDATE devices SET {column} = ?1 WHERE device_id = ?2");
@@ -166,7 +184,8 @@ impl SqliteRegistry {
             }
             Ok(())
         })?;
-        self.device(device_id)?.ok_or_else(|| RegistryError::NoSuchDevice(device_id.to_string()))
+        self.device(device_id)?
+            .ok_or_else(|| RegistryError::NoSuchDevice(device_id.to_string()))
     }
 
     pub fn list_devices(&self) -> Result<Vec<DeviceRecord>, RegistryError> {
@@ -187,13 +206,18 @@ impl SqliteRegistry {
             )?;
             Ok(())
         })?;
-        self.policy(name)?.ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
+        self.policy(name)?
+            .ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
     }
 
     pub fn setting(&self, name: &str) -> Result<Option<String>, RegistryError> {
         self.with(|connection| {
             Ok(connection
-                .query_row("SELECT value FROM settings WHERE name = ?1", [name], |row| row.get(0))
+                .query_row(
+                    "SELECT value FROM settings WHERE name = ?1",
+                    [name],
+                    |row| row.get(0),
+                )
                 .optional()?)
         })
     }
@@ -234,15 +258,25 @@ impl Registry for SqliteRegistry {
     fn policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
         self.with(|connection| {
             Ok(connection
-                .query_row("SELECT name, primary_key, secondary_key FROM policies WHERE name = ?1", [name], |row| {
-                    Ok(PolicyRecord { name: row.get(0)?, primary_key: row.get(1)?, secondary_key: row.get(2)? })
-                })
+                .query_row(
+                    "SELECT name, primary_key, secondary_key FROM policies WHERE name = ?1",
+                    [name],
+                    |row| {
+                        Ok(PolicyRecord {
+                            name: row.get(0)?,
+                            primary_key: row.get(1)?,
+                            secondary_key: row.get(2)?,
+                        })
+                    },
+                )
                 .optional()?)
         })
     }
 
     fn version(&self) -> Result<i64, RegistryError> {
-        self.with(|connection| Ok(connection.query_row("PRAGMA data_version", [], |row| row.get(0))?))
+        self.with(|connection| {
+            Ok(connection.query_row("PRAGMA data_version", [], |row| row.get(0))?)
+        })
     }
 }
 
@@ -255,14 +289,20 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let registry = SqliteRegistry::open(&directory.path().join("r.sqlite")).unwrap();
         let added = registry.add_device("MyDevice").unwrap();
-        assert!(matches!(registry.add_device("MyDevice"), Err(RegistryError::DeviceExists(_))));
+        assert!(matches!(
+            registry.add_device("MyDevice"),
+            Err(RegistryError::DeviceExists(_))
+        ));
         assert_eq!(registry.list_devices().unwrap().len(), 1);
         let rotated = registry.rotate_device_key("MyDevice", false).unwrap();
         assert_ne!(rotated.primary_key, added.primary_key);
         assert_eq!(rotated.secondary_key, added.secondary_key);
         registry.remove_device("MyDevice").unwrap();
         assert!(registry.device("MyDevice").unwrap().is_none());
-        assert!(matches!(registry.remove_device("MyDevice"), Err(RegistryError::NoSuchDevice(_))));
+        assert!(matches!(
+            registry.remove_device("MyDevice"),
+            Err(RegistryError::NoSuchDevice(_))
+        ));
     }
 
     #[test]
@@ -271,7 +311,10 @@ mod tests {
         let path = directory.path().join("r.sqlite");
         let serving = SqliteRegistry::open(&path).unwrap();
         let before = serving.version().unwrap();
-        SqliteRegistry::open(&path).unwrap().add_device("late").unwrap();
+        SqliteRegistry::open(&path)
+            .unwrap()
+            .add_device("late")
+            .unwrap();
         assert!(serving.device("late").unwrap().is_some());
         assert_ne!(serving.version().unwrap(), before);
     }

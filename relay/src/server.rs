@@ -17,10 +17,9 @@ use anyhow::Context;
 use framing::mqtt::{ByteTransport, MqttConnection};
 use framing::stream_token::StreamTokenKey;
 use framing::transport::{configure_socket, NetworkStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use percent_encoding::percent_decode_str;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,7 +29,10 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{RelayConfig, TlsMode};
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
-use crate::http_util::{error_code, error_response, offers, switching_protocols, websocket_accept_key, Body};
+use crate::http_util::{
+    error_code, error_response, offered_spelling, switching_protocols, websocket_accept_key, Body,
+};
+use crate::routing::{parse_route, Route};
 use crate::state::RelayState;
 use crate::{control, streaming, streams_api};
 
@@ -59,8 +61,14 @@ impl RunningRelay {
         let drain = self.state.config.limits.drain_timeout;
         self.state.stop_accepting.cancel();
         self.state.tasks.close();
-        if tokio::time::timeout(drain, self.state.tasks.wait()).await.is_err() {
-            tracing::warn!(?drain, "drain deadline passed; cutting the remaining streams");
+        if tokio::time::timeout(drain, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain,
+                "drain deadline passed; cutting the remaining streams"
+            );
             self.state.stop_streams.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.state.tasks.wait()).await;
         }
@@ -72,13 +80,18 @@ impl RunningRelay {
 }
 
 fn system_host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|name| name.trim().to_string()).filter(|n| !n.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|n| !n.is_empty())
 }
 
 /// `host` of a `wss://host:port/...` URL.
 fn url_authority(url: &str) -> Option<&str> {
     let rest = url.split_once("://").map(|(_, rest)| rest)?;
-    rest.split('/').next().filter(|authority| !authority.is_empty())
+    rest.split('/')
+        .next()
+        .filter(|authority| !authority.is_empty())
 }
 
 /// The TLS acceptors of both listeners, built from one certificate.
@@ -89,23 +102,47 @@ struct Acceptors {
     generated_certificate: Option<PathBuf>,
 }
 
-fn tls_acceptors(config: &RelayConfig, data_dir: &DataDir, host_name: &str) -> anyhow::Result<Option<Acceptors>> {
+fn tls_acceptors(
+    config: &RelayConfig,
+    data_dir: &DataDir,
+    host_name: &str,
+) -> anyhow::Result<Option<Acceptors>> {
     let (certificate_path, key_path, generated) = match &config.tls {
         TlsMode::Disabled => return Ok(None),
-        TlsMode::Files { certificate, private_key } => (certificate.clone(), private_key.clone(), false),
+        TlsMode::Files {
+            certificate,
+            private_key,
+        } => (certificate.clone(), private_key.clone(), false),
         TlsMode::SelfSigned => {
-            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+            let mut names = vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+                "::1".to_string(),
+            ];
             names.extend(system_host_name());
-            names.push(framing::connection_string::split_host_port(host_name).0.to_string());
+            names.push(
+                framing::connection_string::split_host_port(host_name)
+                    .0
+                    .to_string(),
+            );
             names.sort();
             names.dedup();
             data_dir.ensure_self_signed_certificate(&names)?;
-            (data_dir.certificate_path(), data_dir.private_key_path(), true)
+            (
+                data_dir.certificate_path(),
+                data_dir.private_key_path(),
+                true,
+            )
         }
     };
     let certificates = CertificateDer::pem_file_iter(&certificate_path)
         .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read the TLS certificate {}", certificate_path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot read the TLS certificate {}",
+                certificate_path.display()
+            )
+        })?;
     if certificates.is_empty() {
         anyhow::bail!("{} holds no PEM certificate", certificate_path.display());
     }
@@ -133,7 +170,10 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let registry = data_dir.registry()?;
     let secret = data_dir.stream_token_secret()?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
-        format!("cannot listen on {}: choose another --listen address or stop the program that uses it", config.listen)
+        format!(
+            "cannot listen on {}: choose another --listen address or stop the program that uses it",
+            config.listen
+        )
     })?;
     let local_address = listener.local_addr()?;
     let mqtt_listener = match config.mqtt_listen {
@@ -159,26 +199,53 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     registry.set_setting(HOST_NAME_SETTING, &host_name)?;
     let policy = registry.ensure_policy(SERVICE_POLICY)?;
     let service_connection_string =
-        framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?.to_secret_string();
+        framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?
+            .to_secret_string();
     let acceptors = tls_acceptors(&config, &data_dir, &host_name)?;
-    let certificate_path = acceptors.as_ref().and_then(|acceptors| acceptors.generated_certificate.clone());
+    let certificate_path = acceptors
+        .as_ref()
+        .and_then(|acceptors| acceptors.generated_certificate.clone());
     let mut config = config;
     config.listen = local_address;
     config.mqtt_listen = mqtt_address;
-    let state = RelayState::new(config, Arc::new(registry), StreamTokenKey::from_secret(&secret));
+    let state = RelayState::new(
+        config,
+        Arc::new(registry),
+        StreamTokenKey::from_secret(&secret),
+    );
     let tls = acceptors.is_some();
     let open_connections = Arc::new(AtomicUsize::new(0));
     let (main_acceptor, mqtt_acceptor) = match acceptors {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
         None => (None, None),
     };
-    state.tasks.spawn(accept_loop(state.clone(), listener, main_acceptor, Endpoint::Main, open_connections.clone()));
+    state.tasks.spawn(accept_loop(
+        state.clone(),
+        listener,
+        main_acceptor,
+        Endpoint::Main,
+        open_connections.clone(),
+    ));
     if let Some(mqtt_listener) = mqtt_listener {
-        state.tasks.spawn(accept_loop(state.clone(), mqtt_listener, mqtt_acceptor, Endpoint::Mqtt, open_connections));
+        state.tasks.spawn(accept_loop(
+            state.clone(),
+            mqtt_listener,
+            mqtt_acceptor,
+            Endpoint::Mqtt,
+            open_connections,
+        ));
     }
     state.tasks.spawn(housekeeping(state.clone()));
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, tls, "relay serving");
-    Ok(RunningRelay { local_address, mqtt_address, host_name, service_connection_string, certificate_path, tls, state })
+    Ok(RunningRelay {
+        local_address,
+        mqtt_address,
+        host_name,
+        service_connection_string,
+        certificate_path,
+        tls,
+        state,
+    })
 }
 
 /// Counts open connections; the slot is released when the guard drops.
@@ -227,7 +294,21 @@ async fn accept_loop(
             continue;
         }
         let slot = ConnectionSlot(open_connections.clone());
-        state.tasks.spawn(serve_connection(state.clone(), tcp, peer, acceptor.clone(), endpoint, slot));
+        let Some(source_slot) = state.sources.open(peer.ip()) else {
+            tracing::warn!(
+                %peer,
+                ?endpoint,
+                limit = state.config.limits.sources.max_connections_per_source,
+                "connection refused: too many open connections from this address"
+            );
+            continue;
+        };
+        let connection =
+            serve_connection(state.clone(), tcp, peer, acceptor.clone(), endpoint, slot);
+        state.tasks.spawn(async move {
+            connection.await;
+            drop(source_slot);
+        });
     }
 }
 
@@ -244,20 +325,25 @@ async fn serve_connection(
     let limits = &state.config.limits;
     let (stream, server_name) = match acceptor {
         None => (NetworkStream::Plain(tcp), None),
-        Some(acceptor) => match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => {
-                let server_name = stream.get_ref().1.server_name().map(str::to_string);
-                (NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream))), server_name)
+        Some(acceptor) => {
+            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let server_name = stream.get_ref().1.server_name().map(str::to_string);
+                    (
+                        NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream))),
+                        server_name,
+                    )
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, ?endpoint, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, ?endpoint, "TLS handshake timed out");
+                    return;
+                }
             }
-            Ok(Err(error)) => {
-                tracing::debug!(%peer, ?endpoint, %error, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, ?endpoint, "TLS handshake timed out");
-                return;
-            }
-        },
+        }
     };
     match endpoint {
         Endpoint::Main => serve_http(state, stream, peer).await,
@@ -269,10 +355,25 @@ async fn serve_connection(
 /// MQTT on the TLS stream itself. The device never told us an HTTP `Host`,
 /// so its streaming URL names the host it asked for in TLS (SNI) and the
 /// main listener's port, where the streaming endpoint lives.
-async fn serve_mqtt(state: Arc<RelayState>, stream: NetworkStream, peer: SocketAddr, server_name: Option<String>) {
-    let host = format!("{}:{}", server_name.as_deref().unwrap_or("localhost"), state.config.listen.port());
+async fn serve_mqtt(
+    state: Arc<RelayState>,
+    stream: NetworkStream,
+    peer: SocketAddr,
+    server_name: Option<String>,
+) {
+    let host = format!(
+        "{}:{}",
+        server_name.as_deref().unwrap_or("localhost"),
+        state.config.listen.port()
+    );
     let max_packet = state.config.limits.max_mqtt_packet_size;
-    control::run_session(state, MqttConnection::new(ByteTransport(stream), max_packet), peer, Some(host)).await;
+    control::run_session(
+        state,
+        MqttConnection::new(ByteTransport(stream), max_packet),
+        peer,
+        Some(host),
+    )
+    .await;
 }
 
 async fn serve_http(state: Arc<RelayState>, stream: NetworkStream, peer: SocketAddr) {
@@ -287,7 +388,9 @@ async fn serve_http(state: Arc<RelayState>, stream: NetworkStream, peer: SocketA
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_size.max(8192));
-    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -305,92 +408,140 @@ async fn serve_http(state: Arc<RelayState>, stream: NetworkStream, peer: SocketA
     }
 }
 
-fn decode_segment(segment: &str) -> Option<String> {
-    let spaced = segment.replace('+', " ");
-    percent_decode_str(&spaced).decode_utf8().ok().map(|text| text.into_owned())
-}
-
 fn not_found(message: &str) -> Response<Body> {
-    error_response(StatusCode::NOT_FOUND, error_code(StatusCode::NOT_FOUND, 0), message)
+    error_response(
+        StatusCode::NOT_FOUND,
+        error_code(StatusCode::NOT_FOUND, 0),
+        message,
+    )
 }
 
-async fn route(state: Arc<RelayState>, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn route(
+    state: Arc<RelayState>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let path = request.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = request.method().clone();
-    match (&method, segments.as_slice()) {
-        (&Method::POST, ["twins", device, "streams", stream_name])
-        | (&Method::POST, ["twins", device, "modules", _, "streams", stream_name]) => {
-            let module_id = match segments.as_slice() {
-                [_, _, _, module, _, _] => match decode_segment(module).filter(|m| !m.is_empty()) {
-                    Some(module_id) => Some(module_id),
-                    None => {
-                        return error_response(
-                            StatusCode::BAD_REQUEST,
-                            error_code(StatusCode::BAD_REQUEST, 4),
-                            "the module id in the path is empty or not valid UTF-8",
-                        )
-                    }
-                },
-                _ => None,
-            };
-            let Some(device_id) = decode_segment(device).filter(|d| !d.is_empty()) else {
-                return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 4), "the device id in the path is not valid UTF-8");
-            };
+    match parse_route(&method, &path) {
+        Route::CreateStream {
+            device_id,
+            module_id,
+            stream_name,
+        } => {
             let create = streams_api::CreateStream {
                 device_id,
                 module_id,
-                stream_name: stream_name.to_string(),
+                stream_name,
                 headers: std::mem::take(request.headers_mut()),
                 peer,
             };
             streams_api::create(state, create).await
         }
-        (&Method::GET, ["$iothub", "websocket"]) => control_upgrade(&state, request, peer),
-        (&Method::GET, ["bridges", _hub, device, stream_id]) => {
-            let Some(device_id) = decode_segment(device) else {
-                return not_found("no such stream");
-            };
-            let stream_id = stream_id.to_string();
+        Route::BadPath(reason) => error_response(
+            StatusCode::BAD_REQUEST,
+            error_code(StatusCode::BAD_REQUEST, 4),
+            reason,
+        ),
+        Route::ControlChannel => control_upgrade(&state, request, peer),
+        Route::Streaming {
+            device_id,
+            stream_id,
+        } => {
             let on_upgrade = hyper::upgrade::on(&mut request);
-            streaming::upgrade(&state, request.headers(), on_upgrade, device_id, stream_id, peer)
+            streaming::upgrade(
+                &state,
+                request.headers(),
+                on_upgrade,
+                device_id,
+                stream_id,
+                peer,
+            )
         }
-        (&Method::GET, ["health"]) => Response::new(Body::from("ok\n")),
-        (&Method::GET, ["metrics"]) => {
+        Route::UnknownStream => not_found("no such stream"),
+        Route::Health => Response::new(Body::from("ok\n")),
+        Route::Metrics => {
             let gauges = [
-                ("devstreams_streams_active", "Streams created and not yet ended.", state.admission.active_streams() as u64),
-                ("devstreams_streams_pending", "Streams waiting for their sides to connect.", state.pairing.pending_count() as u64),
-                ("devstreams_devices_connected", "Devices with a control channel.", state.presence.connected_count() as u64),
-                ("devstreams_tasks", "Tasks the relay owns (connections, sessions, streams).", state.tasks.len() as u64),
+                (
+                    "devstreams_streams_active",
+                    "Streams created and not yet ended.",
+                    state.admission.active_streams() as u64,
+                ),
+                (
+                    "devstreams_streams_pending",
+                    "Streams waiting for their sides to connect.",
+                    state.pairing.pending_count() as u64,
+                ),
+                (
+                    "devstreams_devices_connected",
+                    "Devices with a control channel.",
+                    state.presence.connected_count() as u64,
+                ),
+                (
+                    "devstreams_tasks",
+                    "Tasks the relay owns (connections, sessions, streams).",
+                    state.tasks.len() as u64,
+                ),
             ];
             let mut response = Response::new(Body::from(state.metrics.render(&gauges)));
-            response
-                .headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             response
         }
-        _ => not_found(&format!("no endpoint {method} {path}: see PROTOCOL.md for the relay's paths")),
+        Route::NoEndpoint => not_found(&format!(
+            "no endpoint {method} {path}: see PROTOCOL.md for the relay's paths"
+        )),
     }
 }
 
 /// MQTT over WebSocket (`/$iothub/websocket`, subprotocol `mqtt`).
-fn control_upgrade(state: &Arc<RelayState>, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+fn control_upgrade(
+    state: &Arc<RelayState>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let accept_key = match websocket_accept_key(request.headers()) {
         Ok(key) => key,
-        Err(reason) => return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 3), reason),
+        Err(reason) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                error_code(StatusCode::BAD_REQUEST, 3),
+                reason,
+            )
+        }
     };
-    let subprotocol = offers(request.headers(), http::header::SEC_WEBSOCKET_PROTOCOL, "mqtt").then_some("mqtt");
-    let host = request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
+    let subprotocol = offered_spelling(
+        request.headers(),
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        "mqtt",
+    );
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_state = state.clone();
     state.tasks.spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let max_packet = task_state.config.limits.max_mqtt_packet_size;
         let config = framing::websocket::config(max_packet * 2);
-        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        control::run_session(task_state, MqttConnection::new(socket, max_packet), peer, host).await;
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        control::run_session(
+            task_state,
+            MqttConnection::new(socket, max_packet),
+            peer,
+            host,
+        )
+        .await;
     });
-    switching_protocols(&accept_key, subprotocol)
+    switching_protocols(&accept_key, subprotocol.as_deref())
 }
 
 /// Expires unpaired streams and cuts devices removed from the registry.
@@ -415,7 +566,10 @@ async fn housekeeping(state: Arc<RelayState>) {
             match state.registry.device(&device_id) {
                 Ok(Some(record)) if record.enabled => {}
                 Ok(_) => {
-                    tracing::info!(device_id, "device removed or disabled: closing its control channel and streams");
+                    tracing::info!(
+                        device_id,
+                        "device removed or disabled: closing its control channel and streams"
+                    );
                     state.presence.disconnect(&device_id);
                     state.admission.cancel_device(&device_id);
                 }

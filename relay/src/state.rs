@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{RelayConfig, TlsMode};
-use crate::presence::Presence;
 use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::pairing::PairingTable;
+use crate::presence::Presence;
 use crate::registry::Registry;
+use crate::sources::Sources;
 
 pub struct RelayState {
     pub config: RelayConfig,
@@ -23,6 +24,8 @@ pub struct RelayState {
     pub presence: Presence,
     pub pairing: PairingTable,
     pub admission: Arc<Admission>,
+    /// Per-address connection caps and authentication-failure slowdown.
+    pub sources: Arc<Sources>,
     pub metrics: Metrics,
     /// Every task the relay spawns, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
@@ -34,9 +37,14 @@ pub struct RelayState {
 }
 
 impl RelayState {
-    pub fn new(config: RelayConfig, registry: Arc<dyn Registry>, token_key: StreamTokenKey) -> Arc<Self> {
+    pub fn new(
+        config: RelayConfig,
+        registry: Arc<dyn Registry>,
+        token_key: StreamTokenKey,
+    ) -> Arc<Self> {
         let admission = Admission::new(config.limits.clone());
-        let max_pending = config.limits.max_streams;
+        let max_pending = config.limits.max_pending_streams;
+        let sources = Sources::new(config.limits.sources);
         Arc::new(Self {
             config,
             registry,
@@ -44,6 +52,7 @@ impl RelayState {
             presence: Presence::default(),
             pairing: PairingTable::new(max_pending),
             admission,
+            sources,
             metrics: Metrics::default(),
             tasks: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
@@ -54,7 +63,9 @@ impl RelayState {
 
     /// A short decimal request id, as IoT Hub SDKs expect in `$rid`.
     pub fn next_request_id(&self) -> String {
-        self.next_request_id.fetch_add(1, Ordering::Relaxed).to_string()
+        self.next_request_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
     }
 
     /// The base of streaming URLs for a client that reached us as `host`.
@@ -67,7 +78,10 @@ impl RelayState {
             _ => "wss",
         };
         let valid_host = host.filter(|h| {
-            !h.is_empty() && h.len() < 256 && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+            !h.is_empty()
+                && h.len() < 256
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
         });
         match valid_host {
             Some(host) => format!("{scheme}://{host}"),

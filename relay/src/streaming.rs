@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
-use crate::http_util::{error_code, error_response, switching_protocols, websocket_accept_key, Body};
+use crate::http_util::{
+    error_code, error_response, switching_protocols, websocket_accept_key, Body,
+};
 use crate::limits::StreamPermit;
 use crate::metrics::Metrics;
 use crate::pairing::{Arrival, Claim, ServerWebSocket};
@@ -34,8 +36,13 @@ pub fn upgrade(
 ) -> Response<Body> {
     let unauthorized = |reason: &str| {
         Metrics::add(&state.metrics.authentication_failures, 1);
+        state.sources.record_failure(peer.ip());
         tracing::warn!(%peer, device_id, stream_id, reason, "streaming connection refused");
-        error_response(StatusCode::UNAUTHORIZED, error_code(StatusCode::UNAUTHORIZED, 2), reason)
+        error_response(
+            StatusCode::UNAUTHORIZED,
+            error_code(StatusCode::UNAUTHORIZED, 2),
+            reason,
+        )
     };
     let token = headers
         .get(http::header::AUTHORIZATION)
@@ -53,7 +60,13 @@ pub fn upgrade(
     }
     let accept_key = match websocket_accept_key(headers) {
         Ok(key) => key,
-        Err(reason) => return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 3), reason),
+        Err(reason) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                error_code(StatusCode::BAD_REQUEST, 3),
+                reason,
+            )
+        }
     };
     let claim = match state.pairing.claim(&stream_id, &device_id, claims.side) {
         Ok(claim) => claim,
@@ -72,7 +85,12 @@ pub fn upgrade(
                 }
             };
             let config = framing::websocket::config(task_state.config.limits.max_message_size);
-            let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
             settle(task_state, claim, socket, side, stream_id).await;
         }
         .instrument(span),
@@ -81,18 +99,37 @@ pub fn upgrade(
 }
 
 async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), socket.send(close_message(code, reason))).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        socket.send(close_message(code, reason)),
+    )
+    .await;
 }
 
 /// Hands the socket over (second side) or waits and copies (first side).
-async fn settle(state: Arc<RelayState>, claim: Claim, socket: ServerWebSocket, side: Side, stream_id: String) {
+async fn settle(
+    state: Arc<RelayState>,
+    claim: Claim,
+    socket: ServerWebSocket,
+    side: Side,
+    stream_id: String,
+) {
     match claim {
         Claim::Join { sender, permit } => {
             if let Err(arrival) = sender.send(Arrival { socket, permit }) {
-                close_with(arrival.socket, CLOSE_PEER_LOST, "the other side of the stream is gone").await;
+                close_with(
+                    arrival.socket,
+                    CLOSE_PEER_LOST,
+                    "the other side of the stream is gone",
+                )
+                .await;
             }
         }
-        Claim::Wait { receiver, deadline, stream_name } => {
+        Claim::Wait {
+            receiver,
+            deadline,
+            stream_name,
+        } => {
             tracing::debug!(waiting_for = side.other().as_str(), "first side connected");
             let arrival = tokio::select! {
                 arrival = receiver => arrival,
@@ -107,8 +144,25 @@ async fn settle(state: Arc<RelayState>, claim: Claim, socket: ServerWebSocket, s
                 }
             };
             match arrival {
-                Ok(arrival) => copy(&state, socket, arrival.socket, side, arrival.permit, stream_name).await,
-                Err(_) => close_with(socket, CLOSE_PEER_LOST, "the stream was cancelled before the other side connected").await,
+                Ok(arrival) => {
+                    copy(
+                        &state,
+                        socket,
+                        arrival.socket,
+                        side,
+                        arrival.permit,
+                        stream_name,
+                    )
+                    .await
+                }
+                Err(_) => {
+                    close_with(
+                        socket,
+                        CLOSE_PEER_LOST,
+                        "the stream was cancelled before the other side connected",
+                    )
+                    .await
+                }
             }
         }
     }
@@ -146,10 +200,27 @@ async fn copy(
         Side::Device => (report.bytes_first_to_second, report.bytes_second_to_first),
         Side::Service => (report.bytes_second_to_first, report.bytes_first_to_second),
     };
-    let side_of = |first: bool| if first { my_side.as_str() } else { my_side.other().as_str() };
+    let side_of = |first: bool| {
+        if first {
+            my_side.as_str()
+        } else {
+            my_side.other().as_str()
+        }
+    };
     let ended = match report.end {
-        RelayEnd::Closed { by_first, code } => format!("closed by the {} side (code {code})", side_of(by_first)),
-        RelayEnd::Lost { first_lost } => format!("the {} side disconnected without closing", side_of(first_lost)),
+        RelayEnd::Closed { by_first, code } => {
+            format!("closed by the {} side (code {code})", side_of(by_first))
+        }
+        RelayEnd::Lost { first_lost } => format!(
+            "the {} side disconnected without closing",
+            side_of(first_lost)
+        ),
+        RelayEnd::MessageTooBig { from_first } => {
+            format!(
+                "the {} side sent a message over --max-message-size",
+                side_of(from_first)
+            )
+        }
     };
     Metrics::add(&state.metrics.streams_closed, 1);
     Metrics::add(&state.metrics.bytes_device_to_service, device_to_service);

@@ -40,9 +40,13 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Checks the service SAS token: a known policy's key must have signed it.
 fn authorize(state: &RelayState, headers: &HeaderMap) -> Result<String, String> {
-    let text = header(headers, http::header::AUTHORIZATION.as_str()).ok_or("missing Authorization header")?;
+    let text = header(headers, http::header::AUTHORIZATION.as_str())
+        .ok_or("missing Authorization header")?;
     let token = SasToken::parse(text).map_err(|error| error.to_string())?;
-    let policy_name = token.key_name.clone().ok_or("the SAS token names no policy (skn): use a service connection string")?;
+    let policy_name = token
+        .key_name
+        .clone()
+        .ok_or("the SAS token names no policy (skn): use a service connection string")?;
     let policy = state
         .registry
         .policy(&policy_name)
@@ -50,13 +54,18 @@ fn authorize(state: &RelayState, headers: &HeaderMap) -> Result<String, String> 
         .ok_or_else(|| format!("policy {policy_name:?} does not exist"))?;
     let keys = policy.key_bytes();
     let key_slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    let expiry = ExpiryPolicy { clock_skew: state.config.limits.clock_skew, max_lifetime: state.config.limits.max_token_lifetime };
-    token.verify(&key_slices, SystemTime::now(), expiry).map_err(|error| error.to_string())?;
+    let expiry = ExpiryPolicy {
+        clock_skew: state.config.limits.clock_skew,
+        max_lifetime: state.config.limits.max_token_lifetime,
+    };
+    token
+        .verify(&key_slices, SystemTime::now(), expiry)
+        .map_err(|error| error.to_string())?;
     Ok(policy_name)
 }
 
 /// A timeout header in seconds, capped by the handshake limit.
-fn timeout_header(headers: &HeaderMap, name: &str, cap: Duration) -> Result<Duration, String> {
+pub fn timeout_header(headers: &HeaderMap, name: &str, cap: Duration) -> Result<Duration, String> {
     match header(headers, name) {
         None => Ok(cap),
         Some(text) => match text.trim().parse::<u64>() {
@@ -73,9 +82,21 @@ fn new_stream_id() -> String {
 }
 
 pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<Body> {
-    let CreateStream { device_id, module_id, stream_name, headers, peer } = request;
+    let CreateStream {
+        device_id,
+        module_id,
+        stream_name,
+        headers,
+        peer,
+    } = request;
+    // An address that keeps failing waits before each new attempt is judged.
+    let delay = state.sources.failure_delay(peer.ip());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     if let Err(reason) = authorize(&state, &headers) {
         Metrics::add(&state.metrics.authentication_failures, 1);
+        state.sources.record_failure(peer.ip());
         tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
         return error_response(
             StatusCode::UNAUTHORIZED,
@@ -84,7 +105,11 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         );
     }
     if let Err(reason) = validate_stream_name(&stream_name) {
-        return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 1), reason);
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            error_code(StatusCode::BAD_REQUEST, 1),
+            reason,
+        );
     }
     let handshake_limit = state.config.limits.handshake_timeout;
     let (connect_timeout, response_timeout) = match (
@@ -93,24 +118,36 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     ) {
         (Ok(connect), Ok(response)) => (connect, response),
         (Err(reason), _) | (_, Err(reason)) => {
-            return error_response(StatusCode::BAD_REQUEST, error_code(StatusCode::BAD_REQUEST, 2), &reason)
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                error_code(StatusCode::BAD_REQUEST, 2),
+                &reason,
+            )
         }
     };
     match state.registry.device(&device_id) {
         Ok(Some(record)) if record.enabled => {}
         Ok(Some(_)) => {
-            return error_response(StatusCode::NOT_FOUND, error_code(StatusCode::NOT_FOUND, 1), &format!("device {device_id} is disabled"))
-        }
-        Ok(None) => {
             return error_response(
                 StatusCode::NOT_FOUND,
                 error_code(StatusCode::NOT_FOUND, 1),
-                &format!("device {device_id} is not registered: add it with `relay device add {device_id}`"),
+                &format!("device {device_id} is disabled"),
             )
         }
+        Ok(None) => return error_response(
+            StatusCode::NOT_FOUND,
+            error_code(StatusCode::NOT_FOUND, 1),
+            &format!(
+                "device {device_id} is not registered: add it with `relay device add {device_id}`"
+            ),
+        ),
         Err(error) => {
             tracing::error!(%error, "registry lookup failed");
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, 503001, "the relay's registry is unavailable; retry later");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                503001,
+                "the relay's registry is unavailable; retry later",
+            );
         }
     }
     let permit = match state.admission.admit(&device_id) {
@@ -127,9 +164,20 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     };
     let stream_id = new_stream_id();
     let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, stream_name = %stream_name);
-    negotiate(state, device_id, module_id, stream_name, headers, peer, stream_id, permit, connect_timeout, response_timeout)
-        .instrument(span)
-        .await
+    negotiate(
+        state,
+        device_id,
+        module_id,
+        stream_name,
+        headers,
+        peer,
+        stream_id,
+        permit,
+        connect_timeout,
+        response_timeout,
+    )
+    .instrument(span)
+    .await
 }
 
 /// Reaches the device and waits for its decision, inside the stream's span.
@@ -150,7 +198,10 @@ async fn negotiate(
     Metrics::add(&state.metrics.streams_requested, 1);
     tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
 
-    let identity = Identity { device_id: device_id.clone(), module_id: module_id.clone() };
+    let identity = Identity {
+        device_id: device_id.clone(),
+        module_id: module_id.clone(),
+    };
     let Some(session) = state.presence.wait_for(&identity, connect_timeout).await else {
         tracing::info!(waited = ?connect_timeout, "stream failed: device not connected");
         return error_response(
@@ -161,7 +212,11 @@ async fn negotiate(
     };
     let deadline = Instant::now() + handshake_limit;
     let expiry = SystemTime::now() + handshake_limit;
-    if let Err(full) = state.pairing.register(&stream_id, &device_id, &stream_name, deadline, permit) {
+    if let Err(full) =
+        state
+            .pairing
+            .register(&stream_id, &device_id, &stream_name, deadline, permit)
+    {
         Metrics::add(&state.metrics.stream_creations_refused, 1);
         return throttled(&full.to_string(), 5);
     }
@@ -177,13 +232,18 @@ async fn negotiate(
         stream_name: stream_name.clone(),
         request_id: state.next_request_id(),
         url: device_url,
-        authorization_token: state.token_key.issue(&stream_id, &device_id, Side::Device, expiry),
+        authorization_token: state
+            .token_key
+            .issue(&stream_id, &device_id, Side::Device, expiry),
         target: header(&headers, headers::TARGET).map(str::to_string),
         half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
     };
     let Ok(answer) = session.send_request(stream_request) else {
         state.pairing.remove(&stream_id);
-        return throttled(&format!("device {device_id} has too many stream requests waiting; retry later"), 1);
+        return throttled(
+            &format!("device {device_id} has too many stream requests waiting; retry later"),
+            1,
+        );
     };
     let response = match tokio::time::timeout(response_timeout, answer).await {
         Ok(Ok(response)) => response,
@@ -193,7 +253,9 @@ async fn negotiate(
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 error_code(StatusCode::GATEWAY_TIMEOUT, 1),
-                &format!("device {device_id} disconnected before answering the stream request; retry"),
+                &format!(
+                    "device {device_id} disconnected before answering the stream request; retry"
+                ),
             );
         }
         Err(_) => {
@@ -202,7 +264,10 @@ async fn negotiate(
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 error_code(StatusCode::GATEWAY_TIMEOUT, 1),
-                &format!("device {device_id} did not answer the stream request within {} s", response_timeout.as_secs()),
+                &format!(
+                    "device {device_id} did not answer the stream request within {} s",
+                    response_timeout.as_secs()
+                ),
             );
         }
     };
@@ -210,7 +275,11 @@ async fn negotiate(
         state.pairing.remove(&stream_id);
         Metrics::add(&state.metrics.streams_rejected, 1);
         let target = header(&headers, headers::TARGET);
-        tracing::info!(status = response.status, target, "stream rejected by the device");
+        tracing::info!(
+            status = response.status,
+            target,
+            "stream rejected by the device"
+        );
         let message = match target {
             Some(target) => format!("device {device_id} rejected stream {stream_name} (target {target}): the device does not expose that target, or the target refused the connection; see the device's log"),
             None => format!("device {device_id} rejected stream {stream_name}; see the device's log for why"),
@@ -219,13 +288,18 @@ async fn negotiate(
         return Response::builder()
             .status(StatusCode::OK)
             .header(headers::IS_ACCEPTED, "False")
-            .header(http::header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            )
             .body(Body::from(body))
             .expect("a response built from valid parts is valid");
     }
     Metrics::add(&state.metrics.streams_accepted, 1);
     tracing::info!("stream accepted by the device");
-    let service_token = state.token_key.issue(&stream_id, &device_id, Side::Service, expiry);
+    let service_token = state
+        .token_key
+        .issue(&stream_id, &device_id, Side::Service, expiry);
     let half_close = response.half_close && header(&headers, headers::HALF_CLOSE) == Some("True");
     let mut builder = Response::builder()
         .status(StatusCode::OK)
@@ -235,5 +309,7 @@ async fn negotiate(
     if half_close {
         builder = builder.header(headers::HALF_CLOSE, "True");
     }
-    builder.body(Body::default()).expect("a response built from valid parts is valid")
+    builder
+        .body(Body::default())
+        .expect("a response built from valid parts is valid")
 }

@@ -9,17 +9,26 @@ fn relay() -> Command {
 
 #[test]
 fn help_shows_examples_and_limit_defaults() {
-    let output = relay().args(["serve", "--help"]).output().expect("relay runs");
+    let output = relay()
+        .args(["serve", "--help"])
+        .output()
+        .expect("relay runs");
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("--handshake-timeout") && help.contains("[default: 60]"), "{help}");
+    assert!(
+        help.contains("--handshake-timeout") && help.contains("[default: 60]"),
+        "{help}"
+    );
     let output = relay().arg("--help").output().expect("relay runs");
     assert!(String::from_utf8_lossy(&output.stdout).contains("relay device add MyDevice"));
 }
 
 #[test]
 fn usage_errors_exit_2() {
-    let output = relay().args(["serve", "--listen", "not-an-address"]).output().expect("relay runs");
+    let output = relay()
+        .args(["serve", "--listen", "not-an-address"])
+        .output()
+        .expect("relay runs");
     assert_eq!(output.status.code(), Some(2));
 }
 
@@ -27,7 +36,11 @@ fn usage_errors_exit_2() {
 fn registry_commands_on_a_missing_data_dir_say_how_to_create_it() {
     let directory = tempfile::tempdir().expect("temp dir");
     let missing = directory.path().join("nothing-here");
-    let output = relay().args(["device", "list", "--data-dir"]).arg(&missing).output().expect("relay runs");
+    let output = relay()
+        .args(["device", "list", "--data-dir"])
+        .arg(&missing)
+        .output()
+        .expect("relay runs");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("relay serve"), "{stderr}");
@@ -37,12 +50,25 @@ fn registry_commands_on_a_missing_data_dir_say_how_to_create_it() {
 #[test]
 fn device_add_prints_one_connection_string_and_refuses_duplicates() {
     let directory = tempfile::tempdir().expect("temp dir");
-    let add = |id: &str| relay().args(["device", "add", id, "--data-dir"]).arg(directory.path()).output().expect("relay runs");
+    let add = |id: &str| {
+        relay()
+            .args(["device", "add", id, "--data-dir"])
+            .arg(directory.path())
+            .output()
+            .expect("relay runs")
+    };
     let output = add("MyDevice");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.trim().lines().count(), 1);
-    assert!(stdout.starts_with("HostName=") && stdout.contains(";DeviceId=MyDevice;SharedAccessKey="), "{stdout}");
+    assert!(
+        stdout.starts_with("HostName=") && stdout.contains(";DeviceId=MyDevice;SharedAccessKey="),
+        "{stdout}"
+    );
     let again = add("MyDevice");
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));

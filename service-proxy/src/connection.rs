@@ -130,7 +130,6 @@ fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-
 /// A few words on how a stream ended, for its "closed" log line.
 pub fn describe_end(end: &PumpEnd) -> String {
     match end {

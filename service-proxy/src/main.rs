@@ -118,7 +118,8 @@ fn main() -> ExitCode {
         response_timeout: Duration::from_secs(arguments.response_timeout),
         half_close: !arguments.no_half_close,
         max_connections: arguments.max_connections as usize,
-        ping_interval: (arguments.ping_interval > 0).then(|| std::time::Duration::from_secs(arguments.ping_interval)),
+        ping_interval: (arguments.ping_interval > 0)
+            .then(|| std::time::Duration::from_secs(arguments.ping_interval)),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

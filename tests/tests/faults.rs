@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use devstreams_tests::{
-    open_file_descriptors, relay_metric, resident_kib, start_device_proxy, start_echo_server, start_echo_server_on,
-    start_service_proxy, wait_until_device_connected, Process, Relay,
+    open_file_descriptors, relay_metric, resident_kib, start_device_proxy, start_echo_server,
+    start_echo_server_on, start_service_proxy, wait_until_device_connected, Process, Relay,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,10 +25,23 @@ async fn tunnel(relay_arguments: &[&str]) -> Tunnel {
     let relay = Relay::start(relay_arguments).await;
     let (echo_port, echo) = start_echo_server().await;
     let connection_string = relay.add_device("MyDevice").await;
-    let device_proxy = start_device_proxy(&relay, &connection_string, echo_port, &["--max-backoff", "1"]).await;
+    let device_proxy = start_device_proxy(
+        &relay,
+        &connection_string,
+        echo_port,
+        &["--max-backoff", "1"],
+    )
+    .await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
-    Tunnel { relay, device_proxy, service_proxy, local_port, echo_port, echo }
+    Tunnel {
+        relay,
+        device_proxy,
+        service_proxy,
+        local_port,
+        echo_port,
+        echo,
+    }
 }
 
 /// Connects through the tunnel and checks one echo.
@@ -56,74 +69,131 @@ async fn time_until_broken(client: &mut TcpStream, limit: Duration) -> Duration 
         }
     })
     .await;
-    assert!(broken.is_ok(), "the client connection still hangs after {limit:?}");
+    assert!(
+        broken.is_ok(),
+        "the client connection still hangs after {limit:?}"
+    );
     started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
     let tunnel = tunnel(&[]).await;
-    let mut client = echo_round_trip(tunnel.local_port, b"before the crash").await.expect("tunnel works");
+    let mut client = echo_round_trip(tunnel.local_port, b"before the crash")
+        .await
+        .expect("tunnel works");
     // Keep bytes flowing while the relay dies.
-    client.write_all(&vec![7u8; 256 * 1024]).await.expect("write during transfer");
+    client
+        .write_all(&vec![7u8; 256 * 1024])
+        .await
+        .expect("write during transfer");
     tunnel.relay.process.signal("KILL");
     let waited = time_until_broken(&mut client, Duration::from_secs(10)).await;
-    assert!(waited < Duration::from_secs(5), "the client noticed after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "the client noticed after {waited:?}"
+    );
 
-    let Tunnel { relay, device_proxy: _device_proxy, service_proxy: _service_proxy, local_port, echo: _echo, .. } = tunnel;
+    let Tunnel {
+        relay,
+        device_proxy: _device_proxy,
+        service_proxy: _service_proxy,
+        local_port,
+        echo: _echo,
+        ..
+    } = tunnel;
     let address = relay.address.clone();
-    let Relay { process, directory, .. } = relay;
+    let Relay {
+        process, directory, ..
+    } = relay;
     drop(process);
     let _restarted = Relay::start_in(directory, &["--listen", &address]).await;
     let back = Instant::now();
     // Neither proxy is restarted: the device re-dials by itself, the
     // service-proxy kept listening.
-    echo_round_trip(local_port, b"after the restart").await.expect("the tunnel works again");
-    assert!(back.elapsed() < Duration::from_secs(2), "service came back after {:?}", back.elapsed());
+    echo_round_trip(local_port, b"after the restart")
+        .await
+        .expect("the tunnel works again");
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "service came back after {:?}",
+        back.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_device_proxy_makes_the_client_fail_within_three_seconds() {
     let tunnel = tunnel(&[]).await;
-    let mut client = echo_round_trip(tunnel.local_port, b"hello").await.expect("tunnel works");
+    let mut client = echo_round_trip(tunnel.local_port, b"hello")
+        .await
+        .expect("tunnel works");
     tunnel.device_proxy.signal("KILL");
     let waited = time_until_broken(&mut client, Duration::from_secs(10)).await;
-    assert!(waited < Duration::from_secs(3), "the client noticed after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "the client noticed after {waited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_target_fails_new_streams_fast_and_they_work_when_it_returns() {
     let tunnel = tunnel(&[]).await;
-    echo_round_trip(tunnel.local_port, b"target up").await.expect("tunnel works");
+    echo_round_trip(tunnel.local_port, b"target up")
+        .await
+        .expect("tunnel works");
     tunnel.echo.abort();
     let _ = tunnel.echo.await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut client = TcpStream::connect(("127.0.0.1", tunnel.local_port)).await.expect("service-proxy still listens");
+    let mut client = TcpStream::connect(("127.0.0.1", tunnel.local_port))
+        .await
+        .expect("service-proxy still listens");
     let waited = time_until_broken(&mut client, Duration::from_secs(10)).await;
-    assert!(waited < Duration::from_secs(3), "a refused target was reported after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "a refused target was reported after {waited:?}"
+    );
     let device_log = tunnel.device_proxy.log();
-    assert!(device_log.contains("refused") || device_log.contains("reject"), "device-proxy says why:\n{device_log}");
+    assert!(
+        device_log.contains("refused") || device_log.contains("reject"),
+        "device-proxy says why:\n{device_log}"
+    );
 
     let _echo_again = start_echo_server_on(tunnel.echo_port).await;
-    echo_round_trip(tunnel.local_port, b"target back").await.expect("streams work again once the target returns");
+    echo_round_trip(tunnel.local_port, b"target back")
+        .await
+        .expect("streams work again once the target returns");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_device_proxy_is_detected_within_three_ping_intervals() {
     let tunnel = tunnel(&["--ping-interval", "1"]).await;
-    let mut client = echo_round_trip(tunnel.local_port, b"hello").await.expect("tunnel works");
+    let mut client = echo_round_trip(tunnel.local_port, b"hello")
+        .await
+        .expect("tunnel works");
     tunnel.device_proxy.signal("STOP");
     let waited = time_until_broken(&mut client, Duration::from_secs(15)).await;
     tunnel.device_proxy.signal("CONT");
-    assert!(waited < Duration::from_secs(5), "a frozen peer was detected after {waited:?} (3 intervals = 3 s)");
-    assert!(tunnel.relay.process.log().contains("disconnected without closing"), "the relay logs why");
+    assert!(
+        waited < Duration::from_secs(5),
+        "a frozen peer was detected after {waited:?} (3 intervals = 3 s)"
+    );
+    assert!(
+        tunnel
+            .relay
+            .process
+            .log()
+            .contains("disconnected without closing"),
+        "the relay logs why"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_on_the_target_side_is_a_reset_on_the_client_side() {
     let relay = Relay::start(&[]).await;
     // A target that reads a request, then resets the connection.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let target_port = listener.local_addr().expect("address").port();
     let _target = tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -137,10 +207,14 @@ async fn reset_on_the_target_side_is_a_reset_on_the_client_side() {
     let _device_proxy = start_device_proxy(&relay, &connection_string, target_port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let (_service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
-    let mut client = TcpStream::connect(("127.0.0.1", local_port)).await.expect("connect");
+    let mut client = TcpStream::connect(("127.0.0.1", local_port))
+        .await
+        .expect("connect");
     client.write_all(b"hello").await.expect("write");
     let mut buffer = [0u8; 16];
-    let result = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buffer)).await.expect("answered");
+    let result = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buffer))
+        .await
+        .expect("answered");
     match result {
         Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}"),
         Ok(count) => panic!("expected a reset, got a clean read of {count} bytes"),
@@ -150,13 +224,18 @@ async fn reset_on_the_target_side_is_a_reset_on_the_client_side() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_live_stream_finish_then_the_relay_exits_zero_and_devices_return() {
     let mut tunnel = tunnel(&["--drain-timeout", "20"]).await;
-    let mut client = echo_round_trip(tunnel.local_port, b"start").await.expect("tunnel works");
+    let mut client = echo_round_trip(tunnel.local_port, b"start")
+        .await
+        .expect("tunnel works");
     tunnel.relay.process.signal("TERM");
     // The live stream keeps working during the drain.
     for round in 0..5u8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let payload = [round; 1000];
-        client.write_all(&payload).await.expect("write during drain");
+        client
+            .write_all(&payload)
+            .await
+            .expect("write during drain");
         let mut echoed = [0u8; 1000];
         tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
             .await
@@ -165,31 +244,63 @@ async fn sigterm_lets_a_live_stream_finish_then_the_relay_exits_zero_and_devices
         assert_eq!(echoed, payload);
     }
     drop(client);
-    let code = tunnel.relay.process.wait_exit(Duration::from_secs(15)).await;
+    let code = tunnel
+        .relay
+        .process
+        .wait_exit(Duration::from_secs(15))
+        .await;
     assert_eq!(code, Some(0), "relay log:\n{}", tunnel.relay.process.log());
 
-    let Tunnel { relay, device_proxy: _device_proxy, service_proxy: _service_proxy, local_port, echo: _echo, .. } = tunnel;
+    let Tunnel {
+        relay,
+        device_proxy: _device_proxy,
+        service_proxy: _service_proxy,
+        local_port,
+        echo: _echo,
+        ..
+    } = tunnel;
     let address = relay.address.clone();
-    let Relay { process, directory, .. } = relay;
+    let Relay {
+        process, directory, ..
+    } = relay;
     drop(process);
     let _next = Relay::start_in(directory, &["--listen", &address]).await;
-    echo_round_trip(local_port, b"next relay").await.expect("the device reconnected to the next relay start");
+    echo_round_trip(local_port, b"next relay")
+        .await
+        .expect("the device reconnected to the next relay start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_of_short_streams_leaves_no_descriptors_tasks_or_memory_behind() {
-    let tunnel = tunnel(&["--creations-per-second-per-device", "100000", "--max-streams-per-device", "10000"]).await;
-    let pids = [tunnel.relay.process.pid(), tunnel.device_proxy.pid(), tunnel.service_proxy.pid()];
-    echo_round_trip(tunnel.local_port, b"warm up").await.expect("tunnel works");
+    let tunnel = tunnel(&[
+        "--creations-per-second-per-device",
+        "100000",
+        "--max-streams-per-device",
+        "10000",
+    ])
+    .await;
+    let pids = [
+        tunnel.relay.process.pid(),
+        tunnel.device_proxy.pid(),
+        tunnel.service_proxy.pid(),
+    ];
+    echo_round_trip(tunnel.local_port, b"warm up")
+        .await
+        .expect("tunnel works");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline_descriptors: Vec<usize> = pids.iter().map(|&pid| open_file_descriptors(pid)).collect();
+    let baseline_descriptors: Vec<usize> =
+        pids.iter().map(|&pid| open_file_descriptors(pid)).collect();
     let baseline_memory: Vec<u64> = pids.iter().map(|&pid| resident_kib(pid)).collect();
     let baseline_tasks = relay_metric(&tunnel.relay, "devstreams_tasks").await;
 
     // Some long streams stay open through the churn.
     let mut long_streams = Vec::new();
     for index in 0..5u8 {
-        long_streams.push(echo_round_trip(tunnel.local_port, &[index; 100]).await.expect("long stream"));
+        long_streams.push(
+            echo_round_trip(tunnel.local_port, &[index; 100])
+                .await
+                .expect("long stream"),
+        );
     }
     let started = Instant::now();
     let short_streams = 1500;
@@ -199,21 +310,32 @@ async fn churn_of_short_streams_leaves_no_descriptors_tasks_or_memory_behind() {
             tokio::spawn(async move {
                 for index in 0..short_streams / 10 {
                     let payload = format!("worker {worker} stream {index}");
-                    let client = echo_round_trip(port, payload.as_bytes()).await.expect("short stream");
+                    let client = echo_round_trip(port, payload.as_bytes())
+                        .await
+                        .expect("short stream");
                     drop(client);
                 }
             })
         })
         .collect();
     for worker in workers {
-        tokio::time::timeout(Duration::from_secs(180), worker).await.expect("churn finishes").expect("worker");
+        tokio::time::timeout(Duration::from_secs(180), worker)
+            .await
+            .expect("churn finishes")
+            .expect("worker");
     }
     let churn_time = started.elapsed();
     for (index, stream) in long_streams.iter_mut().enumerate() {
         let payload = [index as u8 + 100; 100];
-        stream.write_all(&payload).await.expect("long stream still works");
+        stream
+            .write_all(&payload)
+            .await
+            .expect("long stream still works");
         let mut echoed = [0u8; 100];
-        stream.read_exact(&mut echoed).await.expect("long stream echo");
+        stream
+            .read_exact(&mut echoed)
+            .await
+            .expect("long stream echo");
         assert_eq!(echoed, payload);
     }
     drop(long_streams);
@@ -222,15 +344,24 @@ async fn churn_of_short_streams_leaves_no_descriptors_tasks_or_memory_behind() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let descriptors: Vec<usize> = pids.iter().map(|&pid| open_file_descriptors(pid)).collect();
-        let settled = descriptors.iter().zip(&baseline_descriptors).all(|(now, before)| *now <= before + 4);
+        let settled = descriptors
+            .iter()
+            .zip(&baseline_descriptors)
+            .all(|(now, before)| *now <= before + 4);
         if settled {
             break;
         }
-        assert!(Instant::now() < deadline, "descriptors stay open: before {baseline_descriptors:?}, after {descriptors:?}");
+        assert!(
+            Instant::now() < deadline,
+            "descriptors stay open: before {baseline_descriptors:?}, after {descriptors:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let tasks = relay_metric(&tunnel.relay, "devstreams_tasks").await;
-    assert!(tasks <= baseline_tasks + 2, "relay tasks: before {baseline_tasks}, after {tasks}");
+    assert!(
+        tasks <= baseline_tasks + 2,
+        "relay tasks: before {baseline_tasks}, after {tasks}"
+    );
     for (index, &pid) in pids.iter().enumerate() {
         let memory = resident_kib(pid);
         // Allocators keep some freed memory; a leak of ~1 KiB per stream

@@ -1,0 +1,715 @@
+//! Hostile input: each case asserts the relay's exact answer (status, CONNACK
+//! code, WebSocket close code, or time to close) and then that a normal echo
+//! stream still works on the same, still running, relay.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use devstreams_tests::{
+    raw_https, resident_kib, start_device_proxy, start_echo_server, start_service_proxy,
+    wait_until_device_connected, Process, Relay,
+};
+use framing::mqtt::{ConnectReturnCode, MqttConnection, Packet};
+use framing::websocket::Message;
+use framing::{
+    ConnectionString, CreateStreamError, DeviceClient, DeviceError, DeviceOptions, ServiceClient,
+    StreamOptions,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Fixture {
+    relay: Relay,
+    device_connection_string: String,
+    device_proxy: Process,
+    _echo: tokio::task::JoinHandle<()>,
+}
+
+async fn fixture(relay_arguments: &[&str]) -> Fixture {
+    let relay = Relay::start(relay_arguments).await;
+    let (echo_port, echo) = start_echo_server().await;
+    let device_connection_string = relay.add_device("MyDevice").await;
+    let device_proxy = start_device_proxy(&relay, &device_connection_string, echo_port, &[]).await;
+    wait_until_device_connected(&relay, "MyDevice").await;
+    Fixture {
+        relay,
+        device_connection_string,
+        device_proxy,
+        _echo: echo,
+    }
+}
+
+fn service(relay: &Relay) -> ServiceClient {
+    ServiceClient::new(
+        ConnectionString::parse_service(&relay.service_connection_string).expect("service string"),
+        relay.tls(),
+    )
+}
+
+fn quick() -> StreamOptions {
+    StreamOptions {
+        connect_timeout: Duration::from_secs(5),
+        response_timeout: Duration::from_secs(10),
+        target: None,
+        half_close: false,
+    }
+}
+
+/// A normal stream, created and echoed through device-proxy.
+async fn normal_echo_works(relay: &Relay) {
+    let invitation = service(relay)
+        .create_stream("MyDevice", "TestStream", &quick())
+        .await
+        .expect("the relay still creates streams");
+    assert!(invitation.is_accepted);
+    let mut socket = framing::connect_stream(
+        &invitation.url,
+        &invitation.authorization_token,
+        &relay.tls(),
+    )
+    .await
+    .expect("stream connects");
+    socket
+        .send(Message::Binary(b"still working".to_vec().into()))
+        .await
+        .expect("send");
+    let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("echo in time");
+    match echoed {
+        Some(Ok(Message::Binary(data))) => assert_eq!(&data[..], b"still working"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+    let _ = socket.close(None).await;
+}
+
+fn stream_request(relay: &Relay, device_id: &str, authorization: &str) -> String {
+    format!(
+        "POST /twins/{device_id}/streams/TestStream?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: {authorization}\r\n\
+         iothub-streaming-connect-timeout-in-seconds: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        relay.port()
+    )
+}
+
+fn sign_service(relay: &Relay, expiry: SystemTime, policy: &str) -> String {
+    let connection =
+        ConnectionString::parse_service(&relay.service_connection_string).expect("service string");
+    framing::sas::sign(
+        &connection.host_name,
+        connection.key(),
+        expiry,
+        Some(policy),
+    )
+}
+
+/// Waits until the peer closes `stream`; returns how long it took.
+async fn time_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the relay kept the connection open past {limit:?}"
+    );
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tls_handshake_and_slow_headers_are_cut_at_their_deadlines() {
+    let fixture = fixture(&["--tls-handshake-timeout", "1", "--header-read-timeout", "1"]).await;
+    let mut silent_tcp = TcpStream::connect(("127.0.0.1", fixture.relay.port()))
+        .await
+        .expect("connect");
+    let waited = time_until_closed(&mut silent_tcp, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "no TLS: cut after {waited:?}"
+    );
+
+    let mut silent_tls = framing::transport::connect(
+        "localhost",
+        fixture.relay.port(),
+        Some(&fixture.relay.tls()),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("TLS");
+    silent_tls
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("a partial request");
+    let waited = time_until_closed(&mut silent_tls, Duration::from_secs(5)).await;
+    assert!(
+        waited < Duration::from_secs(3),
+        "headers never finished: cut after {waited:?}"
+    );
+    normal_echo_works(&fixture.relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_http_requests_get_431_and_400() {
+    let fixture = fixture(&[]).await;
+    let huge = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let (status, _, _) = raw_https(&fixture.relay, &huge).await;
+    assert_eq!(status, 431);
+    let (status, _, _) = raw_https(&fixture.relay, "THIS IS NOT HTTP\r\n\r\n").await;
+    assert_eq!(status, 400);
+    let (status, _, body) = raw_https(
+        &fixture.relay,
+        "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(body.contains("errorCode"));
+    normal_echo_works(&fixture.relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_websocket_message_is_closed_with_1009() {
+    let fixture = fixture(&["--max-message-size", "65536"]).await;
+    let invitation = service(&fixture.relay)
+        .create_stream("MyDevice", "TestStream", &quick())
+        .await
+        .expect("created");
+    let mut socket = framing::connect_stream(
+        &invitation.url,
+        &invitation.authorization_token,
+        &fixture.relay.tls(),
+    )
+    .await
+    .expect("connects");
+    socket
+        .send(Message::Binary(vec![0u8; 100_000].into()))
+        .await
+        .expect("sent");
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the relay answers in time");
+    assert_eq!(answer, Some(1009));
+    normal_echo_works(&fixture.relay).await;
+}
+
+async fn mqtt_socket(relay: &Relay) -> MqttConnection<framing::websocket::ClientWebSocket> {
+    let url = format!("wss://localhost:{}/$iothub/websocket", relay.port());
+    let socket = framing::websocket::connect(
+        framing::websocket::WebSocketRequest {
+            url: &url,
+            authorization: None,
+            subprotocol: Some("mqtt"),
+            max_message_size: 1 << 20,
+            timeout: Duration::from_secs(10),
+        },
+        &relay.tls(),
+    )
+    .await
+    .expect("MQTT WebSocket opens");
+    MqttConnection::new(socket, 1 << 20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_or_oversized_mqtt_clients_are_cut() {
+    let fixture = fixture(&[
+        "--mqtt-connect-timeout",
+        "1",
+        "--max-mqtt-packet-size",
+        "4096",
+    ])
+    .await;
+    let mut silent = mqtt_socket(&fixture.relay).await;
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), silent.read_packet())
+        .await
+        .expect("closed in time");
+    assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no CONNECT: cut after {:?}",
+        started.elapsed()
+    );
+
+    let mut oversized = mqtt_socket(&fixture.relay).await;
+    let mut connect = framing::mqtt::Connect::new("MyDevice");
+    connect.set_login("localhost/MyDevice/?api-version=1", "x".repeat(10_000));
+    oversized
+        .write_packet(&Packet::Connect(connect))
+        .await
+        .expect("sent");
+    let ended = tokio::time::timeout(Duration::from_secs(5), oversized.read_packet())
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(ended, Ok(None) | Err(_)),
+        "a packet over the limit ends the connection: {ended:?}"
+    );
+    normal_echo_works(&fixture.relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_service_token_is_refused_with_401() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+    let cases = [
+        (
+            "bad signature",
+            sign_service(relay, in_an_hour, "service").replace("sig=", "sig=AAAA"),
+        ),
+        (
+            "expired",
+            sign_service(
+                relay,
+                SystemTime::now() - Duration::from_secs(3600),
+                "service",
+            ),
+        ),
+        (
+            "too far in the future",
+            sign_service(
+                relay,
+                SystemTime::now() + Duration::from_secs(5 * 366 * 24 * 3600),
+                "service",
+            ),
+        ),
+        (
+            "wrong policy",
+            sign_service(relay, in_an_hour, "registryRead"),
+        ),
+        (
+            "no policy",
+            sign_service(relay, in_an_hour, "service").replace("&skn=service", ""),
+        ),
+        ("not a SAS token", "Bearer abc".to_string()),
+    ];
+    for (case, token) in cases {
+        let (status, _, body) = raw_https(relay, &stream_request(relay, "MyDevice", &token)).await;
+        assert_eq!(status, 401, "{case}: {body}");
+        assert!(
+            !body.contains("sig="),
+            "{case}: the answer must not echo the token"
+        );
+    }
+    normal_echo_works(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_tokens_for_another_or_removed_device_get_connack_5() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let other = ConnectionString::parse_device(&relay.add_device("OtherDevice").await)
+        .expect("device string");
+    // A token signed with MyDevice's key but presented as OtherDevice.
+    let mine =
+        ConnectionString::parse_device(&fixture.device_connection_string).expect("device string");
+    let mut socket = mqtt_socket(relay).await;
+    let password = framing::sas::sign(
+        &format!("{}/devices/MyDevice", mine.host_name),
+        mine.key(),
+        SystemTime::now() + Duration::from_secs(600),
+        None,
+    );
+    let mut connect = framing::mqtt::Connect::new("OtherDevice");
+    connect.set_login(
+        format!("{}/OtherDevice/?api-version=1", mine.host_name),
+        password,
+    );
+    socket
+        .write_packet(&Packet::Connect(connect))
+        .await
+        .expect("sent");
+    match tokio::time::timeout(Duration::from_secs(5), socket.read_packet())
+        .await
+        .expect("answered")
+    {
+        Ok(Some(Packet::ConnAck(ack))) => assert_eq!(ack.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK 5, got {other:?}"),
+    }
+    let output = relay.cli(&["device", "remove", "OtherDevice"]).await;
+    assert!(output.status.success());
+    let removed = DeviceClient::connect(&other, &relay.tls(), &DeviceOptions::default()).await;
+    assert!(
+        matches!(
+            removed,
+            Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))
+        ),
+        "{:?}",
+        removed.err()
+    );
+    let result = service(relay)
+        .create_stream("OtherDevice", "TestStream", &quick())
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::DeviceNotFound(_))),
+        "{result:?}"
+    );
+    normal_echo_works(relay).await;
+}
+
+/// Upgrades to the streaming endpoint with raw bytes; returns the status.
+async fn upgrade_status(relay: &Relay, path: &str, token: &str) -> u16 {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let tls = relay.tls();
+    let mut stream = framing::transport::connect(
+        "localhost",
+        relay.port(),
+        Some(&tls),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("TLS");
+    stream.write_all(request.as_bytes()).await.expect("written");
+    let mut head = vec![0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head))
+        .await
+        .expect("answer")
+        .expect("read");
+    let text = String::from_utf8_lossy(&head[..read]).to_string();
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_tokens_work_once_on_their_own_stream_only() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let first = service(relay)
+        .create_stream("MyDevice", "TestStream", &quick())
+        .await
+        .expect("created");
+    let second = service(relay)
+        .create_stream("MyDevice", "TestStream", &quick())
+        .await
+        .expect("created");
+    let first_path = first
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_string()))
+        .expect("path");
+    let second_path = second
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_string()))
+        .expect("path");
+    assert_eq!(
+        upgrade_status(relay, &second_path, &first.authorization_token).await,
+        401,
+        "a token on another stream's path"
+    );
+    assert_eq!(
+        upgrade_status(relay, &first_path, "not.a.token").await,
+        401,
+        "a forged token"
+    );
+    assert_eq!(
+        upgrade_status(relay, &first_path, &first.authorization_token).await,
+        101,
+        "first use"
+    );
+    assert_eq!(
+        upgrade_status(relay, &first_path, &first.authorization_token).await,
+        401,
+        "second use"
+    );
+    normal_echo_works(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_rate_and_pending_limits_answer_429_with_retry_after() {
+    let fixture = fixture(&[
+        "--creations-per-second-per-device",
+        "3",
+        "--max-pending-streams",
+        "4",
+    ])
+    .await;
+    let relay = &fixture.relay;
+    let token = sign_service(
+        relay,
+        SystemTime::now() + Duration::from_secs(600),
+        "service",
+    );
+    let mut throttled = 0;
+    for _ in 0..6 {
+        let (status, headers, _) =
+            raw_https(relay, &stream_request(relay, "MyDevice", &token)).await;
+        if status == 429 {
+            throttled += 1;
+            assert!(headers
+                .iter()
+                .any(|(name, value)| name.eq_ignore_ascii_case("retry-after")
+                    && value.parse::<u64>().is_ok()));
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    assert!(
+        throttled >= 2,
+        "only {throttled} of 6 quick creations were throttled at 3/s"
+    );
+    let pending_now = 6 - throttled;
+    assert!(pending_now < 4, "{pending_now} streams pending");
+    // Each accepted stream above waits for its service side, which never
+    // connects; fill the pending table to its cap of 4, then one more.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in pending_now..4 {
+        let filled = service(relay)
+            .create_stream("MyDevice", "TestStream", &quick())
+            .await
+            .expect("room left");
+        assert!(filled.is_accepted);
+    }
+    let result = service(relay)
+        .create_stream("MyDevice", "TestStream", &quick())
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::Throttled { .. })),
+        "a full pending table answers 429: {result:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_source_are_capped_and_idle_ones_do_not_stop_streams() {
+    let fixture = fixture(&["--max-connections-per-source", "600"]).await;
+    let relay = &fixture.relay;
+    // 500 idle connections: half plain TCP, half with TLS done.
+    let mut idle = Vec::new();
+    for index in 0..500 {
+        let tcp = TcpStream::connect(("127.0.0.1", relay.port()))
+            .await
+            .expect("connect");
+        if index % 2 == 0 {
+            idle.push(framing::transport::NetworkStream::Plain(tcp));
+        } else {
+            drop(tcp);
+            let tls = framing::transport::connect(
+                "localhost",
+                relay.port(),
+                Some(&relay.tls()),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("TLS");
+            idle.push(tls);
+        }
+    }
+    let started = Instant::now();
+    normal_echo_works(relay).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stream beside 500 idle connections took {:?}",
+        started.elapsed()
+    );
+    // Past the per-source cap, a new connection is closed at once.
+    for _ in 0..200 {
+        idle.push(framing::transport::NetworkStream::Plain(
+            TcpStream::connect(("127.0.0.1", relay.port()))
+                .await
+                .expect("connect"),
+        ));
+    }
+    let mut refused = TcpStream::connect(("127.0.0.1", relay.port()))
+        .await
+        .expect("the kernel accepts");
+    let waited = time_until_closed(&mut refused, Duration::from_secs(5)).await;
+    assert!(
+        waited < Duration::from_secs(1),
+        "over the cap: closed after {waited:?}"
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    normal_echo_works(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_authentication_failures_from_one_source_are_slowed_down() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let bad = sign_service(
+        relay,
+        SystemTime::now() + Duration::from_secs(600),
+        "service",
+    )
+    .replace("sig=", "sig=AAAA");
+    let mut durations = Vec::new();
+    for _ in 0..8 {
+        let started = Instant::now();
+        let (status, _, _) = raw_https(relay, &stream_request(relay, "MyDevice", &bad)).await;
+        assert_eq!(status, 401);
+        durations.push(started.elapsed());
+    }
+    assert!(
+        durations[0] < Duration::from_millis(400),
+        "the first failures are answered at once: {durations:?}"
+    );
+    assert!(
+        durations[7] >= Duration::from_millis(1000),
+        "later failures are slowed: {durations:?}"
+    );
+    normal_echo_works(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_holds_bounded_memory_and_other_streams_keep_their_speed() {
+    let relay = Relay::start(&[]).await;
+    // A target that accepts and never reads.
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stalled_port = stalled.local_addr().expect("address").port();
+    let _stalled = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = stalled.accept().await {
+            held.push(socket);
+        }
+    });
+    let (echo_port, _echo) = start_echo_server().await;
+    let connection_string = relay.add_device("MyDevice").await;
+    let allow = format!("127.0.0.1:{echo_port}");
+    let device_proxy = start_device_proxy(
+        &relay,
+        &connection_string,
+        stalled_port,
+        &["--allow", &allow],
+    )
+    .await;
+    wait_until_device_connected(&relay, "MyDevice").await;
+    let (service_proxy, stalled_local) = start_service_proxy(&relay, "MyDevice", &[]).await;
+    let echo_target = echo_port.to_string();
+    let (_echo_proxy, echo_local) =
+        start_service_proxy(&relay, "MyDevice", &["--target-port", &echo_target]).await;
+    let pids = [relay.process.pid(), device_proxy.pid(), service_proxy.pid()];
+    let before: Vec<u64> = pids.iter().map(|&pid| resident_kib(pid)).collect();
+
+    // Push as much as the tunnel will take for three seconds.
+    let mut writer = TcpStream::connect(("127.0.0.1", stalled_local))
+        .await
+        .expect("connect");
+    let chunk = vec![1u8; 64 * 1024];
+    let mut accepted_bytes = 0usize;
+    let push_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < push_until {
+        match tokio::time::timeout(Duration::from_millis(200), writer.write(&chunk)).await {
+            Ok(Ok(count)) => accepted_bytes += count,
+            Ok(Err(error)) => panic!("write failed: {error}"),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        accepted_bytes < 64 * 1024 * 1024,
+        "backpressure: {accepted_bytes} bytes were taken by a stream nobody reads"
+    );
+
+    // Meanwhile another stream moves a mebibyte at full speed.
+    let started = Instant::now();
+    let mut other = TcpStream::connect(("127.0.0.1", echo_local))
+        .await
+        .expect("connect");
+    let payload = vec![7u8; 1024 * 1024];
+    let (mut reader, mut writer_half) = other.split();
+    let mut echoed = vec![0u8; payload.len()];
+    let (written, read) = tokio::join!(
+        writer_half.write_all(&payload),
+        reader.read_exact(&mut echoed)
+    );
+    written.expect("write");
+    read.expect("read");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the other stream took {:?}",
+        started.elapsed()
+    );
+
+    for (index, &pid) in pids.iter().enumerate() {
+        let grown = resident_kib(pid).saturating_sub(before[index]);
+        assert!(
+            grown < 48 * 1024,
+            "process {index} grew by {grown} KiB holding a stalled stream"
+        );
+    }
+    drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_keys_signatures_or_tokens() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let (service_proxy, local_port) = start_service_proxy(relay, "MyDevice", &[]).await;
+    let mut client = TcpStream::connect(("127.0.0.1", local_port))
+        .await
+        .expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
+        .await
+        .expect("echo")
+        .expect("read");
+    drop(client);
+    // Failures log too: a bad token, a bad device key.
+    let bad = sign_service(
+        relay,
+        SystemTime::now() + Duration::from_secs(600),
+        "service",
+    )
+    .replace("sig=", "sig=AAAA");
+    let _ = raw_https(relay, &stream_request(relay, "MyDevice", &bad)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secrets = [
+        fixture
+            .device_connection_string
+            .split("SharedAccessKey=")
+            .nth(1)
+            .expect("device key")
+            .to_string(),
+        relay
+            .service_connection_string
+            .split("SharedAccessKey=")
+            .nth(1)
+            .expect("service key")
+            .to_string(),
+    ];
+    for (name, log) in [
+        ("relay", relay.process.log()),
+        ("device-proxy", fixture.device_proxy.log()),
+        ("service-proxy", service_proxy.log()),
+    ] {
+        assert!(
+            log.contains("stream"),
+            "{name} logged nothing about streams: the check would be empty"
+        );
+        for secret in &secrets {
+            assert!(!log.contains(secret.as_str()), "{name} logged a key");
+        }
+        assert!(!log.contains("sig="), "{name} logged a SAS signature");
+        assert!(
+            !log.contains("SharedAccessSignature"),
+            "{name} logged a SAS token"
+        );
+        assert!(!log.contains("eyJ"), "{name} logged a stream token (JWT)");
+    }
+}

@@ -134,13 +134,15 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
                 &format!("device {device_id} is disabled"),
             )
         }
-        Ok(None) => return error_response(
-            StatusCode::NOT_FOUND,
-            error_code(StatusCode::NOT_FOUND, 1),
-            &format!(
+        Ok(None) => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                error_code(StatusCode::NOT_FOUND, 1),
+                &format!(
                 "device {device_id} is not registered: add it with `relay device add {device_id}`"
             ),
-        ),
+            )
+        }
         Err(error) => {
             tracing::error!(%error, "registry lookup failed");
             return error_response(

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use framing::mqtt::{
-    ByteTransport, Connect, ConnectReturnCode, MqttConnection, MqttError, Packet, Publish, QoS, Subscribe, SubscribeFilter,
-    SubscribeReasonCode,
+    ByteTransport, Connect, ConnectReturnCode, MqttConnection, MqttError, Packet, Publish, QoS,
+    Subscribe, SubscribeFilter, SubscribeReasonCode,
 };
 use framing::transport::NetworkStream;
 use hmac::{Hmac, Mac};
@@ -41,38 +41,71 @@ pub type MqttOverTls = MqttConnection<ByteTransport<NetworkStream>>;
 
 /// A device SAS token as the C SDK signs it for a device key.
 pub fn c_sdk_device_token(resource: &str, key: &[u8], expiry: SystemTime) -> String {
-    let expiry_seconds = expiry.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let expiry_seconds = expiry
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(format!("{resource}\n{expiry_seconds}").as_bytes());
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let signature = percent_encoding::utf8_percent_encode(&signature, percent_encoding::NON_ALPHANUMERIC);
+    let signature =
+        percent_encoding::utf8_percent_encode(&signature, percent_encoding::NON_ALPHANUMERIC);
     format!("SharedAccessSignature sr={resource}&sig={signature}&se={expiry_seconds}&skn=")
 }
 
 /// The CONNECT the C SDK sends for a device (or a module when `module_id` is set).
-pub fn c_sdk_connect(host_name: &str, device_id: &str, module_id: Option<&str>, key: &[u8], keep_alive: u16) -> Connect {
+pub fn c_sdk_connect(
+    host_name: &str,
+    device_id: &str,
+    module_id: Option<&str>,
+    key: &[u8],
+    keep_alive: u16,
+) -> Connect {
     let (client_id, resource) = match module_id {
-        Some(module_id) => (format!("{device_id}/{module_id}"), format!("{host_name}/devices/{device_id}/modules/{module_id}")),
-        None => (device_id.to_string(), format!("{host_name}/devices/{device_id}")),
+        Some(module_id) => (
+            format!("{device_id}/{module_id}"),
+            format!("{host_name}/devices/{device_id}/modules/{module_id}"),
+        ),
+        None => (
+            device_id.to_string(),
+            format!("{host_name}/devices/{device_id}"),
+        ),
     };
     let mut connect = Connect::new(client_id.clone());
     connect.keep_alive = keep_alive;
     connect.clean_session = false;
     let username = format!("{host_name}/{client_id}/?api-version={C_SDK_API_VERSION}&DeviceClientType={C_SDK_CLIENT_TYPE}");
-    connect.set_login(username, c_sdk_device_token(&resource, key, SystemTime::now() + Duration::from_secs(3600)));
+    connect.set_login(
+        username,
+        c_sdk_device_token(
+            &resource,
+            key,
+            SystemTime::now() + Duration::from_secs(3600),
+        ),
+    );
     connect
 }
 
 /// Dials the MQTT listener on loopback with TLS, presenting `server_name` (SNI).
-pub async fn dial_mqtt(port: u16, server_name: &str, tls: &Arc<rustls::ClientConfig>) -> MqttOverTls {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("the MQTT listener accepts TCP");
-    let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("a valid TLS server name");
+pub async fn dial_mqtt(
+    port: u16,
+    server_name: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> MqttOverTls {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the MQTT listener accepts TCP");
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .expect("a valid TLS server name");
     let stream = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, tcp)
         .await
         .expect("TLS with the relay's certificate on the MQTT listener");
     let stream = NetworkStream::Tls(Box::new(tokio_rustls::TlsStream::Client(stream)));
-    MqttConnection::new(ByteTransport(stream), framing::mqtt::DEFAULT_MAX_PACKET_SIZE)
+    MqttConnection::new(
+        ByteTransport(stream),
+        framing::mqtt::DEFAULT_MAX_PACKET_SIZE,
+    )
 }
 
 /// What the next read gave, within a deadline.
@@ -113,22 +146,31 @@ impl IotHubStreamRequest {
     pub fn parse(topic: &str) -> Result<Self, String> {
         let levels: Vec<&str> = topic.split('/').collect();
         let [dollar_iothub, streams, post, stream_name, query] = levels.as_slice() else {
-            return Err(format!("topic has {} '/'-separated levels, IoT Hub SDKs need exactly 5: {topic}", levels.len()));
+            return Err(format!(
+                "topic has {} '/'-separated levels, IoT Hub SDKs need exactly 5: {topic}",
+                levels.len()
+            ));
         };
         if (*dollar_iothub, *streams, *post) != ("$iothub", "streams", "POST") {
             return Err(format!("not a stream request topic: {topic}"));
         }
-        let query = query.strip_prefix('?').ok_or_else(|| format!("the fifth level does not start with '?': {topic}"))?;
+        let query = query
+            .strip_prefix('?')
+            .ok_or_else(|| format!("the fifth level does not start with '?': {topic}"))?;
         let (mut request_id, mut url, mut authorization_token) = (None, None, None);
         for pair in query.split('&') {
             let parts: Vec<&str> = pair.split('=').collect();
             let [name, value] = parts.as_slice() else {
-                return Err(format!("query pair {pair:?} does not split into exactly key=value"));
+                return Err(format!(
+                    "query pair {pair:?} does not split into exactly key=value"
+                ));
             };
             match *name {
                 "$rid" => request_id = Some(value.to_string()),
                 "$url" => {
-                    let decoded = percent_encoding::percent_decode_str(value).decode_utf8().map_err(|_| "$url is not UTF-8")?;
+                    let decoded = percent_encoding::percent_decode_str(value)
+                        .decode_utf8()
+                        .map_err(|_| "$url is not UTF-8")?;
                     url = Some(decoded.into_owned());
                 }
                 "$auth" => authorization_token = Some(value.to_string()),
@@ -147,7 +189,10 @@ impl IotHubStreamRequest {
     /// A query value exactly as it appears in the topic (not decoded).
     pub fn raw_value(&self, name: &str) -> Option<&str> {
         let query = self.topic.rsplit('/').next()?.strip_prefix('?')?;
-        query.split('&').find_map(|pair| pair.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+        query.split('&').find_map(|pair| {
+            pair.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
     }
 }
 
@@ -165,7 +210,9 @@ impl CSdkDevice {
         connect: Connect,
     ) -> (ConnectReturnCode, MqttOverTls) {
         let mut mqtt = dial_mqtt(port, "localhost", tls).await;
-        mqtt.write_packet(&Packet::Connect(connect)).await.expect("CONNECT sent");
+        mqtt.write_packet(&Packet::Connect(connect))
+            .await
+            .expect("CONNECT sent");
         match receive(&mut mqtt, ANSWER_TIMEOUT).await {
             Received::Packet(Packet::ConnAck(ack)) => (ack.code, mqtt),
             other => panic!("expected CONNACK, got {other:?}"),
@@ -180,19 +227,32 @@ impl CSdkDevice {
         module_id: Option<&str>,
         keep_alive: u16,
     ) -> CSdkDevice {
-        let connection = framing::ConnectionString::parse_device(connection_string).expect("a device connection string");
-        let device_id = connection.device_id.clone().expect("the connection string names a device");
+        let connection = framing::ConnectionString::parse_device(connection_string)
+            .expect("a device connection string");
+        let device_id = connection
+            .device_id
+            .clone()
+            .expect("the connection string names a device");
         // The C SDK cannot take a port: its HostName is the bare host.
         let host = connection.host().to_string();
         let connect = c_sdk_connect(&host, &device_id, module_id, connection.key(), keep_alive);
         let (code, mqtt) = Self::connect_raw(port, tls, connect).await;
-        assert_eq!(code, ConnectReturnCode::Success, "a C SDK style CONNECT is accepted");
+        assert_eq!(
+            code,
+            ConnectReturnCode::Success,
+            "a C SDK style CONNECT is accepted"
+        );
         let mut device = CSdkDevice::from_connection(mqtt);
         let codes = device
-            .subscribe(&[framing::topics::STREAM_REQUESTS_FILTER, framing::topics::STREAM_RESPONSES_FILTER])
+            .subscribe(&[
+                framing::topics::STREAM_REQUESTS_FILTER,
+                framing::topics::STREAM_RESPONSES_FILTER,
+            ])
             .await;
         assert!(
-            codes.iter().all(|code| *code == SubscribeReasonCode::Success(QoS::AtMostOnce)),
+            codes
+                .iter()
+                .all(|code| *code == SubscribeReasonCode::Success(QoS::AtMostOnce)),
             "both stream subscriptions are granted at QoS 0: {codes:?}"
         );
         device
@@ -200,7 +260,10 @@ impl CSdkDevice {
 
     /// Takes over a connection whose CONNECT was already accepted.
     pub fn from_connection(mqtt: MqttOverTls) -> CSdkDevice {
-        CSdkDevice { mqtt, next_packet_id: 1 }
+        CSdkDevice {
+            mqtt,
+            next_packet_id: 1,
+        }
     }
 
     fn packet_id(&mut self) -> u16 {
@@ -211,14 +274,24 @@ impl CSdkDevice {
 
     /// One SUBSCRIBE at QoS 0 for all `filters`; returns the SUBACK codes.
     pub async fn subscribe(&mut self, filters: &[&str]) -> Vec<SubscribeReasonCode> {
-        let mut subscribe =
-            Subscribe::new_many(filters.iter().map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtMostOnce)));
+        let mut subscribe = Subscribe::new_many(
+            filters
+                .iter()
+                .map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtMostOnce)),
+        );
         subscribe.pkid = self.packet_id();
-        self.mqtt.write_packet(&Packet::Subscribe(subscribe.clone())).await.expect("SUBSCRIBE sent");
+        self.mqtt
+            .write_packet(&Packet::Subscribe(subscribe.clone()))
+            .await
+            .expect("SUBSCRIBE sent");
         match receive(&mut self.mqtt, ANSWER_TIMEOUT).await {
             Received::Packet(Packet::SubAck(ack)) => {
                 assert_eq!(ack.pkid, subscribe.pkid, "SUBACK answers our SUBSCRIBE");
-                assert_eq!(ack.return_codes.len(), filters.len(), "one SUBACK code per filter");
+                assert_eq!(
+                    ack.return_codes.len(),
+                    filters.len(),
+                    "one SUBACK code per filter"
+                );
                 ack.return_codes
             }
             other => panic!("expected SUBACK, got {other:?}"),
@@ -230,9 +303,17 @@ impl CSdkDevice {
         loop {
             match receive(&mut self.mqtt, ANSWER_TIMEOUT * 3).await {
                 Received::Packet(Packet::Publish(publish)) => {
-                    assert_eq!(publish.qos, QoS::AtMostOnce, "stream requests come at QoS 0");
-                    assert!(publish.payload.is_empty(), "stream requests have an empty payload");
-                    return IotHubStreamRequest::parse(&publish.topic).unwrap_or_else(|reason| panic!("{reason}"));
+                    assert_eq!(
+                        publish.qos,
+                        QoS::AtMostOnce,
+                        "stream requests come at QoS 0"
+                    );
+                    assert!(
+                        publish.payload.is_empty(),
+                        "stream requests have an empty payload"
+                    );
+                    return IotHubStreamRequest::parse(&publish.topic)
+                        .unwrap_or_else(|reason| panic!("{reason}"));
                 }
                 Received::Packet(Packet::PingResp) => continue,
                 other => panic!("expected a stream request, got {other:?}"),
@@ -243,14 +324,23 @@ impl CSdkDevice {
     /// Publishes `$iothub/streams/res/{status}/?$rid={rid}`; at QoS 1 waits
     /// for the PUBACK of that packet id.
     pub async fn answer(&mut self, request_id: &str, status: u16, qos: QoS) {
-        let mut publish = Publish::new(format!("$iothub/streams/res/{status}/?$rid={request_id}"), qos, Vec::new());
+        let mut publish = Publish::new(
+            format!("$iothub/streams/res/{status}/?$rid={request_id}"),
+            qos,
+            Vec::new(),
+        );
         if qos != QoS::AtMostOnce {
             publish.pkid = self.packet_id();
         }
-        self.mqtt.write_packet(&Packet::Publish(publish.clone())).await.expect("answer sent");
+        self.mqtt
+            .write_packet(&Packet::Publish(publish.clone()))
+            .await
+            .expect("answer sent");
         if qos == QoS::AtLeastOnce {
             match receive(&mut self.mqtt, ANSWER_TIMEOUT).await {
-                Received::Packet(Packet::PubAck(ack)) => assert_eq!(ack.pkid, publish.pkid, "PUBACK names our packet id"),
+                Received::Packet(Packet::PubAck(ack)) => {
+                    assert_eq!(ack.pkid, publish.pkid, "PUBACK names our packet id")
+                }
                 other => panic!("expected PUBACK for a QoS 1 answer, got {other:?}"),
             }
         }
@@ -258,7 +348,10 @@ impl CSdkDevice {
 
     /// PINGREQ, and the very next packet must be PINGRESP.
     pub async fn ping(&mut self) {
-        self.mqtt.write_packet(&Packet::PingReq).await.expect("PINGREQ sent");
+        self.mqtt
+            .write_packet(&Packet::PingReq)
+            .await
+            .expect("PINGREQ sent");
         match receive(&mut self.mqtt, ANSWER_TIMEOUT).await {
             Received::Packet(Packet::PingResp) => {}
             other => panic!("expected PINGRESP, got {other:?}"),
@@ -276,7 +369,9 @@ pub struct UpgradeAnswer {
 impl UpgradeAnswer {
     /// Whether a header is present, its name compared case-insensitively.
     pub fn has_header(&self, name: &str) -> bool {
-        self.headers.iter().any(|(header, _)| header.eq_ignore_ascii_case(name))
+        self.headers
+            .iter()
+            .any(|(header, _)| header.eq_ignore_ascii_case(name))
     }
 }
 
@@ -292,11 +387,17 @@ pub async fn websocket_upgrade(
     headers: &[(&str, &str)],
     tls: &Arc<rustls::ClientConfig>,
 ) -> UpgradeAnswer {
-    let path = url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|slash| &rest[slash..])).unwrap_or("/");
+    let path = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|slash| &rest[slash..]))
+        .unwrap_or("/");
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WEBSOCKET_KEY}\r\n"
     );
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
         request.push_str(&format!("Host: localhost:{port}\r\n"));
     }
     for (name, value) in headers {
@@ -306,7 +407,10 @@ pub async fn websocket_upgrade(
     let mut stream = framing::transport::connect("localhost", port, Some(tls), ANSWER_TIMEOUT)
         .await
         .expect("TLS connection to the relay's main port");
-    stream.write_all(request.as_bytes()).await.expect("upgrade request written");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("upgrade request written");
     // Byte by byte up to the blank line, so no WebSocket frame is read early.
     let mut head = Vec::new();
     let read_head = async {
@@ -317,28 +421,51 @@ pub async fn websocket_upgrade(
             }
         }
     };
-    tokio::time::timeout(ANSWER_TIMEOUT, read_head).await.expect("the relay answers the upgrade in time");
+    tokio::time::timeout(ANSWER_TIMEOUT, read_head)
+        .await
+        .expect("the relay answers the upgrade in time");
     let text = String::from_utf8_lossy(&head).to_string();
     let mut lines = text.split("\r\n");
-    let status = lines.next().and_then(|line| line.split(' ').nth(1)).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(name, value)| (name.to_string(), value.trim().to_string()))
         .collect();
     let socket = match status {
         101 => {
-            let accept = headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-accept")).map(|(_, v)| v.as_str());
-            assert_eq!(accept, Some(WEBSOCKET_ACCEPT), "Sec-WebSocket-Accept answers our key");
+            let accept = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-accept"))
+                .map(|(_, v)| v.as_str());
+            assert_eq!(
+                accept,
+                Some(WEBSOCKET_ACCEPT),
+                "Sec-WebSocket-Accept answers our key"
+            );
             Some(WebSocketStream::from_raw_socket(stream, Role::Client, None).await)
         }
         _ => None,
     };
-    UpgradeAnswer { status, headers, socket }
+    UpgradeAnswer {
+        status,
+        headers,
+        socket,
+    }
 }
 
 /// The stream-creation request IoT Hub's service SDKs send, with both
 /// timeout headers; `authorization` is the service SAS token.
-pub fn stream_creation_request(path_and_query: &str, port: u16, authorization: &str, connect_timeout: u64, response_timeout: u64) -> String {
+pub fn stream_creation_request(
+    path_and_query: &str,
+    port: u16,
+    authorization: &str,
+    connect_timeout: u64,
+    response_timeout: u64,
+) -> String {
     format!(
         "POST {path_and_query} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: {authorization}\r\n\
          iothub-streaming-connect-timeout-in-seconds: {connect_timeout}\r\n\
@@ -348,11 +475,20 @@ pub fn stream_creation_request(path_and_query: &str, port: u16, authorization: &
 
 /// A service SAS token for the relay's `service` policy.
 pub fn service_token(service_connection_string: &str) -> String {
-    let connection = framing::ConnectionString::parse_service(service_connection_string).expect("service string");
-    framing::sas::sign(&connection.host_name, connection.key(), SystemTime::now() + Duration::from_secs(3600), Some("service"))
+    let connection = framing::ConnectionString::parse_service(service_connection_string)
+        .expect("service string");
+    framing::sas::sign(
+        &connection.host_name,
+        connection.key(),
+        SystemTime::now() + Duration::from_secs(3600),
+        Some("service"),
+    )
 }
 
 /// A header's value by exact (case-sensitive) name.
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(header, _)| header == name).map(|(_, value)| value.as_str())
+    headers
+        .iter()
+        .find(|(header, _)| header == name)
+        .map(|(_, value)| value.as_str())
 }

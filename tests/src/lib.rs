@@ -27,7 +27,11 @@ pub fn binary(name: &str) -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("tests run from target/<profile>/deps");
     let path = profile_directory.join(name);
-    assert!(path.exists(), "{} is missing: run the suite with `cargo test --workspace` so the binaries are built", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` so the binaries are built",
+        path.display()
+    );
     path
 }
 
@@ -39,7 +43,12 @@ pub struct Process {
 }
 
 impl Process {
-    pub async fn spawn(name: &str, arguments: &[&str], log_directory: &Path, environment: &[(&str, &str)]) -> Process {
+    pub async fn spawn(
+        name: &str,
+        arguments: &[&str],
+        log_directory: &Path,
+        environment: &[(&str, &str)],
+    ) -> Process {
         let log_path = log_directory.join(format!("{name}-{}.log", unique_number()));
         let log = std::fs::File::create(&log_path).expect("log file in the test's temp dir");
         let mut command = Command::new(binary(name));
@@ -53,9 +62,18 @@ impl Process {
         for (key, value) in environment {
             command.env(key, value);
         }
-        let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-        let stdout = child.stdout.take().map(|stdout| BufReader::new(stdout).lines());
-        Process { child, log_path, stdout }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|stdout| BufReader::new(stdout).lines());
+        Process {
+            child,
+            log_path,
+            stdout,
+        }
     }
 
     /// Reads stdout until a line starting with `prefix`; returns the rest.
@@ -86,15 +104,25 @@ impl Process {
 
     /// Sends a signal to this process only, by PID.
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
-        assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{signal} {} failed", self.pid());
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+        assert!(
+            status.map(|s| s.success()).unwrap_or(false),
+            "kill -{signal} {} failed",
+            self.pid()
+        );
     }
 
     /// Waits for the process to exit; returns its exit code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) => status.code(),
-            _ => panic!("process did not exit within {timeout:?}; its log:\n{}", self.log()),
+            _ => panic!(
+                "process did not exit within {timeout:?}; its log:\n{}",
+                self.log()
+            ),
         }
     }
 }
@@ -137,14 +165,39 @@ impl Relay {
         }
         arguments.extend_from_slice(extra_arguments);
         let mut process = Process::spawn("relay", &arguments, directory.path(), &[]).await;
-        let address = process.wait_for_line("Listening on ").await.split(' ').next().unwrap_or_default().to_string();
+        let address = process
+            .wait_for_line("Listening on ")
+            .await
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let mqtt_address = match mqtt {
-            true => Some(process.wait_for_line("MQTT listening on ").await.split(' ').next().unwrap_or_default().to_string()),
+            true => Some(
+                process
+                    .wait_for_line("MQTT listening on ")
+                    .await
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
             false => None,
         };
         let service_connection_string = process.wait_for_line("Service connection string: ").await;
-        let ca_certificate = PathBuf::from(process.wait_for_line("CA certificate for clients (--ca-cert): ").await);
-        Relay { process, directory, address, mqtt_address, service_connection_string, ca_certificate }
+        let ca_certificate = PathBuf::from(
+            process
+                .wait_for_line("CA certificate for clients (--ca-cert): ")
+                .await,
+        );
+        Relay {
+            process,
+            directory,
+            address,
+            mqtt_address,
+            service_connection_string,
+            ca_certificate,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -152,13 +205,24 @@ impl Relay {
     }
 
     pub fn port(&self) -> u16 {
-        self.address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("address has a port")
+        self.address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("address has a port")
     }
 
     /// Port of the MQTT-over-TLS listener; panics when it was turned off.
     pub fn mqtt_port(&self) -> u16 {
-        let address = self.mqtt_address.as_deref().expect("the relay was started with its MQTT listener");
-        address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("MQTT address has a port")
+        let address = self
+            .mqtt_address
+            .as_deref()
+            .expect("the relay was started with its MQTT listener");
+        address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("MQTT address has a port")
     }
 
     /// Runs a `relay` registry subcommand against this relay's data dir.
@@ -176,12 +240,20 @@ impl Relay {
     /// `relay device add ID`: the device connection string.
     pub async fn add_device(&self, device_id: &str) -> String {
         let output = self.cli(&["device", "add", device_id]).await;
-        assert!(output.status.success(), "relay device add failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).expect("UTF-8").trim().to_string()
+        assert!(
+            output.status.success(),
+            "relay device add failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("UTF-8")
+            .trim()
+            .to_string()
     }
 
     pub fn tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        framing::tls::client_config(Some(&self.ca_certificate)).expect("the relay certificate loads")
+        framing::tls::client_config(Some(&self.ca_certificate))
+            .expect("the relay certificate loads")
     }
 
     pub fn ca_text(&self) -> String {
@@ -190,7 +262,12 @@ impl Relay {
 }
 
 /// `device-proxy CONN HOST PORT --ca-cert …`.
-pub async fn start_device_proxy(relay: &Relay, connection_string: &str, target_port: u16, extra: &[&str]) -> Process {
+pub async fn start_device_proxy(
+    relay: &Relay,
+    connection_string: &str,
+    target_port: u16,
+    extra: &[&str],
+) -> Process {
     let port = target_port.to_string();
     let ca = relay.ca_text();
     let mut arguments = vec![connection_string, "127.0.0.1", &port, "--ca-cert", &ca];
@@ -201,12 +278,26 @@ pub async fn start_device_proxy(relay: &Relay, connection_string: &str, target_p
 /// `service-proxy CONN DEVICE 0 --ca-cert …`; returns it and its local port.
 pub async fn start_service_proxy(relay: &Relay, device_id: &str, extra: &[&str]) -> (Process, u16) {
     let ca = relay.ca_text();
-    let mut arguments = vec![relay.service_connection_string.as_str(), device_id, "0", "--ca-cert", &ca];
+    let mut arguments = vec![
+        relay.service_connection_string.as_str(),
+        device_id,
+        "0",
+        "--ca-cert",
+        &ca,
+    ];
     arguments.extend_from_slice(extra);
-    let mut process = Process::spawn("service-proxy", &arguments, relay.directory.path(), &[]).await;
+    let mut process =
+        Process::spawn("service-proxy", &arguments, relay.directory.path(), &[]).await;
     let address = process.wait_for_line("Listening on ").await;
-    let port = address.split(' ').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
-    (process, port.unwrap_or_else(|| panic!("service-proxy printed no port: {address:?}")))
+    let port = address
+        .split(' ')
+        .next()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok());
+    (
+        process,
+        port.unwrap_or_else(|| panic!("service-proxy printed no port: {address:?}")),
+    )
 }
 
 /// Waits until `device_id` has a control channel on the relay, by asking the
@@ -214,7 +305,8 @@ pub async fn start_service_proxy(relay: &Relay, device_id: &str, extra: &[&str])
 /// answering "not connected". Returns once the device answered once.
 pub async fn wait_until_device_connected(relay: &Relay, device_id: &str) {
     let service = framing::ServiceClient::new(
-        framing::ConnectionString::parse_service(&relay.service_connection_string).expect("service string"),
+        framing::ConnectionString::parse_service(&relay.service_connection_string)
+            .expect("service string"),
         relay.tls(),
     );
     let options = framing::StreamOptions {
@@ -224,7 +316,10 @@ pub async fn wait_until_device_connected(relay: &Relay, device_id: &str) {
         half_close: false,
     };
     for _ in 0..30 {
-        match service.create_stream(device_id, "ReadinessProbe", &options).await {
+        match service
+            .create_stream(device_id, "ReadinessProbe", &options)
+            .await
+        {
             Ok(_) => return,
             Err(framing::CreateStreamError::DeviceOffline(_)) => continue,
             Err(error) => panic!("readiness probe failed: {error}"),
@@ -235,7 +330,9 @@ pub async fn wait_until_device_connected(relay: &Relay, device_id: &str) {
 
 /// An in-process TCP echo server on loopback; returns its port.
 pub async fn start_echo_server() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind echo server");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo server");
     let port = listener.local_addr().expect("local address").port();
     let task = tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
@@ -280,14 +377,21 @@ pub fn require_sshd() -> bool {
         return true;
     }
     if std::env::var("CI").is_ok_and(|value| value == "true") {
-        panic!("sshd/ssh are missing in CI: .ci/run must install openssh-server and openssh-client");
+        panic!(
+            "sshd/ssh are missing in CI: .ci/run must install openssh-server and openssh-client"
+        );
     }
-    eprintln!("SKIPPED: {SSHD} or ssh not installed (apt-get install openssh-server openssh-client)");
+    eprintln!(
+        "SKIPPED: {SSHD} or ssh not installed (apt-get install openssh-server openssh-client)"
+    );
     false
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 impl Sshd {
@@ -304,12 +408,21 @@ impl Sshd {
         }
         std::fs::copy(path("client_key.pub"), path("authorized_keys")).expect("authorized_keys");
         let _ = std::fs::create_dir_all("/run/sshd");
-        let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
-            String::from_utf8(std::process::Command::new("id").arg("-un").output().expect("id runs").stdout)
+        let user = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| {
+                String::from_utf8(
+                    std::process::Command::new("id")
+                        .arg("-un")
+                        .output()
+                        .expect("id runs")
+                        .stdout,
+                )
                 .expect("UTF-8")
                 .trim()
                 .to_string()
-        });
+            });
         let mut last_log = String::new();
         for _attempt in 0..5 {
             let port = free_port();
@@ -334,8 +447,16 @@ impl Sshd {
                 .spawn()
                 .expect("sshd starts");
             for _ in 0..100 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                    return Sshd { process, port, directory, user };
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Sshd {
+                        process,
+                        port,
+                        directory,
+                        user,
+                    };
                 }
                 if let Ok(Some(_)) = process.try_wait() {
                     break;
@@ -379,7 +500,10 @@ impl Sshd {
 /// SHA-256 of bytes, hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Sends raw HTTP/1.1 over TLS (the request should say `Connection: close`)
@@ -388,16 +512,28 @@ pub fn sha256_hex(data: &[u8]) -> String {
 pub async fn raw_https(relay: &Relay, request: &str) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tls = relay.tls();
-    let mut stream = framing::transport::connect("localhost", relay.port(), Some(&tls), Duration::from_secs(10))
+    let mut stream = framing::transport::connect(
+        "localhost",
+        relay.port(),
+        Some(&tls),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("TLS connection to the relay");
+    stream
+        .write_all(request.as_bytes())
         .await
-        .expect("TLS connection to the relay");
-    stream.write_all(request.as_bytes()).await.expect("request written");
+        .expect("request written");
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut response)).await;
     let text = String::from_utf8_lossy(&response).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines.next().and_then(|line| line.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(name, value)| (name.to_string(), value.trim().to_string()))
@@ -407,7 +543,9 @@ pub async fn raw_https(relay: &Relay, request: &str) -> (u16, Vec<(String, Strin
 
 /// Open file descriptors of a process.
 pub fn open_file_descriptors(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|entries| entries.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
 }
 
 /// Resident memory of a process, KiB.
@@ -430,13 +568,18 @@ pub async fn relay_metric(relay: &Relay, name: &str) -> u64 {
     let (status, _, body) = raw_https(relay, request).await;
     assert_eq!(status, 200, "metrics answer");
     body.lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
 }
 
 /// A TCP echo server on a given loopback port (to bring a target back).
 pub async fn start_echo_server_on(port: u16) -> tokio::task::JoinHandle<()> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind echo server again");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind echo server again");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {

@@ -4,13 +4,22 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use devstreams_tests::{raw_https, start_device_proxy, start_echo_server, start_service_proxy, wait_until_device_connected, Relay};
+use devstreams_tests::{
+    raw_https, start_device_proxy, start_echo_server, start_service_proxy,
+    wait_until_device_connected, Relay,
+};
 use framing::mqtt::{ConnectReturnCode, MqttConnection, Packet};
-use framing::{ConnectionString, CreateStreamError, DeviceClient, DeviceError, DeviceOptions, ServiceClient, StreamOptions};
+use framing::{
+    ConnectionString, CreateStreamError, DeviceClient, DeviceError, DeviceOptions, ServiceClient,
+    StreamOptions,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn service(relay: &Relay) -> ServiceClient {
-    ServiceClient::new(ConnectionString::parse_service(&relay.service_connection_string).expect("service string"), relay.tls())
+    ServiceClient::new(
+        ConnectionString::parse_service(&relay.service_connection_string).expect("service string"),
+        relay.tls(),
+    )
 }
 
 fn short_options(target: Option<&str>) -> StreamOptions {
@@ -22,7 +31,12 @@ fn short_options(target: Option<&str>) -> StreamOptions {
     }
 }
 
-fn stream_request(relay: &Relay, device_id: &str, authorization: &str, connect_timeout_seconds: u64) -> String {
+fn stream_request(
+    relay: &Relay,
+    device_id: &str,
+    authorization: &str,
+    connect_timeout_seconds: u64,
+) -> String {
     format!(
         "POST /twins/{device_id}/streams/TestStream?api-version=2018-10-20-preview HTTP/1.1\r\nHost: localhost:{}\r\n\
          Authorization: {authorization}\r\niothub-streaming-connect-timeout-in-seconds: {connect_timeout_seconds}\r\n\
@@ -32,8 +46,14 @@ fn stream_request(relay: &Relay, device_id: &str, authorization: &str, connect_t
 }
 
 fn service_token(relay: &Relay, expiry: SystemTime) -> String {
-    let connection = ConnectionString::parse_service(&relay.service_connection_string).expect("service string");
-    framing::sas::sign(&connection.host_name, connection.key(), expiry, Some("service"))
+    let connection =
+        ConnectionString::parse_service(&relay.service_connection_string).expect("service string");
+    framing::sas::sign(
+        &connection.host_name,
+        connection.key(),
+        expiry,
+        Some("service"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,24 +64,44 @@ async fn device_rejects_a_port_it_does_not_expose() {
     let _device_proxy = start_device_proxy(&relay, &connection_string, echo_port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
 
-    let invitation = service(&relay).create_stream("MyDevice", "TestStream", &short_options(Some("1"))).await.expect("relay answers");
+    let invitation = service(&relay)
+        .create_stream("MyDevice", "TestStream", &short_options(Some("1")))
+        .await
+        .expect("relay answers");
     assert!(!invitation.is_accepted, "port 1 is not exposed");
-    assert!(invitation.rejection_reason.is_some_and(|reason| reason.contains("rejected")));
+    assert!(invitation
+        .rejection_reason
+        .is_some_and(|reason| reason.contains("rejected")));
 
     let exposed = echo_port.to_string();
-    let invitation = service(&relay).create_stream("MyDevice", "TestStream", &short_options(Some(&exposed))).await.expect("relay answers");
+    let invitation = service(&relay)
+        .create_stream("MyDevice", "TestStream", &short_options(Some(&exposed)))
+        .await
+        .expect("relay answers");
     assert!(invitation.is_accepted, "the exposed port is accepted");
 
     // Through service-proxy: a local connection is closed promptly, with a log line saying why.
-    let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &["--target-port", "1"]).await;
-    let mut local = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await.expect("service-proxy accepts");
+    let (service_proxy, local_port) =
+        start_service_proxy(&relay, "MyDevice", &["--target-port", "1"]).await;
+    let mut local = tokio::net::TcpStream::connect(("127.0.0.1", local_port))
+        .await
+        .expect("service-proxy accepts");
     let started = Instant::now();
     let mut buffer = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(10), local.read(&mut buffer)).await.expect("closed promptly, not hanging");
-    assert!(matches!(read, Ok(0) | Err(_)), "no data arrives from a rejected stream");
+    let read = tokio::time::timeout(Duration::from_secs(10), local.read(&mut buffer))
+        .await
+        .expect("closed promptly, not hanging");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no data arrives from a rejected stream"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(service_proxy.log().contains("reject"), "service-proxy says why: {}", service_proxy.log());
+    assert!(
+        service_proxy.log().contains("reject"),
+        "service-proxy says why: {}",
+        service_proxy.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +112,9 @@ async fn bytes_cross_service_proxy_and_device_proxy_to_a_tcp_echo_server() {
     let _device_proxy = start_device_proxy(&relay, &connection_string, echo_port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let (_service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
-    let mut local = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await.expect("connect");
+    let mut local = tokio::net::TcpStream::connect(("127.0.0.1", local_port))
+        .await
+        .expect("connect");
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let (mut reader, mut writer) = local.split();
     let write = async {
@@ -84,7 +126,11 @@ async fn bytes_cross_service_proxy_and_device_proxy_to_a_tcp_echo_server() {
     let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut echoed));
     let (_, read) = tokio::join!(write, read);
     read.expect("echo completes").expect("read");
-    assert_eq!(echoed.len(), payload.len(), "the whole response arrives after our half-close");
+    assert_eq!(
+        echoed.len(),
+        payload.len(),
+        "the whole response arrives after our half-close"
+    );
     assert!(echoed == payload);
 }
 
@@ -92,14 +138,29 @@ async fn bytes_cross_service_proxy_and_device_proxy_to_a_tcp_echo_server() {
 async fn wrong_service_key_is_refused_with_401() {
     let relay = Relay::start(&[]).await;
     relay.add_device("MyDevice").await;
-    let host = ConnectionString::parse_service(&relay.service_connection_string).expect("parse").host_name;
-    let wrong = ConnectionString::for_policy(&host, "service", "d3JvbmctLWtleS0td3JvbmctLWtleS0td3Jvbmc=").expect("string");
-    let result = ServiceClient::new(wrong, relay.tls()).create_stream("MyDevice", "TestStream", &short_options(None)).await;
-    assert!(matches!(result, Err(CreateStreamError::Unauthorized(_))), "{result:?}");
+    let host = ConnectionString::parse_service(&relay.service_connection_string)
+        .expect("parse")
+        .host_name;
+    let wrong =
+        ConnectionString::for_policy(&host, "service", "d3JvbmctLWtleS0td3JvbmctLWtleS0td3Jvbmc=")
+            .expect("string");
+    let result = ServiceClient::new(wrong, relay.tls())
+        .create_stream("MyDevice", "TestStream", &short_options(None))
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::Unauthorized(_))),
+        "{result:?}"
+    );
 
-    let wrong_policy = ConnectionString::for_policy(&host, "nosuchpolicy", "d3Jvbmc=").expect("string");
-    let result = ServiceClient::new(wrong_policy, relay.tls()).create_stream("MyDevice", "TestStream", &short_options(None)).await;
-    assert!(matches!(result, Err(CreateStreamError::Unauthorized(_))), "{result:?}");
+    let wrong_policy =
+        ConnectionString::for_policy(&host, "nosuchpolicy", "d3Jvbmc=").expect("string");
+    let result = ServiceClient::new(wrong_policy, relay.tls())
+        .create_stream("MyDevice", "TestStream", &short_options(None))
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::Unauthorized(_))),
+        "{result:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,18 +168,29 @@ async fn expired_service_token_is_refused_with_401_and_a_json_reason() {
     let relay = Relay::start(&[]).await;
     relay.add_device("MyDevice").await;
     let expired = service_token(&relay, SystemTime::now() - Duration::from_secs(3600));
-    let (status, _, body) = raw_https(&relay, &stream_request(&relay, "MyDevice", &expired, 2)).await;
+    let (status, _, body) =
+        raw_https(&relay, &stream_request(&relay, "MyDevice", &expired, 2)).await;
     assert_eq!(status, 401);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
     assert!(body["errorCode"].as_i64().is_some());
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("expired")), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("expired")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_device_is_404() {
     let relay = Relay::start(&[]).await;
-    let result = service(&relay).create_stream("Ghost", "TestStream", &short_options(None)).await;
-    assert!(matches!(result, Err(CreateStreamError::DeviceNotFound(_))), "{result:?}");
+    let result = service(&relay)
+        .create_stream("Ghost", "TestStream", &short_options(None))
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::DeviceNotFound(_))),
+        "{result:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,16 +204,23 @@ async fn offline_device_is_404103_within_the_connect_timeout() {
     assert_eq!(status, 404);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
     assert_eq!(body["errorCode"], 404103);
-    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(6), "answered after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "answered after {waited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_stream_answer_has_iothub_headers_exactly() {
     let relay = Relay::start(&[]).await;
     let connection_string = relay.add_device("MyDevice").await;
-    let device = DeviceClient::connect(&ConnectionString::parse_device(&connection_string).expect("device"), &relay.tls(), &DeviceOptions::default())
-        .await
-        .expect("device connects");
+    let device = DeviceClient::connect(
+        &ConnectionString::parse_device(&connection_string).expect("device"),
+        &relay.tls(),
+        &DeviceOptions::default(),
+    )
+    .await
+    .expect("device connects");
     let responder = device.responder();
     let accept_one = async move {
         let mut device = device;
@@ -155,42 +234,94 @@ async fn accepted_stream_answer_has_iothub_headers_exactly() {
     let (answer, _device) = tokio::join!(raw_https(&relay, &request), accept_one);
     let (status, headers, _) = answer;
     assert_eq!(status, 200);
-    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-    assert_eq!(header("iothub-streaming-is-accepted").as_deref(), Some("True"));
-    assert!(header("iothub-streaming-url").is_some_and(|url| url.starts_with("wss://") && url.contains("/bridges/")));
-    assert!(header("iothub-streaming-auth-token").is_some_and(|token| token.split('.').count() == 3));
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("iothub-streaming-is-accepted").as_deref(),
+        Some("True")
+    );
+    assert!(header("iothub-streaming-url")
+        .is_some_and(|url| url.starts_with("wss://") && url.contains("/bridges/")));
+    assert!(
+        header("iothub-streaming-auth-token").is_some_and(|token| token.split('.').count() == 3)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_device_key_gets_connack_not_authorized() {
     let relay = Relay::start(&[]).await;
-    let real = ConnectionString::parse_device(&relay.add_device("MyDevice").await).expect("device string");
-    let wrong = ConnectionString::for_device(&real.host_name, "MyDevice", "d3JvbmctLWtleS0td3JvbmctLWtleS0td3Jvbmc=").expect("string");
+    let real =
+        ConnectionString::parse_device(&relay.add_device("MyDevice").await).expect("device string");
+    let wrong = ConnectionString::for_device(
+        &real.host_name,
+        "MyDevice",
+        "d3JvbmctLWtleS0td3JvbmctLWtleS0td3Jvbmc=",
+    )
+    .expect("string");
     let result = DeviceClient::connect(&wrong, &relay.tls(), &DeviceOptions::default()).await;
-    assert!(matches!(result, Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))), "{:?}", result.err());
-    let unknown = ConnectionString::for_device(&real.host_name, "Ghost", "d3Jvbmc=").expect("string");
+    assert!(
+        matches!(
+            result,
+            Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))
+        ),
+        "{:?}",
+        result.err()
+    );
+    let unknown =
+        ConnectionString::for_device(&real.host_name, "Ghost", "d3Jvbmc=").expect("string");
     let result = DeviceClient::connect(&unknown, &relay.tls(), &DeviceOptions::default()).await;
-    assert!(matches!(result, Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))), "{:?}", result.err());
+    assert!(
+        matches!(
+            result,
+            Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))
+        ),
+        "{:?}",
+        result.err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_device_token_gets_connack_refusal() {
     let relay = Relay::start(&[]).await;
-    let device = ConnectionString::parse_device(&relay.add_device("MyDevice").await).expect("device string");
+    let device =
+        ConnectionString::parse_device(&relay.add_device("MyDevice").await).expect("device string");
     let url = format!("wss://{}/$iothub/websocket", device.host_name);
     let socket = framing::websocket::connect(
-        framing::websocket::WebSocketRequest { url: &url, authorization: None, subprotocol: Some("mqtt"), max_message_size: 65536, timeout: Duration::from_secs(10) },
+        framing::websocket::WebSocketRequest {
+            url: &url,
+            authorization: None,
+            subprotocol: Some("mqtt"),
+            max_message_size: 65536,
+            timeout: Duration::from_secs(10),
+        },
         &relay.tls(),
     )
     .await
     .expect("WebSocket opens");
     let mut mqtt = MqttConnection::new(socket, 65536);
     let resource = format!("{}/devices/MyDevice", device.host_name);
-    let password = framing::sas::sign(&resource, device.key(), SystemTime::now() - Duration::from_secs(3600), None);
+    let password = framing::sas::sign(
+        &resource,
+        device.key(),
+        SystemTime::now() - Duration::from_secs(3600),
+        None,
+    );
     let mut connect = framing::mqtt::Connect::new("MyDevice");
-    connect.set_login(format!("{}/MyDevice/?api-version=2021-04-12", device.host_name), password);
-    mqtt.write_packet(&Packet::Connect(connect)).await.expect("CONNECT sent");
-    match tokio::time::timeout(Duration::from_secs(10), mqtt.read_packet()).await.expect("answer in time") {
+    connect.set_login(
+        format!("{}/MyDevice/?api-version=2021-04-12", device.host_name),
+        password,
+    );
+    mqtt.write_packet(&Packet::Connect(connect))
+        .await
+        .expect("CONNECT sent");
+    match tokio::time::timeout(Duration::from_secs(10), mqtt.read_packet())
+        .await
+        .expect("answer in time")
+    {
         Ok(Some(Packet::ConnAck(ack))) => assert_eq!(ack.code, ConnectReturnCode::NotAuthorized),
         other => panic!("expected a CONNACK refusal, got {other:?}"),
     }
@@ -200,14 +331,21 @@ async fn expired_device_token_gets_connack_refusal() {
 async fn device_added_while_the_relay_runs_connects_and_removed_device_is_cut() {
     let relay = Relay::start(&[]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let connection = ConnectionString::parse_device(&relay.add_device("LateDevice").await).expect("device string");
+    let connection = ConnectionString::parse_device(&relay.add_device("LateDevice").await)
+        .expect("device string");
     let mut device = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())
         .await
         .expect("a device added while the relay runs connects without a restart");
     let output = relay.cli(&["device", "remove", "LateDevice"]).await;
     assert!(output.status.success());
     let ended = tokio::time::timeout(Duration::from_secs(5), device.next_request()).await;
-    assert!(matches!(ended, Ok(Err(_))), "the removed device's control channel is closed within seconds");
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the removed device's control channel is closed within seconds"
+    );
     let again = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default()).await;
-    assert!(matches!(again, Err(DeviceError::Refused(_))), "a removed device cannot reconnect");
+    assert!(
+        matches!(again, Err(DeviceError::Refused(_))),
+        "a removed device cannot reconnect"
+    );
 }

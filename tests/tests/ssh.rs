@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use devstreams_tests::{require_sshd, sha256_hex, start_device_proxy, start_service_proxy, wait_until_device_connected, Process, Relay, Sshd};
+use devstreams_tests::{
+    require_sshd, sha256_hex, start_device_proxy, start_service_proxy, wait_until_device_connected,
+    Process, Relay, Sshd,
+};
 
 struct Tunnel {
     sshd: Sshd,
@@ -20,7 +23,13 @@ async fn tunnel_to_sshd() -> Tunnel {
     let device_proxy = start_device_proxy(&relay, &device_connection_string, sshd.port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
-    Tunnel { sshd, local_port, _relay: relay, _device_proxy: device_proxy, _service_proxy: service_proxy }
+    Tunnel {
+        sshd,
+        local_port,
+        _relay: relay,
+        _device_proxy: device_proxy,
+        _service_proxy: service_proxy,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,11 +38,18 @@ async fn ssh_command_runs_on_the_device_through_the_tunnel() {
         return;
     }
     let tunnel = tunnel_to_sshd().await;
-    let output = tokio::time::timeout(Duration::from_secs(60), tunnel.sshd.ssh(tunnel.local_port, "echo ok").output())
-        .await
-        .expect("ssh finishes")
-        .expect("ssh runs");
-    assert!(output.status.success(), "ssh failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tunnel.sshd.ssh(tunnel.local_port, "echo ok").output(),
+    )
+    .await
+    .expect("ssh finishes")
+    .expect("ssh runs");
+    assert!(
+        output.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
 }
 
@@ -58,23 +74,44 @@ async fn sixteen_mebibytes_cross_the_tunnel_both_ways_unchanged() {
     std::fs::write(&local_file, &data).expect("write the upload");
 
     // Upload: ssh's stdin is the file; the device writes it with cat.
-    let mut upload = tunnel.sshd.ssh(tunnel.local_port, &format!("cat > {}", remote_file.display()));
+    let mut upload = tunnel.sshd.ssh(
+        tunnel.local_port,
+        &format!("cat > {}", remote_file.display()),
+    );
     upload.stdin(std::fs::File::open(&local_file).expect("open the upload"));
-    let status = tokio::time::timeout(Duration::from_secs(120), upload.status()).await.expect("upload finishes").expect("ssh runs");
+    let status = tokio::time::timeout(Duration::from_secs(120), upload.status())
+        .await
+        .expect("upload finishes")
+        .expect("ssh runs");
     assert!(status.success(), "upload failed");
-    assert_eq!(sha256_hex(&std::fs::read(&remote_file).expect("received file")), expected, "upload changed the bytes");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&remote_file).expect("received file")),
+        expected,
+        "upload changed the bytes"
+    );
 
     // Download: the device cats the file back to us.
     let output = tokio::time::timeout(
         Duration::from_secs(120),
-        tunnel.sshd.ssh(tunnel.local_port, &format!("cat {}", remote_file.display())).output(),
+        tunnel
+            .sshd
+            .ssh(tunnel.local_port, &format!("cat {}", remote_file.display()))
+            .output(),
     )
     .await
     .expect("download finishes")
     .expect("ssh runs");
-    assert!(output.status.success(), "download failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "download failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(output.stdout.len(), size);
-    assert_eq!(sha256_hex(&output.stdout), expected, "download changed the bytes");
+    assert_eq!(
+        sha256_hex(&output.stdout),
+        expected,
+        "download changed the bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,16 +122,29 @@ async fn ten_ssh_sessions_at_once_all_succeed() {
     let tunnel = tunnel_to_sshd().await;
     let sessions: Vec<_> = (0..10)
         .map(|index| {
-            let mut command = tunnel.sshd.ssh(tunnel.local_port, &format!("sleep 0.5; echo session-{index}"));
+            let mut command = tunnel.sshd.ssh(
+                tunnel.local_port,
+                &format!("sleep 0.5; echo session-{index}"),
+            );
             async move { (index, command.output().await) }
         })
         .collect();
-    let results = tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(sessions))
-        .await
-        .expect("all sessions finish");
+    let results = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(sessions),
+    )
+    .await
+    .expect("all sessions finish");
     for (index, output) in results {
         let output = output.expect("ssh runs");
-        assert!(output.status.success(), "session {index} failed: {}", String::from_utf8_lossy(&output.stderr));
-        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), format!("session-{index}"));
+        assert!(
+            output.status.success(),
+            "session {index} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            format!("session-{index}")
+        );
     }
 }

@@ -9,14 +9,12 @@
 //! - [`control`]: the control channel's dial / re-dial loop;
 //! - [`backoff`]: how long to wait between dials;
 //! - [`bridge`]: one stream, from decision to last byte;
-//! - [`shutdown`] and [`logging`]: process plumbing.
+//! - process plumbing (signals, logs) comes from `framing::process`.
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod bridge;
 pub mod control;
-pub mod logging;
-pub mod shutdown;
 pub mod targets;
 
 use std::path::PathBuf;
@@ -61,8 +59,8 @@ pub struct Settings {
 
 /// Runs until SIGINT or SIGTERM, then shuts down cleanly.
 pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
-    let mut signals =
-        shutdown::Signals::install().context("cannot install the SIGINT/SIGTERM handlers")?;
+    let mut signals = framing::process::Signals::install()
+        .context("cannot install the SIGINT/SIGTERM handlers")?;
     let shutdown = CancellationToken::new();
     let run = run(settings, shutdown.clone());
     tokio::pin!(run);

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     let Some(connection_string) = arguments.connection_string else {
         return fail("no device connection string: pass it as the first argument or set DEVICE_CONNECTION_STRING (`relay device add ID` prints one)");
     };
-    device_proxy::logging::init();
+    framing::process::init_logging("info");
     let settings = Settings {
         connection_string,
         target: Target::new(arguments.target_host, arguments.target_port),

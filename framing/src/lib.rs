@@ -9,6 +9,7 @@ pub mod connection_string;
 pub mod device_client;
 pub mod headers;
 pub mod mqtt;
+pub mod process;
 pub mod pump;
 pub mod sas;
 pub mod service_client;

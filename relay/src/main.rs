@@ -162,13 +162,7 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    framing::process::init_logging("info");
     let result = match cli.command {
         Command::Serve(arguments) => serve(cli.data_dir, *arguments),
         Command::Device(command) => device(&cli.data_dir, command),
@@ -225,6 +219,9 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Installed before starting, so an early signal still drains cleanly.
+        let mut signals = framing::process::Signals::install()
+            .context("cannot install the SIGINT/SIGTERM handlers")?;
         let relay = relay::start(config).await?;
         let tls = if relay.tls {
             "TLS"
@@ -252,29 +249,11 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
             );
         }
         println!("Add a device with: relay device add <DeviceId>");
-        wait_for_shutdown_signal().await;
+        signals.received().await;
         tracing::info!("shutting down: no new connections, draining live streams");
         relay.shutdown().await;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }
 
 fn host_name(data_dir: &DataDir) -> anyhow::Result<String> {

@@ -8,14 +8,12 @@
 //! - [`listener`]: the local port and its accept loop;
 //! - [`connection`]: one local connection, one stream;
 //! - [`failures`]: the one line that says why a stream failed;
-//! - [`shutdown`] and [`logging`]: process plumbing.
+//! - process plumbing (signals, logs) comes from `framing::process`.
 #![forbid(unsafe_code)]
 
 pub mod connection;
 pub mod failures;
 pub mod listener;
-pub mod logging;
-pub mod shutdown;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -63,8 +61,8 @@ pub struct Settings {
 
 /// Runs until SIGINT or SIGTERM, then shuts down cleanly.
 pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
-    let mut signals =
-        shutdown::Signals::install().context("cannot install the SIGINT/SIGTERM handlers")?;
+    let mut signals = framing::process::Signals::install()
+        .context("cannot install the SIGINT/SIGTERM handlers")?;
     let shutdown = CancellationToken::new();
     let run = run(settings, shutdown.clone());
     tokio::pin!(run);

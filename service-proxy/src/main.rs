@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     let Some(device_id) = arguments.device_id.filter(|value| !value.is_empty()) else {
         return fail("no device id: pass it as the second argument or set STREAMING_TARGET_DEVICE");
     };
-    service_proxy::logging::init();
+    framing::process::init_logging("info");
     let settings = Settings {
         connection_string,
         device_id,

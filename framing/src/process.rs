@@ -1,11 +1,27 @@
-//! Turns SIGINT and SIGTERM into one cancellation.
+//! Program plumbing every devstreams binary shares: operator logs and the
+//! termination signals. The library holds no state here; each program's
+//! `main` calls these once.
 //!
-//! The handlers are installed before the proxy starts working, so a signal
-//! that arrives early still means "stop cleanly" rather than the default
-//! abrupt exit. Everything else listens to one `CancellationToken`, the only
-//! shutdown mechanism in the program.
+//! Logs are `tracing` events on stderr, filtered by `RUST_LOG`, so stdout
+//! stays free for the lines scripts read. SIGINT and SIGTERM become one
+//! awaitable event, installed before work starts, so an early signal still
+//! means "stop cleanly" rather than the default abrupt exit.
 
-use std::io;
+use std::io::{self, IsTerminal};
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global log subscriber; `default_filter` applies when
+/// `RUST_LOG` is unset or invalid. A second call does nothing.
+pub fn init_logging(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .try_init();
+}
 
 /// The process's termination signals, installed and ready to be awaited.
 pub struct Signals {

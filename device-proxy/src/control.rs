@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use framing::mqtt::ConnectReturnCode;
 use framing::transport::ConnectError;
 use framing::websocket::WebSocketConnectError;
 use framing::{ConnectionString, DeviceClient, DeviceError, DeviceOptions};
@@ -57,7 +58,12 @@ pub async fn run(
             }
             Err(failure) => failure,
         };
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if is_throttle(&failure) {
+            // The relay asked us to come back later: never sooner than the
+            // throttle floor, still jittered so devices do not return together.
+            delay = delay.max(THROTTLE_FLOOR + random_up_to(THROTTLE_JITTER));
+        }
         let retry_in_ms = delay.as_millis() as u64;
         if needs_operator(&failure) {
             error!(relay = %connection.host_name, retry_in_ms, "control channel failed: {failure}");
@@ -104,9 +110,32 @@ async fn take_requests(
     }
 }
 
+/// The least wait after the relay said "retry later".
+const THROTTLE_FLOOR: Duration = Duration::from_secs(2);
+/// Spread added to the floor.
+const THROTTLE_JITTER: Duration = Duration::from_secs(3);
+
+fn random_up_to(limit: Duration) -> Duration {
+    use rand::Rng;
+    Duration::from_millis(rand::rng().random_range(0..=limit.as_millis() as u64))
+}
+
+/// The relay shed our connection (CONNACK 3, or HTTP 429/503 on the upgrade).
+fn is_throttle(failure: &DeviceError) -> bool {
+    matches!(
+        failure,
+        DeviceError::Refused(ConnectReturnCode::ServiceUnavailable)
+            | DeviceError::WebSocket(WebSocketConnectError::Refused {
+                status: 429 | 503,
+                ..
+            })
+    )
+}
+
 /// Failures a retry alone will not cure: the operator must look.
 fn needs_operator(failure: &DeviceError) -> bool {
     match failure {
+        DeviceError::Refused(ConnectReturnCode::ServiceUnavailable) => false,
         DeviceError::Refused(_) | DeviceError::NoDeviceId | DeviceError::SubscriptionRefused => {
             true
         }

@@ -71,8 +71,15 @@ where
             .map_err(|error| MqttError::Io(io::Error::other(error)))
     }
 
+    /// Closes with 1001 ("going away"): the peer should come back later,
+    /// which is what a draining relay or a departing device means.
     async fn shutdown(&mut self) {
-        let _ = self.close(None).await;
+        let _ = self
+            .close(Some(crate::pump::close_frame(
+                crate::pump::CLOSE_GOING_AWAY,
+                "",
+            )))
+            .await;
     }
 }
 

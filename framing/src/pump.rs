@@ -49,12 +49,17 @@ pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
 /// How long to wait for a final Close frame to be written.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Builds a Close message.
-pub fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
+/// Builds a Close frame.
+pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
-    }))
+    }
+}
+
+/// Builds a Close message.
+pub fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(close_frame(code, reason)))
 }
 
 /// How often a side pings its peer by default: well under the 60 s idle

@@ -55,6 +55,9 @@ pub struct Limits {
     pub sources: crate::sources::SourcePolicy,
     /// Streams waiting for their two sides at once.
     pub max_pending_streams: usize,
+    /// Device control channels accepted per second; past it devices get
+    /// CONNACK 3 (retry later), which spreads a reconnect storm.
+    pub device_connects_per_second: u32,
     /// Stream sockets are pinged this often; a side silent for three
     /// intervals is dropped. `None` turns it off.
     pub ping_interval: Option<Duration>,
@@ -81,6 +84,7 @@ impl Default for Limits {
             ping_interval: Some(framing::pump::DEFAULT_PING_INTERVAL),
             sources: crate::sources::SourcePolicy::default(),
             max_pending_streams: 10_000,
+            device_connects_per_second: 1_000,
         }
     }
 }

@@ -150,6 +150,17 @@ pub async fn run_session<T: PacketTransport>(
             return mqtt.shutdown().await;
         }
     };
+    // Under a reconnect storm, shed before the (costlier) authentication.
+    if !state.admission.admit_device_connect() {
+        tracing::info!(%peer, client_id = %connect.client_id, "control channel shed: too many device connections this second");
+        let _ = mqtt
+            .write_packet(&Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::ServiceUnavailable,
+                false,
+            )))
+            .await;
+        return mqtt.shutdown().await;
+    }
     // An address that keeps failing waits before each new attempt is judged.
     let delay = state.sources.failure_delay(peer.ip());
     if !delay.is_zero() {

@@ -58,6 +58,7 @@ struct Counts {
     streams: usize,
     per_device: HashMap<String, DeviceStreams>,
     relay_bucket: Option<Bucket>,
+    device_connect_bucket: Option<Bucket>,
     device_buckets: HashMap<String, Bucket>,
     last_sweep: Option<Instant>,
 }
@@ -149,6 +150,20 @@ impl Admission {
             device_id: device_id.to_string(),
             cancel,
         })
+    }
+
+    /// Admits one device control-channel connection, or says "shed it".
+    pub fn admit_device_connect(&self) -> bool {
+        let now = Instant::now();
+        let rate = self.limits.device_connects_per_second;
+        let mut counts = self.lock();
+        counts
+            .device_connect_bucket
+            .get_or_insert(Bucket {
+                tokens: rate as f64,
+                updated: now,
+            })
+            .take(rate, now)
     }
 
     /// Cuts every stream of a device (it was removed or disabled).

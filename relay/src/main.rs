@@ -124,6 +124,9 @@ struct ServeArgs {
     /// Open connections one source address may hold.
     #[arg(long, default_value_t = Limits::default().sources.max_connections_per_source)]
     max_connections_per_source: usize,
+    /// Device control channels accepted per second; past it devices are told to retry later (CONNACK 3).
+    #[arg(long, default_value_t = Limits::default().device_connects_per_second)]
+    device_connects_per_second: u32,
     /// Streams waiting for their two sides to connect.
     #[arg(long, default_value_t = Limits::default().max_pending_streams)]
     max_pending_streams: usize,
@@ -211,6 +214,7 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
         max_header_size: arguments.max_header_size,
         max_mqtt_packet_size: arguments.max_mqtt_packet_size,
         max_pending_streams: arguments.max_pending_streams,
+        device_connects_per_second: arguments.device_connects_per_second,
         sources: relay::sources::SourcePolicy {
             max_connections_per_source: arguments.max_connections_per_source,
             ..Default::default()

@@ -68,8 +68,9 @@ struct Arguments {
     stream_name: String,
 
     /// How long the relay may wait for the device to be connected, in seconds
-    /// (long enough for a device that is re-dialing after an outage)
-    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// (short, so an offline device is reported promptly; raise it to ride out
+    /// a device's re-dial after an outage)
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     connect_timeout: u64,
 
     /// How long the relay may wait for the device to accept or reject, in

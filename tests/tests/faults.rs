@@ -94,6 +94,22 @@ async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
         "the client noticed after {waited:?}"
     );
 
+    // While the relay is down, service-proxy keeps listening and turns each
+    // new connection away at once, with a line that says why.
+    let mut refused = TcpStream::connect(("127.0.0.1", tunnel.local_port))
+        .await
+        .expect("service-proxy still listens");
+    let waited = time_until_broken(&mut refused, Duration::from_secs(10)).await;
+    assert!(
+        waited < Duration::from_secs(2),
+        "a connection during the outage was closed after {waited:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let service_log = tunnel.service_proxy.log();
+    assert!(
+        service_log.contains("cannot reach"),
+        "service-proxy says the relay is unreachable:\n{service_log}"
+    );
     let Tunnel {
         relay,
         device_proxy: _device_proxy,
@@ -373,4 +389,41 @@ async fn churn_of_short_streams_leaves_no_descriptors_tasks_or_memory_behind() {
         );
     }
     eprintln!("churn: {short_streams} streams in {churn_time:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_burst_is_shed_with_retry_later_and_every_device_gets_in() {
+    let relay = Relay::start(&["--device-connects-per-second", "2"]).await;
+    let (echo_port, _echo) = start_echo_server().await;
+    let mut proxies = Vec::new();
+    for index in 0..6 {
+        let device_id = format!("Burst{index}");
+        let connection_string = relay.add_device(&device_id).await;
+        proxies.push((
+            device_id,
+            start_device_proxy(
+                &relay,
+                &connection_string,
+                echo_port,
+                &["--max-backoff", "2"],
+            )
+            .await,
+        ));
+    }
+    // Six devices at 2 per second: some are told to come back, all get in.
+    for (device_id, _) in &proxies {
+        wait_until_device_connected(&relay, device_id).await;
+    }
+    let shed = proxies
+        .iter()
+        .filter(|(_, proxy)| proxy.log().contains("ServiceUnavailable"))
+        .count();
+    assert!(
+        shed >= 1,
+        "no device was told to retry later at 2 connections per second"
+    );
+    assert!(
+        relay.process.log().contains("control channel shed"),
+        "the relay logs the shedding"
+    );
 }

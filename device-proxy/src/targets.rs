@@ -40,7 +40,14 @@ impl Target {
         let (host, port) = split_host_port(text.trim());
         match port {
             Some(0) => Err(TargetParseError::PortZero(text.to_string())),
-            Some(port) if !host.is_empty() => Ok(Self::new(host, port)),
+            // A host never holds white space or control characters; refusing
+            // them keeps what is logged and compared exactly what was meant.
+            Some(port)
+                if !host.is_empty()
+                    && !host.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                Ok(Self::new(host, port))
+            }
             _ => Err(TargetParseError::NotHostPort(text.to_string())),
         }
     }
@@ -142,6 +149,13 @@ impl fmt::Display for ExposedTargets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_with_white_space_or_control_characters_are_refused() {
+        for text in ["[ x]:2", "a b:22", "x\u{7}:22", "[x\n]:80"] {
+            assert!(Target::parse(text).is_err(), "{text:?}");
+        }
+    }
 
     fn exposed() -> ExposedTargets {
         ExposedTargets::new(

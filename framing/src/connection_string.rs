@@ -91,6 +91,10 @@ impl ConnectionString {
         let key_bytes = base64::engine::general_purpose::STANDARD
             .decode(&shared_access_key)
             .map_err(|_| ConnectionStringError::KeyNotBase64)?;
+        // An empty value counts as absent, here as in the result: `DeviceId=;`
+        // alone must not make a string that is neither device nor service.
+        let device_id = device_id.filter(|d| !d.is_empty());
+        let key_name = key_name.filter(|k| !k.is_empty());
         if device_id.is_none() && key_name.is_none() {
             return Err(ConnectionStringError::MissingKey {
                 key: "DeviceId or SharedAccessKeyName",
@@ -99,9 +103,9 @@ impl ConnectionString {
         }
         Ok(Self {
             host_name,
-            device_id: device_id.filter(|d| !d.is_empty()),
+            device_id,
             module_id: module_id.filter(|m| !m.is_empty()),
-            shared_access_key_name: key_name.filter(|k| !k.is_empty()),
+            shared_access_key_name: key_name,
             shared_access_key,
             key_bytes,
         })
@@ -272,6 +276,44 @@ mod tests {
             "HostName=h;SharedAccessKeyName=service;SharedAccessKey={KEY}"
         ))
         .is_err());
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/connection_string.rs): this parsed
+    /// to a string with neither a device nor a policy, which printed back as
+    /// a string that did not parse.
+    #[test]
+    fn empty_device_id_or_policy_counts_as_missing() {
+        for text in [
+            "HostName=h;DeviceId=;SharedAccessKey=AA==",
+            "HostName=h;SharedAccessKeyName= ;SharedAccessKey=AA==",
+        ] {
+            assert!(
+                matches!(
+                    ConnectionString::parse(text),
+                    Err(ConnectionStringError::MissingKey {
+                        key: "DeviceId or SharedAccessKeyName",
+                        ..
+                    })
+                ),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn parsed_string_prints_back_to_itself() {
+        let parsed = ConnectionString::parse(&format!(
+            " SharedAccessKey={KEY}; DeviceId = d ;ModuleId=;HostName=h:1;x=y"
+        ))
+        .unwrap();
+        assert_eq!(
+            parsed.to_secret_string(),
+            format!("HostName=h:1;DeviceId=d;SharedAccessKey={KEY}")
+        );
+        assert_eq!(
+            ConnectionString::parse(&parsed.to_secret_string()),
+            Ok(parsed)
+        );
     }
 
     #[test]

@@ -122,6 +122,13 @@ impl<T: PacketTransport> MqttConnection<T> {
     }
 
     /// The next packet, or `None` when the peer closed cleanly. Cancel-safe.
+    ///
+    /// The buffer needs no bound of its own: `Packet::read` refuses a packet
+    /// whose announced length exceeds the limit as soon as its fixed header
+    /// is in, so more is only read while the buffer holds less than one
+    /// packet (at most `max_packet_size + 5` bytes). Bounding the buffer
+    /// after a read instead would refuse a read that holds several small
+    /// packets, as one WebSocket message may.
     pub async fn read_packet(&mut self) -> Result<Option<Packet>, MqttError> {
         loop {
             if !self.received.is_empty() {
@@ -133,11 +140,6 @@ impl<T: PacketTransport> MqttConnection<T> {
             }
             if self.transport.read_into(&mut self.received).await? == 0 {
                 return Ok(None);
-            }
-            if self.received.len() > self.max_packet_size + 8 {
-                return Err(MqttError::Packet(
-                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(self.received.len()),
-                ));
             }
         }
     }
@@ -152,5 +154,76 @@ impl<T: PacketTransport> MqttConnection<T> {
 
     pub async fn shutdown(&mut self) {
         self.transport.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands over one prepared chunk per read, then end of stream.
+    struct Reads(std::collections::VecDeque<Vec<u8>>);
+
+    impl PacketTransport for Reads {
+        async fn read_into(&mut self, buffer: &mut BytesMut) -> Result<usize, MqttError> {
+            let chunk = self.0.pop_front().unwrap_or_default();
+            buffer.extend_from_slice(&chunk);
+            Ok(chunk.len())
+        }
+
+        async fn write_bytes(&mut self, _bytes: Bytes) -> Result<(), MqttError> {
+            Ok(())
+        }
+
+        async fn shutdown(&mut self) {}
+    }
+
+    fn connection(reads: Vec<Vec<u8>>, max_packet_size: usize) -> MqttConnection<Reads> {
+        MqttConnection::new(Reads(reads.into()), max_packet_size)
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/mqtt_packets.rs): a read holding
+    /// more bytes than one packet may have was refused, though each of its
+    /// packets was small.
+    #[tokio::test]
+    async fn one_read_may_hold_many_small_packets() {
+        const PINGREQ: [u8; 2] = [0xC0, 0x00];
+        let mut mqtt = connection(vec![PINGREQ.repeat(200)], 256);
+        for _ in 0..200 {
+            assert_eq!(mqtt.read_packet().await.unwrap(), Some(Packet::PingReq));
+        }
+        assert_eq!(mqtt.read_packet().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_packet_is_refused_as_soon_as_its_header_arrives() {
+        // PUBLISH announcing 300 bytes; only the fixed header is ever sent.
+        let mut mqtt = connection(vec![vec![0x30, 0xAC, 0x02]], 256);
+        assert!(matches!(
+            mqtt.read_packet().await,
+            Err(MqttError::Packet(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(300)
+            ))
+        ));
+    }
+
+    #[tokio::test]
+    async fn packet_split_across_reads_is_assembled() {
+        let mut publish = Publish::new(
+            "$iothub/streams/res/200/?$rid=5",
+            QoS::AtLeastOnce,
+            Vec::new(),
+        );
+        publish.pkid = 7;
+        let mut encoded = BytesMut::new();
+        Packet::Publish(publish)
+            .write(&mut encoded, DEFAULT_MAX_PACKET_SIZE)
+            .unwrap();
+        let reads = encoded.chunks(3).map(<[u8]>::to_vec).collect();
+        let mut mqtt = connection(reads, DEFAULT_MAX_PACKET_SIZE);
+        assert!(
+            matches!(mqtt.read_packet().await.unwrap(), Some(Packet::Publish(publish)) if publish.topic.ends_with("$rid=5"))
+        );
+        assert_eq!(mqtt.read_packet().await.unwrap(), None);
     }
 }

@@ -20,8 +20,12 @@ use crate::transport::{self, ConnectError, NetworkStream};
 /// size to us; our proxies send at most [`crate::pump::DEFAULT_READ_CHUNK`]).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
-/// Bytes read from the socket at a time; one TLS record's plaintext.
-pub const READ_BUFFER_SIZE: usize = 16 * 1024;
+/// Bytes read from the socket at a time. The WebSocket layer allocates this
+/// much per socket up front and keeps it while the socket is idle, so it is
+/// small: 10,000 idle streams hold 20,000 relay sockets. A larger frame gets
+/// a buffer of its own size while it is read, so bulk transfers still move
+/// whole frames; measured in BENCHMARKS.md.
+pub const READ_BUFFER_SIZE: usize = 4 * 1024;
 
 /// A client WebSocket to the relay.
 pub type ClientWebSocket = WebSocketStream<NetworkStream>;

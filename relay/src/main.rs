@@ -253,12 +253,48 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
             );
         }
         println!("Add a device with: relay device add <DeviceId>");
-        signals.received().await;
+        tokio::select! {
+            _ = signals.received() => {}
+            _ = return_freed_memory(&relay) => {}
+        }
         tracing::info!("shutting down: no new connections, draining live streams");
         relay.shutdown().await;
         anyhow::Ok(())
     })
 }
+
+/// Streams a relay must have held before a trim is worth its cost.
+const TRIM_AFTER_PEAK_STREAMS: usize = 256;
+
+/// glibc keeps the memory of closed streams for reuse instead of returning
+/// it; after 10,000 streams end that is hundreds of MiB (BENCHMARKS.md). Once
+/// the live streams fall to half their peak, the free pages go back.
+async fn return_freed_memory(relay: &relay::RunningRelay) {
+    let mut peak = 0usize;
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        let active = relay.active_streams();
+        peak = peak.max(active);
+        if peak >= TRIM_AFTER_PEAK_STREAMS && active <= peak / 2 {
+            trim_heap();
+            tracing::debug!(peak, active, "returned freed memory to the system");
+            peak = active;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own free
+    // lists, under glibc's own locks; it is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 fn host_name(data_dir: &DataDir) -> anyhow::Result<String> {
     Ok(match data_dir.registry()?.setting(HOST_NAME_SETTING)? {

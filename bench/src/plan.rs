@@ -1,0 +1,100 @@
+//! How much of each measurement a run does: counts and durations in one
+//! place, so the whole run's length is visible and bounded. The full plan
+//! fits in a few minutes for four systems; the quick plan is a smoke test
+//! of the harness whose figures are not for BENCHMARKS.md.
+
+use std::time::Duration;
+
+/// One of the measurements; `--workload` picks a subset (for profiling one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    PingPong,
+    Setup,
+    Bulk,
+    Creations,
+    Idle,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::PingPong,
+        Workload::Setup,
+        Workload::Bulk,
+        Workload::Creations,
+        Workload::Idle,
+    ];
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub workloads: Vec<Workload>,
+    /// Bulk: time to connect and leave slow start before counting.
+    pub bulk_warm_up: Duration,
+    /// Bulk: the measured window.
+    pub bulk_window: Duration,
+    pub bulk_parallel_streams: usize,
+    /// Pause between runs, so one run's teardown is not the next one's load.
+    pub pause_between_runs: Duration,
+    pub ping_pong_round_trips: usize,
+    pub ping_pong_time_limit: Duration,
+    pub setup_connections: usize,
+    pub setup_time_limit: Duration,
+    pub creation_concurrency: usize,
+    pub creation_duration: Duration,
+    pub idle_streams: usize,
+    /// Why `idle_streams` is lower than asked, when it is.
+    pub idle_streams_cap: Option<String>,
+    pub idle_concurrency: usize,
+    pub idle_open_time_limit: Duration,
+}
+
+impl Plan {
+    pub fn full() -> Plan {
+        Plan {
+            quick: false,
+            workloads: Workload::ALL.to_vec(),
+            bulk_warm_up: Duration::from_millis(500),
+            bulk_window: Duration::from_secs(2),
+            bulk_parallel_streams: 8,
+            pause_between_runs: Duration::from_millis(500),
+            ping_pong_round_trips: 5_000,
+            ping_pong_time_limit: Duration::from_secs(20),
+            setup_connections: 500,
+            setup_time_limit: Duration::from_secs(60),
+            creation_concurrency: 32,
+            creation_duration: Duration::from_secs(3),
+            idle_streams: 10_000,
+            idle_streams_cap: None,
+            idle_concurrency: 64,
+            idle_open_time_limit: Duration::from_secs(90),
+        }
+    }
+
+    pub fn quick() -> Plan {
+        Plan {
+            quick: true,
+            bulk_warm_up: Duration::from_millis(300),
+            bulk_window: Duration::from_millis(700),
+            pause_between_runs: Duration::from_millis(200),
+            ping_pong_round_trips: 500,
+            ping_pong_time_limit: Duration::from_secs(5),
+            setup_connections: 100,
+            setup_time_limit: Duration::from_secs(15),
+            creation_duration: Duration::from_secs(1),
+            idle_streams: 500,
+            idle_open_time_limit: Duration::from_secs(15),
+            ..Plan::full()
+        }
+    }
+
+    pub fn includes(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
+    }
+
+    /// Open files the bench process needs: a client and a target socket per
+    /// idle stream, plus room for everything else.
+    pub fn open_files_needed(&self) -> u64 {
+        self.idle_streams as u64 * 2 + 2_000
+    }
+}

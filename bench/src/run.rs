@@ -1,0 +1,384 @@
+//! The run: every measurement, one after the other, each across all systems,
+//! collected into one [`SystemReport`] per system.
+//!
+//! The order is measurement by measurement, not system by system, so that
+//! the figures of different systems are taken minutes apart at most, and the
+//! latency measurements take turns between systems: whatever happens on the
+//! machine meanwhile (a neighbour's job, idle CPUs going to sleep) falls on
+//! all of them alike. The light measurements (latency, set-up) come first,
+//! bulk next, and the idle streams, which leave the most state behind, last.
+//! Other processes' CPU use is metered over each system's measurements.
+//!
+//! A measurement that fails is recorded as an error with its reason and the
+//! run goes on: one broken figure should not cost the other thirty.
+
+use std::time::Duration;
+
+use crate::machine_load::{CpuAccount, ForeignLoad};
+
+use crate::plan::{Plan, Workload};
+use crate::process_stats::{anonymous_kibibytes, resident_kibibytes};
+use crate::statistics::Percentiles;
+use crate::systems::{Role, System, SystemKind};
+use crate::target::TargetServer;
+use crate::workloads::bulk::{self, BulkRun, Direction};
+use crate::workloads::creations::{self, CreationResult};
+use crate::workloads::idle::{self, IdleResult};
+use crate::workloads::ping_pong;
+use crate::workloads::setup::{self, SetupResult};
+
+#[derive(Debug, Clone)]
+pub struct SystemReport {
+    pub kind: SystemKind,
+    /// Program name of each role (e.g. Server → "relay").
+    pub process_names: Vec<(Role, String)>,
+    /// RSS right after start-up and one stream, before any load.
+    pub idle_rss_kibibytes: Vec<(Role, u64)>,
+    /// The anonymous part of that RSS (heap and stacks, not binary pages).
+    pub idle_anonymous_kibibytes: Vec<(Role, u64)>,
+    pub bulk: Vec<BulkRun>,
+    pub ping_pong: Option<Percentiles>,
+    pub setup: Option<SetupResult>,
+    pub creations: Option<CreationResult>,
+    pub idle_streams: Option<IdleResult>,
+    /// What went wrong, in words, for the report.
+    pub errors: Vec<String>,
+    /// CPU other processes used while this system was measured; see
+    /// [`crate::machine_load`].
+    pub foreign_load: ForeignLoad,
+}
+
+impl SystemReport {
+    pub fn bulk(&self, direction: Direction, streams: usize) -> Option<&BulkRun> {
+        self.bulk
+            .iter()
+            .find(|run| run.direction == direction && run.streams == streams)
+    }
+
+    pub fn process_name(&self, role: Role) -> Option<&str> {
+        self.process_names
+            .iter()
+            .find(|(candidate, _)| *candidate == role)
+            .map(|(_, name)| name.as_str())
+    }
+
+    pub fn idle_rss(&self, role: Role) -> Option<u64> {
+        self.idle_rss_kibibytes
+            .iter()
+            .find(|(candidate, _)| *candidate == role)
+            .map(|(_, kibibytes)| *kibibytes)
+    }
+
+    pub fn idle_anonymous(&self, role: Role) -> Option<u64> {
+        self.idle_anonymous_kibibytes
+            .iter()
+            .find(|(candidate, _)| *candidate == role)
+            .map(|(_, kibibytes)| *kibibytes)
+    }
+
+    /// CPU-seconds one role's process used per 10^9 bytes moved, over all
+    /// bulk windows together.
+    pub fn cpu_seconds_per_gigabyte(&self, role: Role) -> Option<f64> {
+        let mut cpu = Duration::ZERO;
+        let mut bytes = 0u64;
+        for run in &self.bulk {
+            cpu += run.cpu.iter().find(|(candidate, _)| *candidate == role)?.1;
+            bytes += run.bytes;
+        }
+        (bytes > 0).then(|| cpu.as_secs_f64() / (bytes as f64 / 1e9))
+    }
+}
+
+/// Runs every measurement the plan asks for against the started systems;
+/// one report per system, in the same order.
+pub async fn measure_all(
+    systems: &[System],
+    target: &TargetServer,
+    plan: &Plan,
+) -> Vec<SystemReport> {
+    let mut reports: Vec<SystemReport> = systems.iter().map(start_report).collect();
+    let meter = LoadMeter::new(systems);
+    let entries: Vec<_> = systems.iter().map(|system| system.entry).collect();
+
+    if plan.includes(Workload::PingPong) {
+        let before = meter.reading();
+        let results = ping_pong::run(
+            &entries,
+            plan.ping_pong_round_trips,
+            plan.ping_pong_time_limit,
+        )
+        .await;
+        meter.charge_all(before, &mut reports);
+        for ((system, report), result) in systems.iter().zip(&mut reports).zip(results) {
+            record_ping_pong(system, report, result);
+        }
+    }
+    if plan.includes(Workload::Setup) {
+        let before = meter.reading();
+        let results = setup::run(&entries, plan.setup_connections, plan.setup_time_limit).await;
+        meter.charge_all(before, &mut reports);
+        for ((system, report), result) in systems.iter().zip(&mut reports).zip(results) {
+            record_setup(system, report, result);
+        }
+    }
+    if plan.includes(Workload::Bulk) {
+        for streams in [1, plan.bulk_parallel_streams] {
+            for direction in [Direction::Upload, Direction::Download] {
+                for (system, report) in systems.iter().zip(&mut reports) {
+                    tokio::time::sleep(plan.pause_between_runs).await;
+                    let before = meter.reading();
+                    let run = bulk::run(
+                        system,
+                        target,
+                        direction,
+                        streams,
+                        plan.bulk_warm_up,
+                        plan.bulk_window,
+                    )
+                    .await;
+                    meter.charge(before, report);
+                    record_bulk(system, report, run);
+                }
+            }
+        }
+    }
+    if plan.includes(Workload::Creations) {
+        for (system, report) in systems.iter().zip(&mut reports) {
+            tokio::time::sleep(plan.pause_between_runs).await;
+            let before = meter.reading();
+            let created =
+                creations::run(system, plan.creation_concurrency, plan.creation_duration).await;
+            meter.charge(before, report);
+            record_creations(system, report, created);
+        }
+    }
+    if plan.includes(Workload::Idle) && plan.idle_streams > 0 {
+        for (system, report) in systems.iter().zip(&mut reports) {
+            if system.kind == SystemKind::Direct {
+                continue;
+            }
+            tokio::time::sleep(plan.pause_between_runs).await;
+            let before = meter.reading();
+            let held = idle::run(
+                system,
+                target,
+                plan.idle_streams,
+                plan.idle_concurrency,
+                plan.idle_open_time_limit,
+            )
+            .await;
+            meter.charge(before, report);
+            record_idle(system, report, held);
+        }
+    }
+    reports
+}
+
+/// Meters other processes' CPU over a measurement, counting every live
+/// child of every system as ours.
+struct LoadMeter {
+    children: Vec<u32>,
+}
+
+impl LoadMeter {
+    fn new(systems: &[System]) -> LoadMeter {
+        LoadMeter {
+            children: systems
+                .iter()
+                .flat_map(|system| system.processes.iter().map(|process| process.pid))
+                .collect(),
+        }
+    }
+
+    fn reading(&self) -> Option<CpuAccount> {
+        CpuAccount::now(&self.children)
+    }
+
+    fn charge(&self, before: Option<CpuAccount>, report: &mut SystemReport) {
+        if let (Some(before), Some(after)) = (before, self.reading()) {
+            report.foreign_load.add(after.foreign_since(&before));
+        }
+    }
+
+    /// A measurement all systems took turns in is charged to each.
+    fn charge_all(&self, before: Option<CpuAccount>, reports: &mut [SystemReport]) {
+        if let (Some(before), Some(after)) = (before, self.reading()) {
+            for report in reports {
+                report.foreign_load.add(after.foreign_since(&before));
+            }
+        }
+    }
+}
+
+fn start_report(system: &System) -> SystemReport {
+    let label = system.kind.label();
+    let report = SystemReport {
+        kind: system.kind,
+        process_names: system
+            .processes
+            .iter()
+            .map(|process| (process.role, process.name.clone()))
+            .collect(),
+        idle_rss_kibibytes: system
+            .processes
+            .iter()
+            .filter_map(|process| Some((process.role, resident_kibibytes(process.pid)?)))
+            .collect(),
+        idle_anonymous_kibibytes: system
+            .processes
+            .iter()
+            .filter_map(|process| Some((process.role, anonymous_kibibytes(process.pid)?)))
+            .collect(),
+        bulk: Vec::new(),
+        ping_pong: None,
+        setup: None,
+        creations: None,
+        idle_streams: None,
+        errors: Vec::new(),
+        foreign_load: ForeignLoad::default(),
+    };
+    for (role, kibibytes) in &report.idle_rss_kibibytes {
+        let name = report.process_name(*role).unwrap_or("?");
+        let anonymous = report.idle_anonymous(*role).unwrap_or_default();
+        eprintln!(
+            "{label}: idle RSS of {name}: {:.1} MiB ({:.1} MiB anonymous)",
+            *kibibytes as f64 / 1024.0,
+            anonymous as f64 / 1024.0
+        );
+    }
+    report
+}
+
+fn record_ping_pong(
+    system: &System,
+    report: &mut SystemReport,
+    result: anyhow::Result<Percentiles>,
+) {
+    let label = system.kind.label();
+    match result {
+        Ok(latency) => {
+            eprintln!(
+                "{label}: 64-byte round trip p50 {:.1} µs, p99 {:.1} µs ({} samples)",
+                micros(latency.p50),
+                micros(latency.p99),
+                latency.samples
+            );
+            report.ping_pong = Some(latency);
+        }
+        Err(error) => report.errors.push(format!("ping-pong: {error:#}")),
+    }
+}
+
+fn record_setup(system: &System, report: &mut SystemReport, setup: SetupResult) {
+    let label = system.kind.label();
+    if let Some(latency) = setup.latency {
+        eprintln!(
+            "{label}: set-up p50 {:.3} ms, p99 {:.3} ms over {} connections, {} failed",
+            millis(latency.p50),
+            millis(latency.p99),
+            latency.samples,
+            setup.failures
+        );
+    }
+    if let Some(error) = &setup.first_error {
+        report.errors.push(format!(
+            "set-up: {} of {} failed, first: {error}",
+            setup.failures, setup.attempted
+        ));
+    }
+    report.setup = Some(setup);
+}
+
+fn record_bulk(system: &System, report: &mut SystemReport, run: BulkRun) {
+    let label = system.kind.label();
+    eprintln!(
+        "{label}: bulk {} stream(s) {}: {:.0} MB/s",
+        run.streams,
+        run.direction.label(),
+        run.megabytes_per_second()
+    );
+    if run.failed_streams > 0 {
+        report.errors.push(format!(
+            "bulk {} × {}: {} stream(s) failed",
+            run.streams,
+            run.direction.label(),
+            run.failed_streams
+        ));
+    }
+    report.bulk.push(run);
+}
+
+fn record_creations(system: &System, report: &mut SystemReport, created: CreationResult) {
+    let label = system.kind.label();
+    eprintln!(
+        "{label}: {:.0} stream creations/s ({} completed, {} failed, {} clients)",
+        created.per_second(),
+        created.completed,
+        created.failures,
+        created.concurrency
+    );
+    for (role, cpu) in &created.cpu {
+        let name = report.process_name(*role).unwrap_or("?");
+        eprintln!(
+            "{label}: {name}: {:.2} CPU-ms per stream creation ({:.0}% of one core)",
+            created
+                .cpu_milliseconds_per_stream(*role)
+                .unwrap_or_default(),
+            cpu.as_secs_f64() / created.elapsed.as_secs_f64().max(f64::EPSILON) * 100.0
+        );
+    }
+    if let Some(error) = &created.first_error {
+        report.errors.push(format!(
+            "stream creations: {} failed, first: {error}",
+            created.failures
+        ));
+    }
+    report.creations = Some(created);
+}
+
+fn record_idle(system: &System, report: &mut SystemReport, held: IdleResult) {
+    let label = system.kind.label();
+    eprintln!(
+        "{label}: held {} of {} idle streams (opened in {:.1} s, {} failed; all ended {})",
+        held.opened,
+        held.requested,
+        held.open_duration.as_secs_f64(),
+        held.failures,
+        match held.close_duration {
+            Some(duration) => format!("{:.1} s after the close", duration.as_secs_f64()),
+            None => "— not within 30 s of the close".to_string(),
+        }
+    );
+    for memory in &held.memory {
+        let name = report.process_name(memory.role).unwrap_or("?");
+        eprintln!(
+            "{label}: {name}: RSS {:.1} → {:.1} MiB held ({:.1} KiB/stream) → {:.1} MiB after close",
+            memory.before_kibibytes as f64 / 1024.0,
+            memory.held_kibibytes as f64 / 1024.0,
+            memory.kibibytes_per_stream(held.opened),
+            memory.after_kibibytes as f64 / 1024.0
+        );
+    }
+    for (role, _) in &held.cpu_while_held {
+        let name = report.process_name(*role).unwrap_or("?");
+        eprintln!(
+            "{label}: {name}: {:.1}% of one core while the streams sat idle",
+            held.core_share_while_held(*role).unwrap_or_default() * 100.0
+        );
+    }
+    if let Some(error) = &held.first_error {
+        report.errors.push(format!(
+            "idle streams: {} failed, first: {error}",
+            held.failures
+        ));
+    }
+    report.idle_streams = Some(held);
+}
+
+pub fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+pub fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}

@@ -1,0 +1,164 @@
+//! devstreams as a user runs it: `relay serve` with its self-signed
+//! certificate (TLS on every relay leg), one registered device,
+//! `device-proxy` exposing the target, `service-proxy` listening locally.
+//!
+//! The relay's admission limits are raised for the run: its defaults (500
+//! stream creations per second and 200 concurrent streams per device, 1,024
+//! connections per source address) exist to protect a production relay and
+//! would otherwise be what the creation rate and idle-stream figures
+//! measure, instead of the relay's capacity. The proxies' connection caps
+//! are raised for the same reason.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{Programs, Role, System, SystemKind, READY_TIMEOUT};
+use crate::child::{run_to_completion, ChildProcess, Stdout};
+
+/// The device id registered for the run.
+const DEVICE_ID: &str = "bench-device";
+
+/// Concurrent streams allowed on every hop (above the 10,000 idle streams).
+const STREAM_CAPACITY: &str = "20000";
+
+/// Creations per second allowed by the relay, global and per device.
+const CREATION_RATE_CAPACITY: &str = "1000000";
+
+/// Connections the relay accepts, in all and from one address: every
+/// connection of the run comes from 127.0.0.1, two per held stream.
+const CONNECTION_CAPACITY: &str = "60000";
+
+pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<System> {
+    let directory = tempfile::Builder::new()
+        .prefix("bench-devstreams-")
+        .tempdir()?;
+    let data_dir = directory
+        .path()
+        .join("relay-data")
+        .to_string_lossy()
+        .to_string();
+    let environment = [("RUST_LOG", programs.log_level.as_str())];
+    let relay_arguments = [
+        "serve",
+        "--data-dir",
+        &data_dir,
+        "--listen",
+        "127.0.0.1:0",
+        // Devices use MQTT over WebSocket; no second listener on 0.0.0.0:8883.
+        "--no-mqtt",
+        "--max-streams",
+        STREAM_CAPACITY,
+        "--max-streams-per-device",
+        STREAM_CAPACITY,
+        "--creations-per-second",
+        CREATION_RATE_CAPACITY,
+        "--creations-per-second-per-device",
+        CREATION_RATE_CAPACITY,
+        "--max-connections",
+        CONNECTION_CAPACITY,
+        "--max-connections-per-source",
+        CONNECTION_CAPACITY,
+    ];
+    let mut relay = ChildProcess::spawn(
+        "relay",
+        &programs.relay,
+        &strings(&relay_arguments),
+        directory.path(),
+        &environment,
+        Stdout::Piped,
+    )?;
+    relay.wait_for_line("Listening on ", READY_TIMEOUT).await?;
+    let service_connection_string = relay
+        .wait_for_line("Service connection string: ", READY_TIMEOUT)
+        .await?;
+    let ca_certificate = relay
+        .wait_for_line("CA certificate for clients (--ca-cert): ", READY_TIMEOUT)
+        .await?;
+    relay.drain_stdout();
+
+    let added = run_to_completion(
+        &programs.relay,
+        &strings(&["device", "add", DEVICE_ID, "--data-dir", &data_dir]),
+        READY_TIMEOUT,
+    )
+    .await
+    .context("relay device add")?;
+    let device_connection_string = added
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("HostName="))
+        .context("`relay device add` printed no connection string")?
+        .to_string();
+
+    let target_port = target.port().to_string();
+    let device_arguments = [
+        device_connection_string.as_str(),
+        "127.0.0.1",
+        &target_port,
+        "--ca-cert",
+        &ca_certificate,
+        "--max-streams",
+        STREAM_CAPACITY,
+    ];
+    let device_proxy = ChildProcess::spawn(
+        "device-proxy",
+        &programs.device_proxy,
+        &strings(&device_arguments),
+        directory.path(),
+        &environment,
+        Stdout::Logged,
+    )?;
+
+    let service_arguments = [
+        service_connection_string.as_str(),
+        DEVICE_ID,
+        "0",
+        "--ca-cert",
+        &ca_certificate,
+        "--max-connections",
+        STREAM_CAPACITY,
+    ];
+    let mut service_proxy = ChildProcess::spawn(
+        "service-proxy",
+        &programs.service_proxy,
+        &strings(&service_arguments),
+        directory.path(),
+        &environment,
+        Stdout::Piped,
+    )?;
+    let listening = service_proxy
+        .wait_for_line("Listening on ", READY_TIMEOUT)
+        .await?;
+    service_proxy.drain_stdout();
+    let entry: SocketAddr = listening
+        .split_whitespace()
+        .next()
+        .and_then(|address| address.parse().ok())
+        .with_context(|| {
+            format!("service-proxy printed an address the bench cannot read: {listening:?}")
+        })?;
+
+    let mut system = System::with_children(
+        SystemKind::Devstreams,
+        entry,
+        vec![
+            (Role::Server, relay),
+            (Role::DeviceSide, device_proxy),
+            (Role::ServiceSide, service_proxy),
+        ],
+        directory,
+    );
+    system.wait_until_ready().await?;
+    // Let the first stream's teardown finish before anything is measured.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(system)
+}
+
+pub(super) fn strings(arguments: &[&str]) -> Vec<String> {
+    arguments
+        .iter()
+        .map(|argument| argument.to_string())
+        .collect()
+}

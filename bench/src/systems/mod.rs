@@ -1,0 +1,202 @@
+//! The systems under test, each started the way a user would start it, all
+//! ending at the same in-process target server: direct TCP (the physical
+//! limit), devstreams (relay + device-proxy + service-proxy, TLS on every
+//! relay leg), and the open peers rathole (TLS transport) and bore (plain TCP).
+//!
+//! A [`System`] is an entry address (where a client connects) plus the
+//! processes behind it, which the bench watches for memory and CPU and stops
+//! by PID when it is done.
+
+pub mod bore;
+pub mod devstreams;
+pub mod rathole;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::child::ChildProcess;
+use crate::workloads::connection::open_echo;
+
+/// Where a process sits on the path from client to target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The relay, or the peer's server: the process in the cloud.
+    Server,
+    /// device-proxy, or the peer's client: runs next to the target.
+    DeviceSide,
+    /// service-proxy: runs next to the operator (the peers have none; their
+    /// server takes the operator's TCP connection itself).
+    ServiceSide,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Server, Role::DeviceSide, Role::ServiceSide];
+}
+
+/// A process of a system, watched for RSS and CPU time.
+#[derive(Debug, Clone)]
+pub struct WatchedProcess {
+    pub role: Role,
+    pub name: String,
+    pub pid: u32,
+}
+
+/// Which system; decides how the report labels and compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemKind {
+    Direct,
+    Devstreams,
+    Rathole,
+    Bore,
+}
+
+impl SystemKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SystemKind::Direct => "direct TCP",
+            SystemKind::Devstreams => "devstreams (TLS)",
+            SystemKind::Rathole => "rathole (TLS)",
+            SystemKind::Bore => "bore (plain TCP)",
+        }
+    }
+}
+
+pub struct System {
+    pub kind: SystemKind,
+    /// Where clients connect; the path ends at the target server.
+    pub entry: SocketAddr,
+    pub processes: Vec<WatchedProcess>,
+    children: Vec<ChildProcess>,
+    /// Data dirs, configs and logs; held so they are removed with the system.
+    _work_directory: Option<tempfile::TempDir>,
+}
+
+/// Paths of the programs the bench runs.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub relay: PathBuf,
+    pub device_proxy: PathBuf,
+    pub service_proxy: PathBuf,
+    /// None when not installed; the reason is printed and reported.
+    pub rathole: Result<PathBuf, String>,
+    pub bore: Result<PathBuf, String>,
+    /// RUST_LOG for every child (ours and the peers').
+    pub log_level: String,
+}
+
+/// How long a started system may take to carry its first echo.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl System {
+    pub fn direct(target: SocketAddr) -> System {
+        System {
+            kind: SystemKind::Direct,
+            entry: target,
+            processes: Vec::new(),
+            children: Vec::new(),
+            _work_directory: None,
+        }
+    }
+
+    fn with_children(
+        kind: SystemKind,
+        entry: SocketAddr,
+        children: Vec<(Role, ChildProcess)>,
+        work_directory: tempfile::TempDir,
+    ) -> System {
+        let processes = children
+            .iter()
+            .map(|(role, child)| WatchedProcess {
+                role: *role,
+                name: child.name().to_string(),
+                pid: child.pid(),
+            })
+            .collect();
+        let children = children.into_iter().map(|(_, child)| child).collect();
+        System {
+            kind,
+            entry,
+            processes,
+            children,
+            _work_directory: Some(work_directory),
+        }
+    }
+
+    /// Retries an echo through the system until one works: the peers accept
+    /// a client before their device side is connected and then drop it.
+    pub async fn wait_until_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut last_error = String::new();
+        while tokio::time::Instant::now() < deadline {
+            for child in self.children.iter_mut() {
+                if child.has_exited() {
+                    bail!(
+                        "{} exited during start-up; its log:\n{}",
+                        child.name(),
+                        child.log_tail()
+                    );
+                }
+            }
+            match open_echo(self.entry, Duration::from_secs(10)).await {
+                Ok(_) => return Ok(()),
+                Err(error) => last_error = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "{} never carried an echo within {READY_TIMEOUT:?}: {last_error}",
+            self.kind.label()
+        )
+    }
+
+    /// Names of children that died while the system was in use.
+    pub fn exited_children(&mut self) -> Vec<String> {
+        let mut exited = Vec::new();
+        for child in self.children.iter_mut() {
+            if child.has_exited() {
+                exited.push(child.name().to_string());
+            }
+        }
+        exited
+    }
+
+    /// Kills every child by PID and removes the work directory.
+    pub async fn stop(mut self) {
+        for child in self.children.drain(..) {
+            child.stop().await;
+        }
+    }
+}
+
+/// CPU time used so far by each process of a system.
+pub type CpuSnapshot = Vec<(Role, Option<Duration>)>;
+
+impl System {
+    pub fn cpu_snapshot(&self) -> CpuSnapshot {
+        self.processes
+            .iter()
+            .map(|process| (process.role, crate::process_stats::cpu_time(process.pid)))
+            .collect()
+    }
+}
+
+/// CPU time each process used between two snapshots of the same system.
+pub fn cpu_used(before: &CpuSnapshot, after: &CpuSnapshot) -> Vec<(Role, Duration)> {
+    before
+        .iter()
+        .zip(after)
+        .filter_map(|((role, before), (_, after))| {
+            Some((*role, after.as_ref()?.saturating_sub(*before.as_ref()?)))
+        })
+        .collect()
+}
+
+/// A loopback port nobody listens on right now (bind, read, release).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -192,10 +192,11 @@ async fn oversized_websocket_message_is_closed_with_1009() {
     )
     .await
     .expect("connects");
-    socket
+    // The relay refuses the frame from its header and closes, possibly
+    // before the client has written all of it; the write may then fail.
+    let sent = socket
         .send(Message::Binary(vec![0u8; 100_000].into()))
-        .await
-        .expect("sent");
+        .await;
     let answer = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match socket.next().await {
@@ -207,7 +208,20 @@ async fn oversized_websocket_message_is_closed_with_1009() {
     })
     .await
     .expect("the relay answers in time");
-    assert_eq!(answer, Some(1009));
+    if answer != Some(1009) {
+        // The 1009 frame was lost to the reset that the unread rest of the
+        // message caused; the relay must still have refused it for its size.
+        assert!(
+            sent.is_err(),
+            "the write succeeded, so the Close must arrive: got {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let log = fixture.relay.process.log();
+        assert!(
+            log.contains("sent a message over --max-message-size"),
+            "no 1009 and no size refusal in the relay log:\n{log}"
+        );
+    }
     normal_echo_works(&fixture.relay).await;
 }
 

@@ -63,3 +63,26 @@ impl Signals {
         }
     }
 }
+
+/// Runs `work` until it ends by itself, or until SIGINT/SIGTERM, which
+/// cancels the token `work` was built with and then waits for `work` to
+/// wind down. The usual shape of a program's main loop.
+pub async fn run_until_signal<F, T>(
+    build: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
+) -> io::Result<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let mut signals = Signals::install()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let work = build(shutdown.clone());
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => return Ok(result),
+        _ = signals.received() => {
+            tracing::info!("signal received; shutting down");
+            shutdown.cancel();
+        }
+    }
+    Ok(work.await)
+}

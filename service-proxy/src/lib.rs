@@ -61,19 +61,9 @@ pub struct Settings {
 
 /// Runs until SIGINT or SIGTERM, then shuts down cleanly.
 pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
-    let mut signals = framing::process::Signals::install()
-        .context("cannot install the SIGINT/SIGTERM handlers")?;
-    let shutdown = CancellationToken::new();
-    let run = run(settings, shutdown.clone());
-    tokio::pin!(run);
-    tokio::select! {
-        result = &mut run => return result,
-        _ = signals.received() => {
-            info!("signal received; shutting down");
-            shutdown.cancel();
-        }
-    }
-    run.await
+    framing::process::run_until_signal(|shutdown| run(settings, shutdown))
+        .await
+        .context("cannot install the SIGINT/SIGTERM handlers")?
 }
 
 /// Checks the settings, binds the port, prints `Listening on ADDRESS` on

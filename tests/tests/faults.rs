@@ -427,3 +427,22 @@ async fn a_connect_burst_is_shed_with_retry_later_and_every_device_gets_in() {
         "the relay logs the shedding"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_exit_zero_promptly_on_sigterm_even_with_a_live_stream() {
+    let mut tunnel = tunnel(&[]).await;
+    let _client = echo_round_trip(tunnel.local_port, b"live")
+        .await
+        .expect("tunnel works");
+    for process in [&mut tunnel.service_proxy, &mut tunnel.device_proxy] {
+        process.signal("TERM");
+        let started = Instant::now();
+        let code = process.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(0), "log:\n{}", process.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}

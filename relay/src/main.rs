@@ -145,6 +145,10 @@ enum DeviceCommand {
     Show { device_id: String },
     /// Remove a device; a running relay cuts its control channel and streams.
     Remove { device_id: String },
+    /// Disable a device: a running relay cuts its control channel and streams; its keys are kept.
+    Disable { device_id: String },
+    /// Enable a disabled device again.
+    Enable { device_id: String },
     /// Replace one of a device's keys and print the new connection string.
     RotateKey {
         device_id: String,
@@ -342,6 +346,16 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
         DeviceCommand::Remove { device_id } => {
             registry.remove_device(&device_id)?;
             eprintln!("relay: removed device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::Disable { device_id } => {
+            registry.set_device_enabled(&device_id, false)?;
+            eprintln!("relay: disabled device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::Enable { device_id } => {
+            registry.set_device_enabled(&device_id, true)?;
+            eprintln!("relay: enabled device {device_id}");
             Ok(())
         }
         DeviceCommand::RotateKey {

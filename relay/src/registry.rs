@@ -165,6 +165,21 @@ impl SqliteRegistry {
         })
     }
 
+    /// Disables or re-enables a device; a disabled device can neither connect
+    /// nor be streamed to, and keeps its keys.
+    pub fn set_device_enabled(&self, device_id: &str, enabled: bool) -> Result<(), RegistryError> {
+        self.with(|connection| {
+            let changed = connection.execute(
+                "UPDATE devices SET enabled = ?1 WHERE device_id = ?2",
+                params![enabled as i64, device_id],
+            )?;
+            if changed == 0 {
+                return Err(RegistryError::NoSuchDevice(device_id.to_string()));
+            }
+            Ok(())
+        })
+    }
+
     /// Replaces one key of a device (`primary` or `secondary`) with a new one.
     pub fn rotate_device_key(
         &self,

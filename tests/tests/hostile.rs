@@ -727,3 +727,49 @@ async fn logs_never_contain_keys_signatures_or_tokens() {
         assert!(!log.contains("eyJ"), "{name} logged a stream token (JWT)");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_device_is_cut_refused_and_works_again_when_enabled() {
+    let fixture = fixture(&[]).await;
+    let relay = &fixture.relay;
+    let connection =
+        ConnectionString::parse_device(&relay.add_device("Paused").await).expect("device string");
+    let mut device = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())
+        .await
+        .expect("connects while enabled");
+    assert!(relay
+        .cli(&["device", "disable", "Paused"])
+        .await
+        .status
+        .success());
+    let ended = tokio::time::timeout(Duration::from_secs(5), device.next_request()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "a disabled device's control channel is closed within seconds"
+    );
+    let refused = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))
+        ),
+        "{:?}",
+        refused.err()
+    );
+    let result = service(relay)
+        .create_stream("Paused", "TestStream", &quick())
+        .await;
+    assert!(
+        matches!(result, Err(CreateStreamError::DeviceNotFound(_))),
+        "{result:?}"
+    );
+    assert!(relay
+        .cli(&["device", "enable", "Paused"])
+        .await
+        .status
+        .success());
+    DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())
+        .await
+        .expect("connects again once enabled, with the same key");
+    normal_echo_works(relay).await;
+}

@@ -200,6 +200,19 @@ impl Relay {
         }
     }
 
+    /// Stops this relay (by PID, if still running) and starts a new one on
+    /// the same data dir and address, as an operator restarting it would.
+    pub async fn restart(self) -> Relay {
+        let Relay {
+            process,
+            directory,
+            address,
+            ..
+        } = self;
+        drop(process);
+        Relay::start_in(directory, &["--listen", &address]).await
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.directory.path().join("relay-data")
     }

@@ -21,6 +21,29 @@ struct Tunnel {
     echo: tokio::task::JoinHandle<()>,
 }
 
+impl Tunnel {
+    /// The same tunnel with its relay restarted on the same data dir and
+    /// address; neither proxy is touched.
+    async fn with_relay_restarted(self) -> Tunnel {
+        let Tunnel {
+            relay,
+            device_proxy,
+            service_proxy,
+            local_port,
+            echo_port,
+            echo,
+        } = self;
+        Tunnel {
+            relay: relay.restart().await,
+            device_proxy,
+            service_proxy,
+            local_port,
+            echo_port,
+            echo,
+        }
+    }
+}
+
 async fn tunnel(relay_arguments: &[&str]) -> Tunnel {
     let relay = Relay::start(relay_arguments).await;
     let (echo_port, echo) = start_echo_server().await;
@@ -110,20 +133,8 @@ async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
         service_log.contains("cannot reach"),
         "service-proxy says the relay is unreachable:\n{service_log}"
     );
-    let Tunnel {
-        relay,
-        device_proxy: _device_proxy,
-        service_proxy: _service_proxy,
-        local_port,
-        echo: _echo,
-        ..
-    } = tunnel;
-    let address = relay.address.clone();
-    let Relay {
-        process, directory, ..
-    } = relay;
-    drop(process);
-    let _restarted = Relay::start_in(directory, &["--listen", &address]).await;
+    let tunnel = tunnel.with_relay_restarted().await;
+    let local_port = tunnel.local_port;
     let back = Instant::now();
     // Neither proxy is restarted: the device re-dials by itself, the
     // service-proxy kept listening.
@@ -267,20 +278,8 @@ async fn sigterm_lets_a_live_stream_finish_then_the_relay_exits_zero_and_devices
         .await;
     assert_eq!(code, Some(0), "relay log:\n{}", tunnel.relay.process.log());
 
-    let Tunnel {
-        relay,
-        device_proxy: _device_proxy,
-        service_proxy: _service_proxy,
-        local_port,
-        echo: _echo,
-        ..
-    } = tunnel;
-    let address = relay.address.clone();
-    let Relay {
-        process, directory, ..
-    } = relay;
-    drop(process);
-    let _next = Relay::start_in(directory, &["--listen", &address]).await;
+    let tunnel = tunnel.with_relay_restarted().await;
+    let local_port = tunnel.local_port;
     echo_round_trip(local_port, b"next relay")
         .await
         .expect("the device reconnected to the next relay start");

@@ -228,7 +228,12 @@ where
                     other => break Outcome::Down(other),
                 },
                 _ = sleep_until_optional(silence_deadline) => {
-                    if silence_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    // The deadline above was computed when this loop last
+                    // turned; anything received since (data, a pong, the
+                    // relay's ping) moves it. Only a deadline that still
+                    // holds now means the relay went silent.
+                    let current = silence_limit.map(|limit| liveness.last_received() + limit);
+                    if current.is_some_and(|deadline| Instant::now() >= deadline) {
                         break Outcome::Down(DownstreamEnd::StreamLost(format!(
                             "the relay sent nothing for {:?} ({SILENT_INTERVALS} ping intervals)",
                             silence_limit.unwrap_or_default()

@@ -136,6 +136,16 @@ fn malformed_allow_is_a_usage_error() {
 }
 
 #[test]
+fn huge_ping_interval_is_a_usage_error_not_a_panic() {
+    for value in ["18446744073709551615", "3601"] {
+        let (status, _, stderr) =
+            run(device_proxy().args([UNREACHABLE_RELAY, "--ping-interval", value]));
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("--ping-interval"), "{stderr}");
+    }
+}
+
+#[test]
 fn unreachable_relay_is_retried_and_sigterm_exits_zero() {
     let mut child = device_proxy()
         .args([UNREACHABLE_RELAY, "localhost", "22", "--max-backoff", "1"])

@@ -1,38 +1,25 @@
 //! `echo-sample demo`: a full loopback round trip with nothing to set up. A
 //! relay with a fresh temporary data dir and TLS on, a registered device
 //! running the echo device, and the echo service; every step is printed.
-
-use std::net::SocketAddr;
+//! The relay runs in-process through [`relay::EmbeddedRelay`], the relay's
+//! small public API for exactly this.
 
 use anyhow::Context;
-use framing::{ConnectionString, DeviceClient, DeviceOptions, ServiceClient};
-use relay::data_dir::DataDir;
-use relay::RelayConfig;
+use framing::{DeviceClient, DeviceOptions, ServiceClient};
+use relay::EmbeddedRelay;
 use tokio_util::sync::CancellationToken;
 
 const DEVICE_ID: &str = "MyDevice";
 
 pub async fn run() -> anyhow::Result<()> {
     let data_dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
-    let listen: SocketAddr = "127.0.0.1:0"
-        .parse()
-        .expect("a literal socket address parses");
-    let relay = relay::start(RelayConfig::new(listen, data_dir.path().to_path_buf())).await?;
+    let relay = EmbeddedRelay::start(data_dir.path()).await?;
     println!(
         "[demo] relay listening on {} (TLS, self-signed certificate)",
-        relay.local_address
+        relay.local_address()
     );
-    let certificate = relay
-        .certificate_path
-        .clone()
-        .context("the demo relay has no certificate")?;
-    let tls = framing::tls::client_config(Some(&certificate))?;
-
-    let record = DataDir::open_existing(data_dir.path())?
-        .registry()?
-        .add_device(DEVICE_ID)?;
-    let device_connection =
-        ConnectionString::for_device(&relay.host_name, DEVICE_ID, &record.primary_key)?;
+    let tls = relay.client_tls()?;
+    let device_connection = relay.add_device(DEVICE_ID)?;
     println!("[demo] registered device {DEVICE_ID}");
 
     let client = DeviceClient::connect(&device_connection, &tls, &DeviceOptions::default()).await?;
@@ -45,10 +32,7 @@ pub async fn run() -> anyhow::Result<()> {
         stop.clone(),
     ));
 
-    let service = ServiceClient::new(
-        ConnectionString::parse_service(&relay.service_connection_string)?,
-        tls.clone(),
-    );
+    let service = ServiceClient::new(relay.service_connection_string()?, tls.clone());
     let result = crate::service::echo_once(
         &service,
         &tls,

@@ -66,6 +66,11 @@ pub fn close_message(code: u16, reason: &str) -> Message {
 /// timeouts of common corporate proxies and load balancers.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 
+/// The longest ping interval a program accepts: an hour is far past any
+/// proxy's idle timeout, and bounding it keeps `interval * SILENT_INTERVALS`
+/// and `now + interval` from overflowing.
+pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// A peer that sends nothing (not even a pong) for this many ping intervals
 /// is declared dead.
 pub const SILENT_INTERVALS: u32 = 3;

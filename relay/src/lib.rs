@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod data_dir;
+pub mod embedded;
 pub mod http_util;
 pub mod limits;
 pub mod metrics;
@@ -22,4 +23,5 @@ pub mod streaming;
 pub mod streams_api;
 
 pub use config::{Limits, RelayConfig, TlsMode};
+pub use embedded::EmbeddedRelay;
 pub use server::{start, RunningRelay};

@@ -104,7 +104,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
     /// Seconds live streams may run on after SIGTERM/SIGINT before they are cut.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     drain_timeout: u64,
     /// Seconds a client has to finish the TLS handshake.
     #[arg(long, default_value_t = Limits::default().tls_handshake_timeout.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=300))]
@@ -131,7 +131,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = Limits::default().max_pending_streams)]
     max_pending_streams: usize,
     /// Seconds between WebSocket pings on stream sockets; a side silent for 3 intervals is dropped (0 = off).
-    #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS")]
+    #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=framing::pump::MAX_PING_INTERVAL.as_secs()))]
     ping_interval: u64,
 }
 

@@ -33,6 +33,19 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn huge_seconds_values_are_usage_errors_not_panics() {
+    for flag in ["--ping-interval", "--drain-timeout"] {
+        let output = relay()
+            .args(["serve", flag, "18446744073709551615"])
+            .output()
+            .expect("relay runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{stderr}");
+    }
+}
+
+#[test]
 fn registry_commands_on_a_missing_data_dir_say_how_to_create_it() {
     let directory = tempfile::tempdir().expect("temp dir");
     let missing = directory.path().join("nothing-here");

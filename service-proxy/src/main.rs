@@ -86,7 +86,7 @@ struct Arguments {
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
     /// Seconds between WebSocket pings on stream sockets; a relay silent for 3 intervals ends the stream (0 = off)
-    #[arg(long, value_name = "SECONDS", default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs())]
+    #[arg(long, value_name = "SECONDS", default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=framing::pump::MAX_PING_INTERVAL.as_secs()))]
     ping_interval: u64,
 }
 

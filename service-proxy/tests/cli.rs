@@ -154,6 +154,21 @@ fn missing_device_id_names_the_environment_variable() {
 }
 
 #[test]
+fn huge_ping_interval_is_a_usage_error_not_a_panic() {
+    for value in ["18446744073709551615", "3601"] {
+        let (status, _, stderr) = run(service_proxy().args([
+            UNREACHABLE_RELAY,
+            "MyDevice",
+            "0",
+            "--ping-interval",
+            value,
+        ]));
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("--ping-interval"), "{stderr}");
+    }
+}
+
+#[test]
 fn port_in_use_exits_one_saying_so() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
     let port = taken

@@ -98,6 +98,23 @@ impl Process {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits until the process's log contains `needle` (it writes lines as
+    /// events happen, so this waits on the event itself, not a guess at how
+    /// long it takes); returns the whole log then.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("no {needle:?} in the log within {timeout:?}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the process is running")
     }

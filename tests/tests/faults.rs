@@ -127,12 +127,11 @@ async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
         waited < Duration::from_secs(2),
         "a connection during the outage was closed after {waited:?}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let service_log = tunnel.service_proxy.log();
-    assert!(
-        service_log.contains("cannot reach"),
-        "service-proxy says the relay is unreachable:\n{service_log}"
-    );
+    // service-proxy says the relay is unreachable.
+    tunnel
+        .service_proxy
+        .wait_for_log("cannot reach", Duration::from_secs(5))
+        .await;
     let tunnel = tunnel.with_relay_restarted().await;
     let local_port = tunnel.local_port;
     let back = Instant::now();
@@ -168,9 +167,9 @@ async fn stopped_target_fails_new_streams_fast_and_they_work_when_it_returns() {
     echo_round_trip(tunnel.local_port, b"target up")
         .await
         .expect("tunnel works");
+    // Once the aborted task is awaited its listener is closed.
     tunnel.echo.abort();
     let _ = tunnel.echo.await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut client = TcpStream::connect(("127.0.0.1", tunnel.local_port))
         .await
         .expect("service-proxy still listens");

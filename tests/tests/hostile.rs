@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use devstreams_tests::{
-    raw_https, resident_kib, start_device_proxy, start_echo_server, start_service_proxy,
-    wait_until_device_connected, Process, Relay,
+    open_file_descriptors, raw_https, resident_kib, start_device_proxy, start_echo_server,
+    start_service_proxy, wait_until_device_connected, Process, Relay,
 };
 use framing::mqtt::{ConnectReturnCode, MqttConnection, Packet};
 use framing::websocket::Message;
@@ -17,6 +17,8 @@ use framing::{
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 
 struct Fixture {
     relay: Relay,
@@ -192,36 +194,33 @@ async fn oversized_websocket_message_is_closed_with_1009() {
     )
     .await
     .expect("connects");
-    // The relay refuses the frame from its header and closes, possibly
-    // before the client has written all of it; the write may then fail.
-    let sent = socket
-        .send(Message::Binary(vec![0u8; 100_000].into()))
-        .await;
+    // One message of 80,000 bytes in two fragments, each under the limit:
+    // the relay has read every byte we sent when the message outgrows the
+    // limit, so nothing unread turns its Close into a reset and the 1009
+    // must arrive.
+    for opcode in [Data::Binary, Data::Continue] {
+        let fragment = Frame::message(vec![0u8; 40_000], OpCode::Data(opcode), false);
+        socket
+            .send(Message::Frame(fragment))
+            .await
+            .expect("a fragment under the limit is written");
+    }
     let answer = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match socket.next().await {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
                 Some(Ok(_)) => continue,
-                _ => return None,
+                other => panic!("the stream ended without a Close: {other:?}"),
             }
         }
     })
     .await
     .expect("the relay answers in time");
-    if answer != Some(1009) {
-        // The 1009 frame was lost to the reset that the unread rest of the
-        // message caused; the relay must still have refused it for its size.
-        assert!(
-            sent.is_err(),
-            "the write succeeded, so the Close must arrive: got {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let log = fixture.relay.process.log();
-        assert!(
-            log.contains("sent a message over --max-message-size"),
-            "no 1009 and no size refusal in the relay log:\n{log}"
-        );
-    }
+    assert_eq!(
+        answer,
+        Some(1009),
+        "the relay closes an oversized message with 1009"
+    );
     normal_echo_works(&fixture.relay).await;
 }
 
@@ -511,6 +510,7 @@ async fn creation_rate_and_pending_limits_answer_429_with_retry_after() {
 async fn connections_per_source_are_capped_and_idle_ones_do_not_stop_streams() {
     let fixture = fixture(&["--max-connections-per-source", "600"]).await;
     let relay = &fixture.relay;
+    let baseline_descriptors = open_file_descriptors(relay.process.pid());
     // 500 idle connections: half plain TCP, half with TLS done.
     let mut idle = Vec::new();
     for index in 0..500 {
@@ -556,7 +556,15 @@ async fn connections_per_source_are_capped_and_idle_ones_do_not_stop_streams() {
         "over the cap: closed after {waited:?}"
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay has closed its ends once its descriptors are back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_file_descriptors(relay.process.pid()) > baseline_descriptors + 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the relay still holds the dropped connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     normal_echo_works(relay).await;
 }
 
@@ -692,7 +700,16 @@ async fn logs_never_contain_keys_signatures_or_tokens() {
     )
     .replace("sig=", "sig=AAAA");
     let _ = raw_https(relay, &stream_request(relay, "MyDevice", &bad)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay has logged the stream's end and the refusal before the
+    // logs are read.
+    relay
+        .process
+        .wait_for_log("stream closed", Duration::from_secs(10))
+        .await;
+    relay
+        .process
+        .wait_for_log("bad service credentials", Duration::from_secs(10))
+        .await;
     let secrets = [
         fixture
             .device_connection_string

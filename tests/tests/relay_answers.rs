@@ -96,12 +96,10 @@ async fn device_rejects_a_port_it_does_not_expose() {
         "no data arrives from a rejected stream"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        service_proxy.log().contains("reject"),
-        "service-proxy says why: {}",
-        service_proxy.log()
-    );
+    // service-proxy says why.
+    service_proxy
+        .wait_for_log("reject", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,7 +328,6 @@ async fn expired_device_token_gets_connack_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_added_while_the_relay_runs_connects_and_removed_device_is_cut() {
     let relay = Relay::start(&[]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let connection = ConnectionString::parse_device(&relay.add_device("LateDevice").await)
         .expect("device string");
     let mut device = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())

@@ -89,9 +89,10 @@ async fn busy_then_idle_stream_outlives_a_short_ping_interval() {
 }
 
 async fn echo_once(client: &mut TcpStream, line: &[u8], started: Instant) {
-    client.write_all(line).await.unwrap_or_else(|error| {
-        panic!("write failed after {:?}: {error}", started.elapsed())
-    });
+    client
+        .write_all(line)
+        .await
+        .unwrap_or_else(|error| panic!("write failed after {:?}: {error}", started.elapsed()));
     let mut echoed = vec![0u8; line.len()];
     tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
         .await

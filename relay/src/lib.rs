@@ -7,9 +7,12 @@
 
 pub mod config;
 pub mod control;
+pub mod control_websocket;
 pub mod data_dir;
+pub mod http_service;
 pub mod http_util;
 pub mod limits;
+pub mod listeners;
 pub mod metrics;
 pub mod pairing;
 pub mod presence;
@@ -20,6 +23,7 @@ pub mod sources;
 pub mod state;
 pub mod streaming;
 pub mod streams_api;
+pub mod tls;
 
 pub use config::{Limits, RelayConfig, TlsMode};
 pub use server::{start, RunningRelay};

@@ -118,8 +118,9 @@ struct ServeArgs {
     /// Largest HTTP request head (request line and headers), bytes; larger ones get 431.
     #[arg(long, default_value_t = Limits::default().max_header_size)]
     max_header_size: usize,
-    /// Largest MQTT packet from a device, bytes.
-    #[arg(long, default_value_t = Limits::default().max_mqtt_packet_size)]
+    /// Largest MQTT packet from a device, bytes (MQTT allows at most 268435460).
+    #[arg(long, default_value_t = Limits::default().max_mqtt_packet_size,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=relay::config::MAX_MQTT_PACKET_SIZE as u64))]
     max_mqtt_packet_size: usize,
     /// Open connections one source address may hold.
     #[arg(long, default_value_t = Limits::default().sources.max_connections_per_source)]
@@ -391,4 +392,35 @@ fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
         framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_arguments(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut arguments = vec!["relay", "serve"];
+        arguments.extend_from_slice(extra);
+        match Cli::try_parse_from(arguments)?.command {
+            Command::Serve(arguments) => Ok(*arguments),
+            _ => unreachable!("the arguments name the serve command"),
+        }
+    }
+
+    #[test]
+    fn mqtt_packet_size_is_bounded_by_what_mqtt_allows() {
+        let largest = relay::config::MAX_MQTT_PACKET_SIZE.to_string();
+        let accepted = serve_arguments(&["--max-mqtt-packet-size", &largest]).expect("accepted");
+        assert_eq!(
+            accepted.max_mqtt_packet_size,
+            relay::config::MAX_MQTT_PACKET_SIZE
+        );
+        let too_large = (relay::config::MAX_MQTT_PACKET_SIZE + 1).to_string();
+        for refused in [too_large.as_str(), "18446744073709551615", "0"] {
+            assert!(
+                serve_arguments(&["--max-mqtt-packet-size", refused]).is_err(),
+                "--max-mqtt-packet-size {refused} accepted"
+            );
+        }
+    }
 }

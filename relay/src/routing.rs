@@ -6,7 +6,7 @@
 use http::Method;
 use percent_encoding::percent_decode_str;
 
-/// What a request asks for; `server::route` turns each into a response.
+/// What a request asks for; `http_service::route` turns each into a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `POST /twins/{deviceId}[/modules/{moduleId}]/streams/{streamName}`.

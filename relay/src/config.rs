@@ -115,6 +115,9 @@ pub struct RelayConfig {
     /// relay run in-process (the echo demo, tests) opts in explicitly so it
     /// never competes for the well-known port.
     pub mqtt_listen: Option<SocketAddr>,
+    /// Plain-HTTP listener for `/metrics` and `/health` (`--admin-listen`);
+    /// `None` (the default) turns it off. Never on the internet.
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Base URL of the streaming endpoint handed to clients (`wss://host:port`).
     /// When unset, each side gets the host it used to reach this relay.
@@ -130,6 +133,7 @@ impl RelayConfig {
         Self {
             listen,
             mqtt_listen: None,
+            admin_listen: None,
             data_dir,
             public_url: None,
             tls: TlsMode::SelfSigned,

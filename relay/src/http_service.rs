@@ -3,6 +3,9 @@
 //! answers it. What each endpoint does lives in its own module; this only
 //! connects them, so the list of what the internet-facing listener serves is
 //! in one `match`.
+//!
+//! `/metrics` is not among them: it is served on the admin listener only
+//! (`--admin-listen`, see [`crate::admin`]), and answers 404 here.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,7 +63,7 @@ pub(crate) async fn serve_http(
     }
 }
 
-fn not_found(message: &str) -> Response<Body> {
+pub(crate) fn not_found(message: &str) -> Response<Body> {
     error_response(
         StatusCode::NOT_FOUND,
         error_code(StatusCode::NOT_FOUND, 0),
@@ -69,7 +72,7 @@ fn not_found(message: &str) -> Response<Body> {
 }
 
 /// `GET /health`: the relay is up and serving (for load balancers).
-fn health() -> Response<Body> {
+pub(crate) fn health() -> Response<Body> {
     Response::new(Body::from("ok\n"))
 }
 
@@ -119,41 +122,8 @@ async fn route(
         }
         Route::UnknownStream => not_found("no such stream"),
         Route::Health => health(),
-        Route::Metrics => metrics(&state),
-        Route::NoEndpoint => not_found(&format!(
+        Route::Metrics | Route::NoEndpoint => not_found(&format!(
             "no endpoint {method} {path}: see PROTOCOL.md for the relay's paths"
         )),
     }
-}
-
-/// `GET /metrics`: Prometheus text, counters and the current gauges.
-fn metrics(state: &RelayState) -> Response<Body> {
-    let gauges = [
-        (
-            "devstreams_streams_active",
-            "Streams created and not yet ended.",
-            state.admission.active_streams() as u64,
-        ),
-        (
-            "devstreams_streams_pending",
-            "Streams waiting for their sides to connect.",
-            state.pairing.pending_count() as u64,
-        ),
-        (
-            "devstreams_devices_connected",
-            "Devices with a control channel.",
-            state.presence.connected_count() as u64,
-        ),
-        (
-            "devstreams_tasks",
-            "Tasks the relay owns (connections, sessions, streams).",
-            state.tasks.len() as u64,
-        ),
-    ];
-    let mut response = Response::new(Body::from(state.metrics.render(&gauges)));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
 }

@@ -5,6 +5,7 @@
 //! in-process (the echo sample's demo runs a relay this way).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod control_websocket;

@@ -1,12 +1,12 @@
 //! Start-up and the handle of a serving relay: opens the data dir, binds
-//! the listeners (main, MQTT over TLS), starts their accept loops and
+//! the listeners (main, MQTT over TLS, admin), starts their accept loops and
 //! the background duties (expiring unpaired streams, noticing removed
 //! devices). [`RunningRelay`] owns all of it and shuts it down in order:
 //! stop accepting, let streams drain, then cut.
 //!
 //! What runs on a connection lives elsewhere: [`crate::tls`] builds the
 //! acceptors, [`crate::listeners`] accepts and applies the connection caps,
-//! [`crate::http_service`] routes HTTP.
+//! [`crate::http_service`] routes HTTP, [`crate::admin`] serves `/metrics`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use crate::listeners::{accept_loop, Endpoint, OpenConnections};
 use crate::state::RelayState;
-use crate::tls;
+use crate::{admin, tls};
 
 /// How often unpaired streams are expired and the registry is checked.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -31,6 +31,8 @@ pub struct RunningRelay {
     pub local_address: SocketAddr,
     /// The MQTT-over-TLS listener's address, when it is on.
     pub mqtt_address: Option<SocketAddr>,
+    /// The admin listener's address (`/metrics`), when it is on.
+    pub admin_address: Option<SocketAddr>,
     /// `host:port` that clients should use (connection strings' HostName).
     pub host_name: String,
     pub service_connection_string: String,
@@ -99,6 +101,19 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
+    let admin_listener = match config.admin_listen {
+        None => None,
+        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+            format!(
+                "cannot listen for admin requests on {address}: choose another --admin-listen address \
+                 or stop the program that uses it"
+            )
+        })?),
+    };
+    let admin_address = match &admin_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let host_name = match config.public_url.as_deref().and_then(url_authority) {
         Some(authority) => authority.to_string(),
         None if local_address.ip().is_loopback() || local_address.ip().is_unspecified() => {
@@ -118,6 +133,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let mut config = config;
     config.listen = local_address;
     config.mqtt_listen = mqtt_address;
+    config.admin_listen = admin_address;
     let state = RelayState::new(
         config,
         Arc::new(registry),
@@ -145,11 +161,17 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             open_connections,
         ));
     }
+    if let Some(admin_listener) = admin_listener {
+        state
+            .tasks
+            .spawn(admin::accept_loop(state.clone(), admin_listener));
+    }
     state.tasks.spawn(housekeeping(state.clone()));
-    tracing::info!(%local_address, mqtt_address = ?mqtt_address, tls, "relay serving");
+    tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
     Ok(RunningRelay {
         local_address,
         mqtt_address,
+        admin_address,
         host_name,
         service_connection_string,
         certificate_path,

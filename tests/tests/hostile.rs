@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use devstreams_tests::{
-    raw_https, resident_kib, start_device_proxy, start_echo_server, start_service_proxy,
+    raw_http, raw_https, resident_kib, start_device_proxy, start_echo_server, start_service_proxy,
     wait_until_device_connected, Process, Relay,
 };
 use framing::mqtt::{ConnectReturnCode, MqttConnection, Packet};
@@ -948,4 +948,47 @@ async fn paired_stream_sockets_count_against_the_per_source_cap() {
             .is_ok(),
         "another address is still served"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let relay = Relay::start(&[]).await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let (status, _, _) = raw_https(&relay, &get("/metrics")).await;
+    assert_eq!(status, 404, "/metrics on the internet-facing listener");
+    let (status, _, body) = raw_https(&relay, &get("/health")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "/health stays public"
+    );
+    let (status, headers, body) = raw_http(&relay.admin_address, &get("/metrics")).await;
+    assert_eq!(status, 200, "/metrics on the admin listener: {body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(name, value)| name.eq_ignore_ascii_case("content-type")
+                && value.starts_with("text/plain; version=0.0.4")),
+        "Prometheus text content type: {headers:?}"
+    );
+    for name in [
+        "devstreams_streams_requested_total 0",
+        "devstreams_authentication_failures_total 0",
+        "devstreams_streams_active 0",
+        "devstreams_devices_connected 0",
+    ] {
+        assert!(
+            body.lines().any(|line| line == name),
+            "{name} missing:\n{body}"
+        );
+    }
+    let (status, _, body) = raw_http(&relay.admin_address, &get("/health")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "/health on the admin listener"
+    );
+    let (status, _, _) = raw_http(&relay.admin_address, &get("/twins/d/streams/s")).await;
+    assert_eq!(status, 404, "the admin listener serves nothing else");
 }

@@ -39,10 +39,50 @@ pub enum NetworkStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// Socket options for every devstreams TCP socket: no Nagle delay, because
-/// WebSocket writes are whole frames and interactive sessions feel any delay.
+/// Idle time before the kernel starts probing a silent TCP peer.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the kernel drops the connection.
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the
+/// connection (Linux `TCP_USER_TIMEOUT`). Equal to the keepalive budget
+/// (idle + probes × interval), so both ways of noticing a vanished peer
+/// agree. A live peer that only reads slowly is not cut: its kernel still
+/// answers zero-window probes.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Socket options for every devstreams TCP socket, accepted or dialed, in
+/// the relay and both proxies:
+/// - no Nagle delay, because WebSocket writes are whole frames and
+///   interactive sessions feel any delay;
+/// - TCP keepalive, so a peer that vanished without a FIN or RST (power
+///   loss, NAT state dropped) is noticed on an idle connection too;
+/// - `TCP_USER_TIMEOUT` on Linux, so one whose data goes unacknowledged is
+///   dropped in [`USER_TIMEOUT`] instead of after ~15 minutes of retransmits.
+///
+/// Best effort: a socket that refuses an option still works, so a failure
+/// is only logged.
 pub fn configure_socket(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let results = [
+        ("TCP_NODELAY", stream.set_nodelay(true)),
+        ("SO_KEEPALIVE", socket.set_tcp_keepalive(&keepalive)),
+        #[cfg(target_os = "linux")]
+        (
+            "TCP_USER_TIMEOUT",
+            socket.set_tcp_user_timeout(Some(USER_TIMEOUT)),
+        ),
+    ];
+    for (option, result) in results {
+        if let Err(error) = result {
+            tracing::debug!(option, %error, "cannot set a socket option");
+        }
+    }
 }
 
 /// Dials `host:port`, then TLS when `tls` is given.
@@ -144,6 +184,45 @@ impl AsyncWrite for NetworkStream {
         match self {
             NetworkStream::Plain(stream) => stream.is_write_vectored(),
             NetworkStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn configured_sockets_have_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let address = listener.local_addr().expect("local address");
+        let dialed = TcpStream::connect(address).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        for stream in [&dialed, &accepted] {
+            let socket = socket2::SockRef::from(stream);
+            assert!(!socket.keepalive().expect("read SO_KEEPALIVE"));
+            configure_socket(stream);
+            assert!(socket.keepalive().expect("read SO_KEEPALIVE"));
+            assert_eq!(
+                socket.tcp_keepalive_time().expect("read TCP_KEEPIDLE"),
+                KEEPALIVE_IDLE
+            );
+            assert_eq!(
+                socket.tcp_keepalive_interval().expect("read TCP_KEEPINTVL"),
+                KEEPALIVE_INTERVAL
+            );
+            assert_eq!(
+                socket.tcp_keepalive_retries().expect("read TCP_KEEPCNT"),
+                KEEPALIVE_PROBES
+            );
+            #[cfg(target_os = "linux")]
+            assert_eq!(
+                socket.tcp_user_timeout().expect("read TCP_USER_TIMEOUT"),
+                Some(USER_TIMEOUT)
+            );
+            assert!(stream.nodelay().expect("read TCP_NODELAY"));
         }
     }
 }

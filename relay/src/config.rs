@@ -19,6 +19,11 @@ pub enum TlsMode {
     Disabled,
 }
 
+/// The largest `--max-mqtt-packet-size`: MQTT 3.1.1's own limit (a
+/// remaining length of 268,435,455 bytes plus a 5-byte fixed header). It
+/// keeps every size derived from the setting far from overflowing.
+pub const MAX_MQTT_PACKET_SIZE: usize = 268_435_455 + 5;
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Create → both sides connected; also the cap of the REST timeouts.
@@ -33,7 +38,8 @@ pub struct Limits {
     pub max_header_size: usize,
     /// Largest WebSocket message (and frame) on stream sockets, bytes.
     pub max_message_size: usize,
-    /// Largest MQTT packet from a device, bytes.
+    /// Largest MQTT packet from a device, bytes; at most
+    /// [`MAX_MQTT_PACKET_SIZE`].
     pub max_mqtt_packet_size: usize,
     /// Concurrent streams (created, pairing or copying) on this relay.
     pub max_streams: usize,
@@ -89,6 +95,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Largest WebSocket message carrying MQTT (MQTT over WebSocket): twice
+    /// the packet size, since a client may split packets across messages or
+    /// pack several into one. Saturates rather than overflowing when a
+    /// library caller sets a size past [`MAX_MQTT_PACKET_SIZE`].
+    pub fn mqtt_websocket_message_size(&self) -> usize {
+        self.max_mqtt_packet_size
+            .min(MAX_MQTT_PACKET_SIZE)
+            .saturating_mul(2)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub listen: SocketAddr,
@@ -97,6 +115,9 @@ pub struct RelayConfig {
     /// relay run in-process (the echo demo, tests) opts in explicitly so it
     /// never competes for the well-known port.
     pub mqtt_listen: Option<SocketAddr>,
+    /// Plain-HTTP listener for `/metrics` and `/health` (`--admin-listen`);
+    /// `None` (the default) turns it off. Never on the internet.
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Base URL of the streaming endpoint handed to clients (`wss://host:port`).
     /// When unset, each side gets the host it used to reach this relay.
@@ -112,11 +133,36 @@ impl RelayConfig {
         Self {
             listen,
             mqtt_listen: None,
+            admin_listen: None,
             data_dir,
             public_url: None,
             tls: TlsMode::SelfSigned,
             hub_name: "devstreams".into(),
             limits: Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_websocket_message_size_is_twice_the_packet_and_never_overflows() {
+        let mut limits = Limits::default();
+        assert_eq!(
+            limits.mqtt_websocket_message_size(),
+            2 * limits.max_mqtt_packet_size
+        );
+        limits.max_mqtt_packet_size = MAX_MQTT_PACKET_SIZE;
+        assert_eq!(
+            limits.mqtt_websocket_message_size(),
+            2 * MAX_MQTT_PACKET_SIZE
+        );
+        limits.max_mqtt_packet_size = usize::MAX;
+        assert_eq!(
+            limits.mqtt_websocket_message_size(),
+            2 * MAX_MQTT_PACKET_SIZE
+        );
     }
 }

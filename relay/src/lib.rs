@@ -5,12 +5,16 @@
 //! in-process (the echo sample's demo runs a relay this way).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod control;
+pub mod control_websocket;
 pub mod data_dir;
 pub mod embedded;
+pub mod http_service;
 pub mod http_util;
 pub mod limits;
+pub mod listeners;
 pub mod metrics;
 pub mod pairing;
 pub mod presence;
@@ -21,6 +25,7 @@ pub mod sources;
 pub mod state;
 pub mod streaming;
 pub mod streams_api;
+pub mod tls;
 
 pub use config::{Limits, RelayConfig, TlsMode};
 pub use embedded::EmbeddedRelay;

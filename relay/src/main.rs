@@ -18,12 +18,13 @@ Examples:
   relay serve --listen 127.0.0.1:8443 --public-url wss://relay.example.com:8443
   relay serve --listen 0.0.0.0:443 --mqtt-listen 0.0.0.0:8883   # ports IoT Hub SDK programs cannot change
   relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
+  relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
   relay device add MyDevice                     # prints the device connection string
   relay device list
   relay policy show                             # prints the service connection string
 
-Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
 
 #[derive(Parser)]
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
@@ -69,6 +70,10 @@ struct ServeArgs {
     /// Do not open the MQTT-over-TLS listener; devices then connect with MQTT over WebSocket on --listen.
     #[arg(long)]
     no_mqtt: bool,
+    /// Address of the admin listener: /metrics (Prometheus) and /health on plain HTTP, no authentication.
+    /// Off by default; bind it to loopback or a private network, never the internet.
+    #[arg(long, env = "RELAY_ADMIN_LISTEN", value_name = "ADDRESS")]
+    admin_listen: Option<SocketAddr>,
     /// Base URL of the streaming endpoint handed to clients, e.g. wss://relay.example.com:443.
     /// By default each client gets the host it used to reach the relay.
     #[arg(long)]
@@ -118,8 +123,9 @@ struct ServeArgs {
     /// Largest HTTP request head (request line and headers), bytes; larger ones get 431.
     #[arg(long, default_value_t = Limits::default().max_header_size)]
     max_header_size: usize,
-    /// Largest MQTT packet from a device, bytes.
-    #[arg(long, default_value_t = Limits::default().max_mqtt_packet_size)]
+    /// Largest MQTT packet from a device, bytes (MQTT allows at most 268435460).
+    #[arg(long, default_value_t = Limits::default().max_mqtt_packet_size,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=relay::config::MAX_MQTT_PACKET_SIZE as u64))]
     max_mqtt_packet_size: usize,
     /// Open connections one source address may hold.
     #[arg(long, default_value_t = Limits::default().sources.max_connections_per_source)]
@@ -187,6 +193,7 @@ fn main() -> ExitCode {
 fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
     let mut config = RelayConfig::new(arguments.listen, data_dir);
     config.mqtt_listen = (!arguments.no_mqtt).then_some(arguments.mqtt_listen);
+    config.admin_listen = arguments.admin_listen;
     config.public_url = arguments.public_url;
     if let Some(url) = &config.public_url {
         if !(url.starts_with("wss://") || url.starts_with("ws://")) {
@@ -244,6 +251,9 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
                 "plain TCP, --no-tls"
             };
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
+        }
+        if let Some(admin_address) = relay.admin_address {
+            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health)");
         }
         println!(
             "Service connection string: {}",
@@ -391,4 +401,43 @@ fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
         framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_arguments(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut arguments = vec!["relay", "serve"];
+        arguments.extend_from_slice(extra);
+        match Cli::try_parse_from(arguments)?.command {
+            Command::Serve(arguments) => Ok(*arguments),
+            _ => unreachable!("the arguments name the serve command"),
+        }
+    }
+
+    #[test]
+    fn mqtt_packet_size_is_bounded_by_what_mqtt_allows() {
+        let largest = relay::config::MAX_MQTT_PACKET_SIZE.to_string();
+        let accepted = serve_arguments(&["--max-mqtt-packet-size", &largest]).expect("accepted");
+        assert_eq!(
+            accepted.max_mqtt_packet_size,
+            relay::config::MAX_MQTT_PACKET_SIZE
+        );
+        let too_large = (relay::config::MAX_MQTT_PACKET_SIZE + 1).to_string();
+        for refused in [too_large.as_str(), "18446744073709551615", "0"] {
+            assert!(
+                serve_arguments(&["--max-mqtt-packet-size", refused]).is_err(),
+                "--max-mqtt-packet-size {refused} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_listener_is_off_unless_asked_for() {
+        let default = serve_arguments(&[]).expect("defaults parse");
+        assert_eq!(default.admin_listen, None);
+        let asked = serve_arguments(&["--admin-listen", "127.0.0.1:9090"]).expect("parses");
+        assert_eq!(asked.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
 }

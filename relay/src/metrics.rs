@@ -1,99 +1,228 @@
-//! Counters for operators, served as Prometheus text at `/metrics`.
-//! Plain atomics: one relaxed add on events, never on the byte path.
+//! Counters for operators, served as Prometheus text at `/metrics` on the
+//! admin listener. The exposition format is `prometheus-client`'s: one relaxed
+//! atomic add per event, never on the byte path; the gauges are read from
+//! the relay's state when scraped.
+//!
+//! Counter names keep the `_total` suffix dashboards already use
+//! (`devstreams_streams_requested_total`, …): the crate adds it to the names
+//! registered here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
-#[derive(Default)]
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+type UnsignedGauge = Gauge<u64, AtomicU64>;
+
 pub struct Metrics {
-    pub streams_requested: AtomicU64,
-    pub streams_accepted: AtomicU64,
-    pub streams_rejected: AtomicU64,
-    pub streams_established: AtomicU64,
-    pub streams_closed: AtomicU64,
-    pub streams_expired: AtomicU64,
-    pub stream_creations_refused: AtomicU64,
-    pub authentication_failures: AtomicU64,
-    pub bytes_device_to_service: AtomicU64,
-    pub bytes_service_to_device: AtomicU64,
-    pub control_channels_opened: AtomicU64,
+    pub streams_requested: Counter,
+    pub streams_accepted: Counter,
+    pub streams_rejected: Counter,
+    pub streams_established: Counter,
+    pub streams_closed: Counter,
+    pub streams_expired: Counter,
+    pub stream_creations_refused: Counter,
+    pub authentication_failures: Counter,
+    pub bytes_device_to_service: Counter,
+    pub bytes_service_to_device: Counter,
+    pub control_channels_opened: Counter,
+    streams_active: UnsignedGauge,
+    streams_pending: UnsignedGauge,
+    devices_connected: UnsignedGauge,
+    tasks: UnsignedGauge,
+    registry: Registry,
+}
+
+/// Point-in-time values, read from the relay's state at each scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub streams_active: usize,
+    pub streams_pending: usize,
+    pub devices_connected: usize,
+    pub tasks: usize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut metrics = Self {
+            streams_requested: Counter::default(),
+            streams_accepted: Counter::default(),
+            streams_rejected: Counter::default(),
+            streams_established: Counter::default(),
+            streams_closed: Counter::default(),
+            streams_expired: Counter::default(),
+            stream_creations_refused: Counter::default(),
+            authentication_failures: Counter::default(),
+            bytes_device_to_service: Counter::default(),
+            bytes_service_to_device: Counter::default(),
+            control_channels_opened: Counter::default(),
+            streams_active: UnsignedGauge::default(),
+            streams_pending: UnsignedGauge::default(),
+            devices_connected: UnsignedGauge::default(),
+            tasks: UnsignedGauge::default(),
+            registry: Registry::default(),
+        };
+        // The crate ends help texts with a full stop and counter names with
+        // `_total`; neither is written here.
+        let counters = [
+            (
+                "devstreams_streams_requested",
+                "Stream creation requests with valid credentials",
+                &metrics.streams_requested,
+            ),
+            (
+                "devstreams_streams_accepted",
+                "Streams accepted by their device",
+                &metrics.streams_accepted,
+            ),
+            (
+                "devstreams_streams_rejected",
+                "Streams rejected by their device",
+                &metrics.streams_rejected,
+            ),
+            (
+                "devstreams_streams_established",
+                "Streams whose two sides were paired",
+                &metrics.streams_established,
+            ),
+            (
+                "devstreams_streams_closed",
+                "Paired streams that ended",
+                &metrics.streams_closed,
+            ),
+            (
+                "devstreams_streams_expired",
+                "Streams not paired before the handshake deadline",
+                &metrics.streams_expired,
+            ),
+            (
+                "devstreams_stream_creations_refused",
+                "Creations refused by limits (429)",
+                &metrics.stream_creations_refused,
+            ),
+            (
+                "devstreams_authentication_failures",
+                "Refused SAS or stream tokens",
+                &metrics.authentication_failures,
+            ),
+            (
+                "devstreams_bytes_device_to_service",
+                "Bytes relayed from devices to services",
+                &metrics.bytes_device_to_service,
+            ),
+            (
+                "devstreams_bytes_service_to_device",
+                "Bytes relayed from services to devices",
+                &metrics.bytes_service_to_device,
+            ),
+            (
+                "devstreams_control_channels_opened",
+                "Device control channels authenticated",
+                &metrics.control_channels_opened,
+            ),
+        ];
+        let mut registry = Registry::default();
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        let gauges = [
+            (
+                "devstreams_streams_active",
+                "Streams created and not yet ended",
+                &metrics.streams_active,
+            ),
+            (
+                "devstreams_streams_pending",
+                "Streams waiting for their sides to connect",
+                &metrics.streams_pending,
+            ),
+            (
+                "devstreams_devices_connected",
+                "Devices with a control channel",
+                &metrics.devices_connected,
+            ),
+            (
+                "devstreams_tasks",
+                "Tasks the relay owns (connections, sessions, streams)",
+                &metrics.tasks,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        metrics.registry = registry;
+        metrics
+    }
 }
 
 impl Metrics {
-    pub fn add(counter: &AtomicU64, value: u64) {
-        counter.fetch_add(value, Ordering::Relaxed);
+    pub fn add(counter: &Counter, value: u64) {
+        counter.inc_by(value);
     }
 
-    /// Prometheus exposition text; `gauges` are point-in-time values.
-    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
-        let counters: [(&str, &str, &AtomicU64); 11] = [
-            (
-                "devstreams_streams_requested_total",
-                "Stream creation requests with valid credentials.",
-                &self.streams_requested,
-            ),
-            (
-                "devstreams_streams_accepted_total",
-                "Streams accepted by their device.",
-                &self.streams_accepted,
-            ),
-            (
-                "devstreams_streams_rejected_total",
-                "Streams rejected by their device.",
-                &self.streams_rejected,
-            ),
-            (
-                "devstreams_streams_established_total",
-                "Streams whose two sides were paired.",
-                &self.streams_established,
-            ),
-            (
-                "devstreams_streams_closed_total",
-                "Paired streams that ended.",
-                &self.streams_closed,
-            ),
-            (
-                "devstreams_streams_expired_total",
-                "Streams not paired before the handshake deadline.",
-                &self.streams_expired,
-            ),
-            (
-                "devstreams_stream_creations_refused_total",
-                "Creations refused by limits (429).",
-                &self.stream_creations_refused,
-            ),
-            (
-                "devstreams_authentication_failures_total",
-                "Refused SAS or stream tokens.",
-                &self.authentication_failures,
-            ),
-            (
-                "devstreams_bytes_device_to_service_total",
-                "Bytes relayed from devices to services.",
-                &self.bytes_device_to_service,
-            ),
-            (
-                "devstreams_bytes_service_to_device_total",
-                "Bytes relayed from services to devices.",
-                &self.bytes_service_to_device,
-            ),
-            (
-                "devstreams_control_channels_opened_total",
-                "Device control channels authenticated.",
-                &self.control_channels_opened,
-            ),
-        ];
+    /// Prometheus exposition text (format 0.0.4, [`CONTENT_TYPE`]), with
+    /// `gauges` as the current values of the gauges.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let as_u64 = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+        self.streams_active.set(as_u64(gauges.streams_active));
+        self.streams_pending.set(as_u64(gauges.streams_pending));
+        self.devices_connected.set(as_u64(gauges.devices_connected));
+        self.tasks.set(as_u64(gauges.tasks));
         let mut text = String::new();
-        for (name, help, counter) in counters {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                counter.load(Ordering::Relaxed)
-            ));
-        }
-        for (name, help, value) in gauges {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
+        // Writing into a String cannot fail; an error would mean a metric
+        // failed to encode, and a partial answer is still worth serving.
+        if let Err(error) = prometheus_text::encode(&mut text, &self.registry) {
+            tracing::warn!(%error, "encoding the metrics failed");
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_keeps_its_name_and_value() {
+        let metrics = Metrics::default();
+        Metrics::add(&metrics.streams_requested, 3);
+        Metrics::add(&metrics.bytes_device_to_service, 1 << 40);
+        let text = metrics.render(&Gauges {
+            streams_active: 2,
+            streams_pending: 1,
+            devices_connected: 5,
+            tasks: 9,
+        });
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(&format!("{name} ")))
+                .map(str::to_string)
+        };
+        for (name, expected) in [
+            ("devstreams_streams_requested_total", "3"),
+            ("devstreams_streams_accepted_total", "0"),
+            ("devstreams_streams_rejected_total", "0"),
+            ("devstreams_streams_established_total", "0"),
+            ("devstreams_streams_closed_total", "0"),
+            ("devstreams_streams_expired_total", "0"),
+            ("devstreams_stream_creations_refused_total", "0"),
+            ("devstreams_authentication_failures_total", "0"),
+            ("devstreams_bytes_device_to_service_total", "1099511627776"),
+            ("devstreams_bytes_service_to_device_total", "0"),
+            ("devstreams_control_channels_opened_total", "0"),
+            ("devstreams_streams_active", "2"),
+            ("devstreams_streams_pending", "1"),
+            ("devstreams_devices_connected", "5"),
+            ("devstreams_tasks", "9"),
+        ] {
+            assert_eq!(value(name).as_deref(), Some(expected), "{name} in:\n{text}");
+        }
+        assert!(text.contains("# TYPE devstreams_streams_requested_total counter"));
+        assert!(text.contains("# TYPE devstreams_tasks gauge"));
+        assert!(text.contains("# HELP devstreams_tasks Tasks the relay owns"));
     }
 }

@@ -26,6 +26,8 @@ pub type ServerWebSocket = WebSocketStream<TokioIo<Upgraded>>;
 pub struct Arrival {
     pub socket: ServerWebSocket,
     pub permit: Option<StreamPermit>,
+    /// Keeps the second side's socket under the connection caps.
+    pub guard: std::sync::Arc<crate::listeners::ConnectionGuard>,
 }
 
 struct PendingStream {

@@ -6,7 +6,8 @@
 use http::Method;
 use percent_encoding::percent_decode_str;
 
-/// What a request asks for; `server::route` turns each into a response.
+/// What a request asks for; `http_service` (main listener) and `admin`
+/// (admin listener) turn each into a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `POST /twins/{deviceId}[/modules/{moduleId}]/streams/{streamName}`.
@@ -23,6 +24,7 @@ pub enum Route {
         stream_id: String,
     },
     Health,
+    /// Served on the admin listener only; 404 on the main listener.
     Metrics,
     /// A stream-creation path whose device or module id does not decode: 400.
     BadPath(&'static str),

@@ -22,6 +22,7 @@ use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
 };
 use crate::limits::StreamPermit;
+use crate::listeners::ConnectionGuard;
 use crate::metrics::Metrics;
 use crate::pairing::{Arrival, Claim, ServerWebSocket};
 use crate::state::RelayState;
@@ -33,6 +34,7 @@ pub fn upgrade(
     device_id: String,
     stream_id: String,
     peer: std::net::SocketAddr,
+    guard: Arc<ConnectionGuard>,
 ) -> Response<Body> {
     let unauthorized = |reason: &str| {
         Metrics::add(&state.metrics.authentication_failures, 1);
@@ -91,7 +93,7 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, side, stream_id).await;
+            settle(task_state, claim, socket, guard, side, stream_id).await;
         }
         .instrument(span),
     );
@@ -106,17 +108,23 @@ async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
     .await;
 }
 
-/// Hands the socket over (second side) or waits and copies (first side).
+/// Hands the socket over (second side) or waits and copies (first side);
+/// `guard` keeps the socket under the connection caps wherever it goes.
 async fn settle(
     state: Arc<RelayState>,
     claim: Claim,
     socket: ServerWebSocket,
+    guard: Arc<ConnectionGuard>,
     side: Side,
     stream_id: String,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
-            if let Err(arrival) = sender.send(Arrival { socket, permit }) {
+            if let Err(arrival) = sender.send(Arrival {
+                socket,
+                permit,
+                guard,
+            }) {
                 close_with(
                     arrival.socket,
                     CLOSE_PEER_LOST,
@@ -145,6 +153,7 @@ async fn settle(
             };
             match arrival {
                 Ok(arrival) => {
+                    let _their_guard = arrival.guard;
                     copy(
                         &state,
                         socket,

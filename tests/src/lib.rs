@@ -157,6 +157,8 @@ pub struct Relay {
     pub address: String,
     /// The MQTT-over-TLS listener (`MQTT listening on …`), unless `--no-mqtt`.
     pub mqtt_address: Option<String>,
+    /// The admin listener (`Admin listening on …`): `/metrics`, plain HTTP.
+    pub admin_address: String,
     pub service_connection_string: String,
     pub ca_certificate: PathBuf,
 }
@@ -180,6 +182,10 @@ impl Relay {
         if mqtt && !extra_arguments.contains(&"--mqtt-listen") {
             arguments.extend(["--mqtt-listen", "127.0.0.1:0"]);
         }
+        // /metrics is only on the admin listener; tests read it there.
+        if !extra_arguments.contains(&"--admin-listen") {
+            arguments.extend(["--admin-listen", "127.0.0.1:0"]);
+        }
         arguments.extend_from_slice(extra_arguments);
         let mut process = Process::spawn("relay", &arguments, directory.path(), &[]).await;
         let address = process
@@ -201,6 +207,13 @@ impl Relay {
             ),
             false => None,
         };
+        let admin_address = process
+            .wait_for_line("Admin listening on ")
+            .await
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let service_connection_string = process.wait_for_line("Service connection string: ").await;
         let ca_certificate = PathBuf::from(
             process
@@ -212,6 +225,7 @@ impl Relay {
             directory,
             address,
             mqtt_address,
+            admin_address,
             service_connection_string,
             ca_certificate,
         }
@@ -555,7 +569,29 @@ pub async fn raw_https(relay: &Relay, request: &str) -> (u16, Vec<(String, Strin
     let _ = stream.write_all(request.as_bytes()).await;
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response).to_string();
+    parse_response(&response)
+}
+
+/// Sends raw HTTP/1.1 without TLS to `address` (`host:port`), e.g. the
+/// relay's admin listener; the request should say `Connection: close`.
+pub async fn raw_http(address: &str, request: &str) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("connecting to {address} timed out"))
+    .unwrap_or_else(|error| panic!("cannot connect to {address}: {error}"));
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(90), stream.read_to_end(&mut response)).await;
+    parse_response(&response)
+}
+
+/// Status, headers (names as sent) and body of a raw HTTP/1.1 answer.
+fn parse_response(response: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let text = String::from_utf8_lossy(response).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
     let status = lines
@@ -591,10 +627,10 @@ pub fn resident_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// One value from the relay's `/metrics`.
+/// One value from the relay's `/metrics` (on its admin listener).
 pub async fn relay_metric(relay: &Relay, name: &str) -> u64 {
     let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let (status, _, body) = raw_https(relay, request).await;
+    let (status, _, body) = raw_http(&relay.admin_address, request).await;
     assert_eq!(status, 200, "metrics answer");
     body.lines()
         .find_map(|line| {

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use devstreams_tests::{
-    open_file_descriptors, raw_https, resident_kib, start_device_proxy, start_echo_server,
-    start_service_proxy, wait_until_device_connected, Process, Relay,
+    open_file_descriptors, raw_http, raw_https, resident_kib, start_device_proxy,
+    start_echo_server, start_service_proxy, wait_until_device_connected, Process, Relay,
 };
 use framing::mqtt::{ConnectReturnCode, MqttConnection, Packet};
 use framing::websocket::Message;
@@ -789,4 +789,223 @@ async fn a_disabled_device_is_cut_refused_and_works_again_when_enabled() {
         .await
         .expect("connects again once enabled, with the same key");
     normal_echo_works(relay).await;
+}
+
+type SourcedWebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A WebSocket upgrade on the relay's main listener from a chosen loopback
+/// source address (the relay sees each as a different client).
+async fn websocket_from(
+    relay: &Relay,
+    source: std::net::Ipv4Addr,
+    path: &str,
+    header: (&'static str, &str),
+) -> Result<SourcedWebSocket, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let attempt = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind((source, 0).into())
+            .map_err(|e| format!("cannot bind {source}: {e}"))?;
+        let tcp = socket
+            .connect(([127, 0, 0, 1], relay.port()).into())
+            .await
+            .map_err(|e| format!("TCP: {e}"))?;
+        let server_name =
+            rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(relay.tls())
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let mut request = format!("wss://localhost:{}{path}", relay.port())
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        let value = HeaderValue::from_str(header.1).map_err(|e| e.to_string())?;
+        request.headers_mut().insert(header.0, value);
+        let (socket, _) = tokio_tungstenite::client_async(request, tls)
+            .await
+            .map_err(|e| format!("WebSocket: {e}"))?;
+        Ok(socket)
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+}
+
+/// An MQTT-over-WebSocket upgrade (`/$iothub/websocket`): no credentials
+/// are needed before the 101.
+async fn control_websocket_from(
+    relay: &Relay,
+    source: std::net::Ipv4Addr,
+) -> Result<SourcedWebSocket, String> {
+    websocket_from(
+        relay,
+        source,
+        "/$iothub/websocket",
+        ("Sec-WebSocket-Protocol", "mqtt"),
+    )
+    .await
+}
+
+/// The path of a streaming URL (`wss://host:port/bridges/…`).
+fn url_path(url: &str) -> String {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|index| rest[index..].to_string()))
+        .unwrap_or_else(|| panic!("no path in {url}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_websockets_count_against_the_per_source_cap() {
+    // Sessions must outlive the test's own pace, so the CONNECT deadline
+    // (not under test here) is long.
+    let relay = Relay::start(&[
+        "--max-connections-per-source",
+        "4",
+        "--mqtt-connect-timeout",
+        "120",
+    ])
+    .await;
+    let this_source = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let other_source = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for index in 0..4 {
+        let socket = control_websocket_from(&relay, this_source)
+            .await
+            .unwrap_or_else(|error| panic!("upgrade {index} under the cap refused: {error}"));
+        held.push(socket);
+    }
+    let past_the_cap = control_websocket_from(&relay, this_source).await;
+    assert!(
+        past_the_cap.is_err(),
+        "a fifth upgraded WebSocket from one address was served past --max-connections-per-source 4"
+    );
+    let other = control_websocket_from(&relay, other_source).await;
+    assert!(
+        other.is_ok(),
+        "another address is refused while the first one is at its cap: {:?}",
+        other.err()
+    );
+    // Closing one upgraded socket gives its place back.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match control_websocket_from(&relay, this_source).await {
+            Ok(socket) => {
+                held.push(socket);
+                break;
+            }
+            Err(error) if Instant::now() > deadline => {
+                panic!("the place of a closed WebSocket was never given back: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paired_stream_sockets_count_against_the_per_source_cap() {
+    let relay = Relay::start(&["--max-connections-per-source", "2"]).await;
+    let connection = ConnectionString::parse_device(&relay.add_device("CapDevice").await)
+        .expect("device string");
+    let mut device = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())
+        .await
+        .expect("device connects");
+    let responder = device.responder();
+    let answered = tokio::spawn(async move {
+        let request = device.next_request().await.expect("a stream request");
+        responder.accept(&request).await.expect("accepted");
+        (device, request)
+    });
+    let invitation = service(&relay)
+        .create_stream("CapDevice", "TestStream", &quick())
+        .await
+        .expect("stream created");
+    let (_device, request) = tokio::time::timeout(Duration::from_secs(10), answered)
+        .await
+        .expect("the device answers in time")
+        .expect("device task");
+    // Both sides of the stream from one address, at its cap of 2: the
+    // first waits for its peer, the second is handed over to the first.
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let bearer = |token: &str| format!("Bearer {token}");
+    let mut service_side = websocket_from(
+        &relay,
+        source,
+        &url_path(&invitation.url),
+        ("Authorization", &bearer(&invitation.authorization_token)),
+    )
+    .await
+    .expect("service side connects");
+    let mut device_side = websocket_from(
+        &relay,
+        source,
+        &url_path(&request.url),
+        ("Authorization", &bearer(&request.authorization_token)),
+    )
+    .await
+    .expect("device side connects");
+    service_side
+        .send(Message::Binary(b"paired".to_vec().into()))
+        .await
+        .expect("send");
+    match tokio::time::timeout(Duration::from_secs(10), device_side.next()).await {
+        Ok(Some(Ok(Message::Binary(data)))) => assert_eq!(&data[..], b"paired"),
+        other => panic!("the stream is not copying: {other:?}"),
+    }
+    let third = control_websocket_from(&relay, source).await;
+    assert!(
+        third.is_err(),
+        "a third connection was served beside the two sockets of a live stream, past --max-connections-per-source 2"
+    );
+    assert!(
+        control_websocket_from(&relay, std::net::Ipv4Addr::new(127, 0, 0, 4))
+            .await
+            .is_ok(),
+        "another address is still served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let relay = Relay::start(&[]).await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let (status, _, _) = raw_https(&relay, &get("/metrics")).await;
+    assert_eq!(status, 404, "/metrics on the internet-facing listener");
+    let (status, _, body) = raw_https(&relay, &get("/health")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "/health stays public"
+    );
+    let (status, headers, body) = raw_http(&relay.admin_address, &get("/metrics")).await;
+    assert_eq!(status, 200, "/metrics on the admin listener: {body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(name, value)| name.eq_ignore_ascii_case("content-type")
+                && value.starts_with("text/plain; version=0.0.4")),
+        "Prometheus text content type: {headers:?}"
+    );
+    for name in [
+        "devstreams_streams_requested_total 0",
+        "devstreams_authentication_failures_total 0",
+        "devstreams_streams_active 0",
+        "devstreams_devices_connected 0",
+    ] {
+        assert!(
+            body.lines().any(|line| line == name),
+            "{name} missing:\n{body}"
+        );
+    }
+    let (status, _, body) = raw_http(&relay.admin_address, &get("/health")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "/health on the admin listener"
+    );
+    let (status, _, _) = raw_http(&relay.admin_address, &get("/twins/d/streams/s")).await;
+    assert_eq!(status, 404, "the admin listener serves nothing else");
 }

@@ -1,0 +1,116 @@
+//! The admin listener (`--admin-listen`, off by default): `/metrics` and
+//! `/health` on plain HTTP, for a Prometheus scraper and probes on a private
+//! network. The counters say how busy the relay is and how often clients
+//! fail to authenticate, which is no business of the internet, so the main
+//! listener does not serve them.
+//!
+//! Bind it to loopback or an internal address: it has no TLS and no
+//! authentication. It still has the header deadline and its own small
+//! connection cap, so a stuck scraper cannot pile up sockets.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::http_service::{health, not_found};
+use crate::http_util::Body;
+use crate::metrics::Gauges;
+use crate::routing::{parse_route, Route};
+use crate::state::RelayState;
+
+/// Admin connections open at once; scrapers and probes need a handful.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Pause after a failed accept (out of file descriptors), instead of spinning.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// Accepts admin connections until the relay stops accepting.
+pub(crate) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = state.stop_accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(
+                %peer,
+                limit = MAX_ADMIN_CONNECTIONS,
+                "admin connection refused: too many open admin connections"
+            );
+            continue;
+        };
+        let connection_state = state.clone();
+        state.tasks.spawn(async move {
+            serve(connection_state, tcp, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(state: Arc<RelayState>, tcp: TcpStream, peer: SocketAddr) {
+    framing::transport::configure_socket(&tcp);
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let state = service_state.clone();
+        async move { Ok::<_, Infallible>(route(&state, &request)) }
+    });
+    let limits = &state.config.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size.max(8192));
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "admin connection ended with an error");
+            }
+        }
+        _ = state.stop_accepting.cancelled() => {}
+    }
+}
+
+fn route(state: &RelayState, request: &Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    match parse_route(request.method(), path) {
+        Route::Health => health(),
+        Route::Metrics => metrics(state),
+        _ => not_found(&format!(
+            "no endpoint {} {path} on the admin listener: it serves GET /metrics and GET /health",
+            request.method()
+        )),
+    }
+}
+
+/// `GET /metrics`: Prometheus text, counters and the current gauges.
+fn metrics(state: &RelayState) -> Response<Body> {
+    let gauges = Gauges {
+        streams_active: state.admission.active_streams(),
+        streams_pending: state.pairing.pending_count(),
+        devices_connected: state.presence.connected_count(),
+        tasks: state.tasks.len(),
+    };
+    let mut response = Response::new(Body::from(state.metrics.render(&gauges)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
+}

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod control;
+pub mod copy;
 pub mod data_dir;
 pub mod http_util;
 pub mod limits;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use framing::pump::{self, close_message, RelayEnd, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PEER_LOST};
+use framing::pump::{self, close_message, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PEER_LOST};
 use framing::stream_token::Side;
 use futures_util::SinkExt;
 use http::{HeaderMap, Response, StatusCode};
@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+use crate::copy::{self, RelayEnd};
 use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
 };
@@ -145,7 +146,7 @@ async fn settle(
             };
             match arrival {
                 Ok(arrival) => {
-                    copy(
+                    copy_stream(
                         &state,
                         socket,
                         arrival.socket,
@@ -168,7 +169,7 @@ async fn settle(
     }
 }
 
-async fn copy(
+async fn copy_stream(
     state: &RelayState,
     mine: ServerWebSocket,
     theirs: ServerWebSocket,
@@ -186,7 +187,7 @@ async fn copy(
         }
     };
     let report = tokio::select! {
-        report = pump::relay(mine, theirs, state.config.limits.ping_interval) => report,
+        report = copy::relay(mine, theirs, state.config.limits.ping_interval) => report,
         _ = device_removed => {
             tracing::info!(stream_name, "stream cut: the device was removed or disabled");
             return;

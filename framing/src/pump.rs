@@ -48,7 +48,7 @@ pub const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4008;
 pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
 
 /// How long to wait for a final Close frame to be written.
-pub const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds a Close frame.
 pub fn close_frame(code: u16, reason: &str) -> CloseFrame {

@@ -1,24 +1,35 @@
 //! The relay's copy: moves messages between the two WebSockets of a paired
-//! stream, message for message with opcodes and boundaries kept.
+//! stream, message for message with opcodes and boundaries kept, then ends
+//! both sockets with a complete close handshake.
 //!
 //! Only the relay copies WebSocket to WebSocket, so this lives here rather
 //! than in `framing` (which holds what two programs must agree on: the close
 //! codes used below come from [`framing::pump`]). Both directions run in one
 //! task; a direction waiting on its writer never stops the other from being
 //! read, and pings and pongs are hop-by-hop, never forwarded.
+//!
+//! Ending follows RFC 6455 §7.1 on both sockets: the side that sent a Close
+//! gets ours in reply, the other side gets the Close passed on and a short
+//! bounded wait for its reply, and then the relay, as the server, closes
+//! each TCP connection first. Strict clients (and IoT Hub's SDKs) otherwise
+//! sit out their own close timeout, or report an abnormal closure.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use framing::pump::{
-    close_message, CLOSE_MESSAGE_TOO_BIG, CLOSE_PEER_LOST, CLOSE_WRITE_TIMEOUT, SILENT_INTERVALS,
-};
+use framing::pump::{close_frame, CLOSE_MESSAGE_TOO_BIG, CLOSE_PEER_LOST, SILENT_INTERVALS};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+/// How long the relay spends ending one socket: sending its Close, waiting
+/// for the peer's, and closing TCP. A peer that does not answer by then is
+/// cut; the wait is short because nothing is left to deliver.
+pub const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How the relay's copy of one stream ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,15 +51,35 @@ pub struct RelayReport {
     pub end: RelayEnd,
 }
 
+/// How one direction (source to destination) stopped.
 enum DirectionEnd {
-    Closed(u16),
+    /// The source sent this Close.
+    Closed(CloseFrame),
+    /// The source vanished, broke the protocol, or went silent.
     SourceLost,
+    /// The source sent a message over the size limit.
     SourceTooBig,
+    /// Writing to the destination failed.
     DestinationLost,
 }
 
+/// How the relay ends one socket once copying stopped.
+enum Ending {
+    /// It sent a Close: answer it (tungstenite queued the echo), then close TCP.
+    AnswerClose,
+    /// Send this Close, wait briefly for the reply, then close TCP.
+    SendClose(CloseFrame),
+    /// It is gone: there is no one to tell.
+    Drop,
+}
+
+fn lost_frame() -> CloseFrame {
+    close_frame(CLOSE_PEER_LOST, "the other side of the stream disconnected")
+}
+
 /// Copies messages between the two WebSockets of a stream, message for
-/// message with opcodes and boundaries kept, until either side ends.
+/// message with opcodes and boundaries kept, until either side ends; then
+/// ends both (see the module doc).
 ///
 /// With a `ping_interval`, each side is pinged that often (pings and pongs
 /// are hop-by-hop, never forwarded), and a side that sends nothing for
@@ -65,7 +96,7 @@ where
     let (mut first_sink, mut first_stream) = first.split();
     let (mut second_sink, mut second_stream) = second.split();
     let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
-    let (from_first, end) = {
+    let (from_first, direction_end) = {
         let forward_first = forward(
             &mut first_stream,
             &mut second_sink,
@@ -83,44 +114,117 @@ where
             end = forward_second => (false, end),
         }
     };
-    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
-    let end = match end {
-        DirectionEnd::Closed(code) => RelayEnd::Closed {
-            by_first: from_first,
-            code,
-        },
-        DirectionEnd::SourceLost => RelayEnd::Lost {
-            first_lost: from_first,
-        },
-        DirectionEnd::SourceTooBig => {
-            let too_big = close_message(
+    let (end, source_ending, destination_ending) = match direction_end {
+        DirectionEnd::Closed(frame) => {
+            let code = u16::from(frame.code);
+            (
+                RelayEnd::Closed {
+                    by_first: from_first,
+                    code,
+                },
+                Ending::AnswerClose,
+                Ending::SendClose(frame),
+            )
+        }
+        DirectionEnd::SourceLost => (
+            RelayEnd::Lost {
+                first_lost: from_first,
+            },
+            Ending::Drop,
+            Ending::SendClose(lost_frame()),
+        ),
+        DirectionEnd::SourceTooBig => (
+            RelayEnd::MessageTooBig { from_first },
+            Ending::SendClose(close_frame(
                 CLOSE_MESSAGE_TOO_BIG,
                 "message larger than the relay accepts",
-            );
-            if from_first {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(too_big)).await;
-            } else {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(too_big)).await;
-            }
-            RelayEnd::MessageTooBig { from_first }
-        }
-        DirectionEnd::DestinationLost => {
-            // The destination is gone: close the source, which is still there.
-            if from_first {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(lost)).await;
-            } else {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(lost)).await;
-            }
+            )),
+            Ending::SendClose(lost_frame()),
+        ),
+        DirectionEnd::DestinationLost => (
             RelayEnd::Lost {
                 first_lost: !from_first,
-            }
-        }
+            },
+            Ending::SendClose(lost_frame()),
+            Ending::Drop,
+        ),
     };
+    let (first_ending, second_ending) = if from_first {
+        (source_ending, destination_ending)
+    } else {
+        (destination_ending, source_ending)
+    };
+    tokio::join!(
+        end_socket(first_sink, first_stream, first_ending),
+        end_socket(second_sink, second_stream, second_ending),
+    );
     RelayReport {
         bytes_first_to_second,
         bytes_second_to_first,
         end,
     }
+}
+
+/// Ends one socket as `ending` says.
+async fn end_socket<S>(
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    stream: SplitStream<WebSocketStream<S>>,
+    ending: Ending,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(mut socket) = stream.reunite(sink) else {
+        return; // Not two halves of one socket: cannot happen, nothing to end.
+    };
+    match ending {
+        Ending::Drop => {}
+        Ending::AnswerClose => answer_close(&mut socket).await,
+        Ending::SendClose(frame) => close_with(&mut socket, frame).await,
+    }
+}
+
+/// Answers the Close `socket` sent (tungstenite queued the echo when it
+/// read it; closing only flushes it), then closes TCP; within
+/// [`CLOSE_HANDSHAKE_TIMEOUT`].
+pub async fn answer_close<S>(socket: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = async {
+        let _ = SinkExt::close(socket).await;
+        close_tcp(socket).await;
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+}
+
+/// Sends `frame`, waits for the peer's Close, then closes TCP; within
+/// [`CLOSE_HANDSHAKE_TIMEOUT`], after which the peer is simply cut.
+pub async fn close_with<S>(socket: &mut WebSocketStream<S>, frame: CloseFrame)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = async {
+        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+            // Data the peer sent before it saw our Close is discarded
+            // (RFC 6455 §1.4); its Close ends the wait.
+            while let Some(Ok(message)) = socket.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        }
+        close_tcp(socket).await;
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+}
+
+/// The server closes TCP first (RFC 6455 §7.1.1); under TLS this also sends
+/// close_notify, so the client sees a clean end rather than a truncation.
+async fn close_tcp<S>(socket: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = socket.get_mut().shutdown().await;
 }
 
 /// One direction: reads `from`, writes `to`, pings `to`, watches `from`.
@@ -152,11 +256,11 @@ where
                     let silent_at = last_received + interval * SILENT_INTERVALS;
                     tokio::select! {
                         next = from.next() => break next,
-                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ping_at.min(silent_at))) => {}
+                        _ = tokio::time::sleep_until(ping_at.min(silent_at)) => {}
                     }
                     let now = Instant::now();
                     if now >= silent_at {
-                        return source_lost(to).await;
+                        return DirectionEnd::SourceLost;
                     }
                     if now >= ping_at {
                         if to.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
@@ -181,20 +285,14 @@ where
         }
         match next {
             Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                source_lost(to).await;
                 return DirectionEnd::SourceTooBig;
             }
-            None | Some(Err(_)) => return source_lost(to).await,
+            None | Some(Err(_)) => return DirectionEnd::SourceLost,
             Some(Ok(Message::Close(frame))) => {
-                let frame = frame.unwrap_or(CloseFrame {
+                return DirectionEnd::Closed(frame.unwrap_or(CloseFrame {
                     code: CloseCode::Normal,
                     reason: "".into(),
-                });
-                let code = u16::from(frame.code);
-                let _ =
-                    tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(Message::Close(Some(frame))))
-                        .await;
-                return DirectionEnd::Closed(code);
+                }));
             }
             Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
                 *bytes += message.len() as u64;
@@ -205,16 +303,6 @@ where
             Some(Ok(_)) => {}
         }
     }
-}
-
-/// The source vanished: tell the destination with 1011.
-async fn source_lost<B>(to: &mut SplitSink<WebSocketStream<B>, Message>) -> DirectionEnd
-where
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(lost)).await;
-    DirectionEnd::SourceLost
 }
 
 #[cfg(test)]

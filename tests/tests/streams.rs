@@ -179,3 +179,123 @@ async fn a_close_is_answered_to_its_sender_and_passed_on_and_both_connections_en
         relay.process.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaired_side_that_closes_gets_its_close_answered_at_once() {
+    let relay = Relay::start(&[]).await;
+    let connection_string = relay.add_device("MyDevice").await;
+    let mut device = c_sdk_device(&relay, &connection_string).await;
+    let (invitation, request) = accepted_stream(&relay, &mut device).await;
+    let mut device_side = open_side(&relay, &request.url, &request.authorization_token).await;
+
+    let started = Instant::now();
+    device_side
+        .send(Message::Close(Some(close_frame(1000, "changed my mind"))))
+        .await
+        .expect("Close sent");
+    let reply = next_non_control(&mut device_side, CLOSE_ANSWER_LIMIT).await;
+    assert_eq!(
+        close_code(&reply),
+        Some(1000),
+        "the unpaired side got {reply:?} instead of a Close reply, after {:?}",
+        started.elapsed()
+    );
+    connection_ends(&mut device_side, TCP_END_LIMIT, "device side").await;
+
+    // The stream is over: the other side cannot open a half of it.
+    let bearer = format!("Bearer {}", invitation.authorization_token);
+    let late = websocket_upgrade(
+        relay.port(),
+        &invitation.url,
+        &[("Authorization", bearer.as_str())],
+        &relay.tls(),
+    )
+    .await;
+    assert_eq!(late.status, 401, "{:?}", late.headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_answers_within_the_handshake_budget_when_the_device_comes_online_late() {
+    let budget = Duration::from_secs(4);
+    let relay = Relay::start(&["--handshake-timeout", "4"]).await;
+    let connection_string = relay.add_device("MyDevice").await;
+    let service = service_client(&relay);
+    let started = Instant::now();
+    let options = options(10, 10);
+    let create = service.create_stream("MyDevice", "TestStream", &options);
+    // The device connects when most of the budget is gone, takes the
+    // request and never answers it.
+    let silent_device = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut device = c_sdk_device(&relay, &connection_string).await;
+        device.next_stream_request().await;
+        device
+    };
+    let (result, _device) = tokio::join!(create, silent_device);
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(result, Err(CreateStreamError::DeviceTimeout(_))),
+        "{result:?}"
+    );
+    assert!(
+        elapsed >= budget - Duration::from_millis(500),
+        "answered after {elapsed:?}, before the {budget:?} budget ran out"
+    );
+    assert!(
+        elapsed < budget + Duration::from_millis(1500),
+        "answered after {elapsed:?}: the {budget:?} handshake budget must count from the REST call, not from the device coming online"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_abandoned_by_its_client_frees_the_device_stream_slot_at_once() {
+    let relay = Relay::start(&["--max-streams-per-device", "1"]).await;
+    let connection_string = relay.add_device("MyDevice").await;
+    let mut device = c_sdk_device(&relay, &connection_string).await;
+    let service = service_client(&relay);
+
+    // The first request reaches the device, which stays silent; its client
+    // gives up (drops the call, closing its connection).
+    let abandoned = tokio::spawn({
+        let service = service.clone();
+        async move {
+            service
+                .create_stream("MyDevice", "Abandoned", &options(30, 30))
+                .await
+        }
+    });
+    device.next_stream_request().await;
+    abandoned.abort();
+    let _ = abandoned.await;
+
+    // The slot is free again well before the 60 s handshake deadline: a
+    // second creation gets to the device (which rejects it) instead of 429.
+    let started = Instant::now();
+    let options = options(10, 10);
+    loop {
+        let create = service.create_stream("MyDevice", "Second", &options);
+        tokio::pin!(create);
+        let result = tokio::select! {
+            result = &mut create => result,
+            request = device.next_stream_request() => {
+                device.answer(&request.request_id, 400, QoS::AtMostOnce).await;
+                create.await
+            }
+        };
+        match result {
+            Ok(invitation) => {
+                assert!(!invitation.is_accepted, "the device rejected it");
+                break;
+            }
+            Err(CreateStreamError::Throttled { .. })
+                if started.elapsed() < Duration::from_secs(3) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!(
+                "{:?} after the first client gave up, a new creation still fails: {error}",
+                started.elapsed()
+            ),
+        }
+    }
+}

@@ -165,36 +165,40 @@ where
     }
 }
 
-/// Ends one socket as `ending` says.
+/// Ends one socket as `ending` says, within [`CLOSE_HANDSHAKE_TIMEOUT`].
 async fn end_socket<S>(
-    sink: SplitSink<WebSocketStream<S>, Message>,
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
     stream: SplitStream<WebSocketStream<S>>,
     ending: Ending,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ok(mut socket) = stream.reunite(sink) else {
-        return; // Not two halves of one socket: cannot happen, nothing to end.
-    };
-    match ending {
-        Ending::Drop => {}
-        Ending::AnswerClose => answer_close(&mut socket).await,
-        Ending::SendClose(frame) => close_with(&mut socket, frame).await,
+    if matches!(ending, Ending::Drop) {
+        return;
     }
+    let handshake = async {
+        // A message fed to the sink but not yet written goes out before the
+        // Close (reuniting the halves would drop it).
+        let _ = sink.flush().await;
+        let Ok(mut socket) = stream.reunite(sink) else {
+            return; // Not two halves of one socket: cannot happen.
+        };
+        match ending {
+            Ending::Drop => {}
+            Ending::AnswerClose => answer_close_unbounded(&mut socket).await,
+            Ending::SendClose(frame) => close_with_unbounded(&mut socket, frame).await,
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
 }
 
-/// Answers the Close `socket` sent (tungstenite queued the echo when it
-/// read it; closing only flushes it), then closes TCP; within
+/// Answers the Close `socket` sent, then closes TCP; within
 /// [`CLOSE_HANDSHAKE_TIMEOUT`].
 pub async fn answer_close<S>(socket: &mut WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let handshake = async {
-        let _ = SinkExt::close(socket).await;
-        close_tcp(socket).await;
-    };
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, answer_close_unbounded(socket)).await;
 }
 
 /// Sends `frame`, waits for the peer's Close, then closes TCP; within
@@ -203,19 +207,34 @@ pub async fn close_with<S>(socket: &mut WebSocketStream<S>, frame: CloseFrame)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let handshake = async {
-        if socket.send(Message::Close(Some(frame))).await.is_ok() {
-            // Data the peer sent before it saw our Close is discarded
-            // (RFC 6455 §1.4); its Close ends the wait.
-            while let Some(Ok(message)) = socket.next().await {
-                if message.is_close() {
-                    break;
-                }
+    let _ =
+        tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, close_with_unbounded(socket, frame)).await;
+}
+
+async fn answer_close_unbounded<S>(socket: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Tungstenite queued the echo of the peer's Close when it read it;
+    // closing only flushes that reply.
+    let _ = SinkExt::close(socket).await;
+    close_tcp(socket).await;
+}
+
+async fn close_with_unbounded<S>(socket: &mut WebSocketStream<S>, frame: CloseFrame)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if socket.send(Message::Close(Some(frame))).await.is_ok() {
+        // Data the peer sent before it saw our Close is discarded
+        // (RFC 6455 §1.4); its Close ends the wait.
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
             }
         }
-        close_tcp(socket).await;
-    };
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+    }
+    close_tcp(socket).await;
 }
 
 /// The server closes TCP first (RFC 6455 §7.1.1); under TLS this also sends
@@ -307,15 +326,201 @@ where
 
 #[cfg(test)]
 mod tests {
+    //! Two clients on in-memory pipes, the relay's copy between them, in
+    //! paused time: each test sees exactly what a strict client would.
+
     use super::*;
+    use framing::pump::CLOSE_NORMAL;
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+    type Socket = WebSocketStream<DuplexStream>;
+
+    struct Pair {
+        first: Socket,
+        second: Socket,
+        relay: tokio::task::JoinHandle<RelayReport>,
+        started: Instant,
+    }
+
+    async fn socket_pair(relay_config: Option<WebSocketConfig>) -> (Socket, Socket) {
+        let (client_end, relay_end) = tokio::io::duplex(256 * 1024);
+        let client = WebSocketStream::from_raw_socket(client_end, Role::Client, None).await;
+        let relay = WebSocketStream::from_raw_socket(relay_end, Role::Server, relay_config).await;
+        (client, relay)
+    }
+
+    async fn start(ping_interval: Option<Duration>, relay_config: Option<WebSocketConfig>) -> Pair {
+        let (first, first_relay_end) = socket_pair(relay_config).await;
+        let (second, second_relay_end) = socket_pair(relay_config).await;
+        Pair {
+            first,
+            second,
+            relay: tokio::spawn(relay(first_relay_end, second_relay_end, ping_interval)),
+            started: Instant::now(),
+        }
+    }
+
+    /// The next message that is not a ping or pong; `None` when the
+    /// connection ended.
+    async fn next_non_control(socket: &mut Socket) -> Option<Message> {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(message)) => return Some(message),
+                _ => return None,
+            }
+        }
+    }
+
+    fn close_code(message: Option<Message>) -> Option<u16> {
+        match message {
+            Some(Message::Close(Some(frame))) => Some(u16::from(frame.code)),
+            _ => None,
+        }
+    }
+
+    /// Reads on until the relay ends the connection; the reads also send
+    /// tungstenite's reply to a Close, as a client does.
+    async fn ends(socket: &mut Socket) {
+        while let Some(Ok(_)) = socket.next().await {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_cross_with_their_opcode_and_boundaries() {
+        let mut pair = start(None, None).await;
+        pair.first.send(Message::Text("one".into())).await.unwrap();
+        pair.first
+            .send(Message::Binary(bytes::Bytes::from_static(b"two")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_non_control(&mut pair.second).await,
+            Some(Message::Text("one".into()))
+        );
+        assert_eq!(
+            next_non_control(&mut pair.second).await,
+            Some(Message::Binary(bytes::Bytes::from_static(b"two")))
+        );
+        pair.second
+            .send(Message::Binary(bytes::Bytes::from_static(b"back")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_non_control(&mut pair.first).await,
+            Some(Message::Binary(bytes::Bytes::from_static(b"back")))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_is_answered_passed_on_and_both_connections_end() {
+        let mut pair = start(None, None).await;
+        pair.first
+            .send(Message::Binary(bytes::Bytes::from_static(b"data")))
+            .await
+            .unwrap();
+        pair.first
+            .send(Message::Close(Some(close_frame(CLOSE_NORMAL, "done"))))
+            .await
+            .unwrap();
+        // The sender gets the relay's reply, then the end of its connection.
+        let reply = next_non_control(&mut pair.first).await;
+        assert_eq!(close_code(reply), Some(CLOSE_NORMAL));
+        ends(&mut pair.first).await;
+        // The other side gets the data, then the Close, and once it has
+        // answered, the end of its connection.
+        assert_eq!(
+            next_non_control(&mut pair.second).await,
+            Some(Message::Binary(bytes::Bytes::from_static(b"data")))
+        );
+        let passed_on = next_non_control(&mut pair.second).await;
+        assert_eq!(close_code(passed_on), Some(CLOSE_NORMAL));
+        ends(&mut pair.second).await;
+        let report = pair.relay.await.unwrap();
+        assert_eq!(
+            report.end,
+            RelayEnd::Closed {
+                by_first: true,
+                code: CLOSE_NORMAL
+            }
+        );
+        assert_eq!(report.bytes_first_to_second, 4);
+        assert_eq!(pair.started.elapsed(), Duration::ZERO, "nobody waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_answers_the_close_is_cut_after_the_handshake_timeout() {
+        let mut pair = start(None, None).await;
+        pair.second
+            .send(Message::Close(Some(close_frame(4000, "reset"))))
+            .await
+            .unwrap();
+        // `first` never reads, so it never answers.
+        let report = pair.relay.await.unwrap();
+        assert_eq!(
+            report.end,
+            RelayEnd::Closed {
+                by_first: false,
+                code: 4000
+            }
+        );
+        assert_eq!(pair.started.elapsed(), CLOSE_HANDSHAKE_TIMEOUT);
+        let passed_on = next_non_control(&mut pair.first).await;
+        assert_eq!(close_code(passed_on), Some(4000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vanished_side_makes_the_relay_close_the_other_with_1011() {
+        let mut pair = start(None, None).await;
+        drop(pair.first);
+        let close = next_non_control(&mut pair.second).await;
+        assert_eq!(close_code(close), Some(CLOSE_PEER_LOST));
+        ends(&mut pair.second).await;
+        assert_eq!(
+            pair.relay.await.unwrap().end,
+            RelayEnd::Lost { first_lost: true }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_message_is_closed_with_1009_and_the_other_side_with_1011() {
+        let limit = 1024;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        let mut pair = start(None, Some(config)).await;
+        pair.first
+            .send(Message::Binary(vec![7u8; limit * 2].into()))
+            .await
+            .unwrap();
+        let too_big = next_non_control(&mut pair.first).await;
+        assert_eq!(close_code(too_big), Some(CLOSE_MESSAGE_TOO_BIG));
+        let lost = next_non_control(&mut pair.second).await;
+        assert_eq!(close_code(lost), Some(CLOSE_PEER_LOST));
+        assert_eq!(
+            pair.relay.await.unwrap().end,
+            RelayEnd::MessageTooBig { from_first: true }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_side_is_dropped_after_three_intervals_and_the_other_told_1011() {
+        let interval = Duration::from_secs(10);
+        let mut pair = start(Some(interval), None).await;
+        // `second` answers pings by reading; `first` never reads or sends.
+        let lost = next_non_control(&mut pair.second).await;
+        assert_eq!(close_code(lost), Some(CLOSE_PEER_LOST));
+        assert_eq!(pair.started.elapsed(), interval * SILENT_INTERVALS);
+        assert_eq!(
+            pair.relay.await.unwrap().end,
+            RelayEnd::Lost { first_lost: true }
+        );
+    }
 
     /// The relay spawns its copies, so a non-`Send` copy would only fail to
     /// compile there; this never runs, it makes the check happen here.
     #[allow(dead_code)]
-    fn relay_future_is_send(
-        first: WebSocketStream<tokio::io::DuplexStream>,
-        second: WebSocketStream<tokio::io::DuplexStream>,
-    ) {
+    fn relay_future_is_send(first: Socket, second: Socket) {
         fn assert_send<T: Send>(_: T) {}
         assert_send(relay(first, second, None));
     }

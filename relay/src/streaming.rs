@@ -106,8 +106,8 @@ async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
 /// How the first side's wait for the second ended.
 enum Waited {
     Paired(Box<Arrival>),
-    /// The stream was removed before the other side came (its creation
-    /// failed after all, or it expired).
+    /// The stream was removed before the other side came: its creation
+    /// failed after all (the device refused, the service hung up).
     Cancelled,
     Expired,
     ShuttingDown,

@@ -170,14 +170,18 @@ async fn a_close_is_answered_to_its_sender_and_passed_on_and_both_connections_en
     assert_eq!(close_code(&passed_on), Some(1000), "{passed_on:?}");
     connection_ends(&mut device_side, TCP_END_LIMIT, "device side").await;
     connection_ends(&mut service_side, TCP_END_LIMIT, "service side").await;
-    assert!(
-        relay
+    // The relay logs the end once both handshakes are over.
+    let logged = tokio::time::timeout(Duration::from_secs(5), async {
+        while !relay
             .process
             .log()
-            .contains("closed by the service side (code 1000)"),
-        "{}",
-        relay.process.log()
-    );
+            .contains("closed by the service side (code 1000)")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(logged.is_ok(), "{}", relay.process.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

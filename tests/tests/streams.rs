@@ -303,3 +303,38 @@ async fn a_creation_abandoned_by_its_client_frees_the_device_stream_slot_at_once
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_first_side_sends_before_the_second_arrives_is_delivered_in_order() {
+    let relay = Relay::start(&[]).await;
+    let connection_string = relay.add_device("MyDevice").await;
+    let mut device = c_sdk_device(&relay, &connection_string).await;
+    let (invitation, request) = accepted_stream(&relay, &mut device).await;
+    // The device side speaks first, as a server's banner would.
+    let mut device_side = open_side(&relay, &request.url, &request.authorization_token).await;
+    for message in ["banner", "second line", "third line"] {
+        device_side
+            .send(Message::Text(message.into()))
+            .await
+            .expect("sent while unpaired");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut service_side =
+        open_side(&relay, &invitation.url, &invitation.authorization_token).await;
+    for expected in ["banner", "second line", "third line"] {
+        let message = next_non_control(&mut service_side, Duration::from_secs(10)).await;
+        assert!(
+            matches!(&message, Some(Ok(Message::Text(text))) if text.as_str() == expected),
+            "expected {expected:?}, got {message:?}"
+        );
+    }
+    service_side
+        .send(Message::Binary(b"reply".to_vec().into()))
+        .await
+        .expect("sent");
+    let reply = next_non_control(&mut device_side, Duration::from_secs(10)).await;
+    assert!(
+        matches!(&reply, Some(Ok(Message::Binary(data))) if data.as_ref() == b"reply"),
+        "{reply:?}"
+    );
+}

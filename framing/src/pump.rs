@@ -1,5 +1,6 @@
-//! The data plane: moving bytes between a TCP socket and a stream WebSocket
-//! (the proxies), and between the two WebSockets of a stream (the relay).
+//! The proxies' data plane: moving bytes between a TCP socket and a stream
+//! WebSocket, and the close codes every devstreams program agrees on. (The
+//! relay's WebSocket-to-WebSocket copy is the relay's own, in `relay::copy`.)
 //!
 //! Both directions run concurrently and independently: a direction that waits
 //! for its writer (backpressure) never stops the other direction from being
@@ -17,14 +18,15 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -308,7 +310,7 @@ where
 /// Sleeps until `deadline`, or forever when there is none.
 async fn sleep_until_optional(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }
@@ -414,199 +416,329 @@ where
     }
 }
 
-/// How the relay's copy of one stream ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RelayEnd {
-    /// One side sent Close with this code; it was passed to the other.
-    Closed { by_first: bool, code: u16 },
-    /// One side vanished without a Close; the other was closed with 1011.
-    Lost { first_lost: bool },
-    /// One side sent a message over the size limit: it was closed with
-    /// 1009, the other side with 1011.
-    MessageTooBig { from_first: bool },
-}
+#[cfg(test)]
+mod tests {
+    //! The pump against a real loopback TCP connection on one end and a
+    //! tungstenite server on an in-memory pipe standing in for the relay on
+    //! the other, in paused time: timers fire exactly when due, so ping and
+    //! dead-peer deadlines are checked to the millisecond without waiting.
 
-/// Byte counts and outcome of one relayed stream.
-#[derive(Debug, Clone)]
-pub struct RelayReport {
-    pub bytes_first_to_second: u64,
-    pub bytes_second_to_first: u64,
-    pub end: RelayEnd,
-}
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::protocol::Role;
 
-enum DirectionEnd {
-    Closed(u16),
-    SourceLost,
-    SourceTooBig,
-    DestinationLost,
-}
+    type Relay = WebSocketStream<DuplexStream>;
 
-/// Copies messages between the two WebSockets of a stream, message for
-/// message with opcodes and boundaries kept, until either side ends.
-///
-/// With a `ping_interval`, each side is pinged that often (pings and pongs
-/// are hop-by-hop, never forwarded), and a side that sends nothing for
-/// [`SILENT_INTERVALS`] intervals is treated as gone.
-pub async fn relay<A, B>(
-    first: WebSocketStream<A>,
-    second: WebSocketStream<B>,
-    ping_interval: Option<Duration>,
-) -> RelayReport
-where
-    A: AsyncRead + AsyncWrite + Unpin + Send,
-    B: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (mut first_sink, mut first_stream) = first.split();
-    let (mut second_sink, mut second_stream) = second.split();
-    let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
-    let (from_first, end) = {
-        let forward_first = forward(
-            &mut first_stream,
-            &mut second_sink,
-            &mut bytes_first_to_second,
-            ping_interval,
-        );
-        let forward_second = forward(
-            &mut second_stream,
-            &mut first_sink,
-            &mut bytes_second_to_first,
-            ping_interval,
-        );
-        tokio::select! {
-            end = forward_first => (true, end),
-            end = forward_second => (false, end),
-        }
-    };
-    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
-    let end = match end {
-        DirectionEnd::Closed(code) => RelayEnd::Closed {
-            by_first: from_first,
-            code,
-        },
-        DirectionEnd::SourceLost => RelayEnd::Lost {
-            first_lost: from_first,
-        },
-        DirectionEnd::SourceTooBig => {
-            let too_big = close_message(
-                CLOSE_MESSAGE_TOO_BIG,
-                "message larger than the relay accepts",
-            );
-            if from_first {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(too_big)).await;
-            } else {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(too_big)).await;
-            }
-            RelayEnd::MessageTooBig { from_first }
-        }
-        DirectionEnd::DestinationLost => {
-            // The destination is gone: close the source, which is still there.
-            if from_first {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, first_sink.send(lost)).await;
-            } else {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, second_sink.send(lost)).await;
-            }
-            RelayEnd::Lost {
-                first_lost: !from_first,
-            }
-        }
-    };
-    RelayReport {
-        bytes_first_to_second,
-        bytes_second_to_first,
-        end,
+    struct Harness {
+        /// The local application's end of the TCP connection.
+        application: TcpStream,
+        /// The relay's end of the stream WebSocket.
+        relay: Relay,
+        pump: tokio::task::JoinHandle<PumpReport>,
+        started: Instant,
     }
-}
 
-/// One direction: reads `from`, writes `to`, pings `to`, watches `from`.
-async fn forward<A, B>(
-    from: &mut SplitStream<WebSocketStream<A>>,
-    to: &mut SplitSink<WebSocketStream<B>, Message>,
-    bytes: &mut u64,
-    ping_interval: Option<Duration>,
-) -> DirectionEnd
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut last_received = Instant::now();
-    let mut next_ping = ping_interval.map(|interval| last_received + interval);
-    loop {
-        // Flush only when the source has nothing more ready: bulk transfers
-        // batch their writes, interactive ones are flushed at once.
-        let next = match from.next().now_or_never() {
-            Some(next) => next,
-            None => {
-                if to.flush().await.is_err() {
-                    return DirectionEnd::DestinationLost;
+    async fn start(options: PumpOptions) -> Harness {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (application, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (proxy_end, relay_end) = tokio::io::duplex(256 * 1024);
+        let websocket = WebSocketStream::from_raw_socket(proxy_end, Role::Client, None).await;
+        let relay = WebSocketStream::from_raw_socket(relay_end, Role::Server, None).await;
+        let pump = tokio::spawn(pump_tcp(accepted.unwrap().0, websocket, options));
+        Harness {
+            application: application.unwrap(),
+            relay,
+            pump,
+            started: Instant::now(),
+        }
+    }
+
+    fn options(ping_interval: Option<Duration>, half_close: bool) -> PumpOptions {
+        PumpOptions {
+            half_close,
+            ping_interval,
+            ..PumpOptions::default()
+        }
+    }
+
+    /// The relay side's next message that is not a ping or pong.
+    async fn next_data_or_close(relay: &mut Relay) -> Option<Message> {
+        loop {
+            match relay.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(message)) => return Some(message),
+                _ => return None,
+            }
+        }
+    }
+
+    fn close_code(message: Option<Message>) -> Option<u16> {
+        match message {
+            Some(Message::Close(Some(frame))) => Some(u16::from(frame.code)),
+            _ => None,
+        }
+    }
+
+    /// Reads the application's end to its end: Ok(bytes) on FIN, Err on reset.
+    async fn read_to_end(application: &mut TcpStream) -> io::Result<Vec<u8>> {
+        let mut received = Vec::new();
+        application.read_to_end(&mut received).await?;
+        Ok(received)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_crosses_both_ways() {
+        let mut harness = start(options(None, false)).await;
+        harness.application.write_all(b"up").await.unwrap();
+        let up = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(up, Some(Message::Binary(bytes::Bytes::from_static(b"up"))));
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::from_static(b"down")))
+            .await
+            .unwrap();
+        let mut down = [0u8; 4];
+        harness.application.read_exact(&mut down).await.unwrap();
+        assert_eq!(&down, b"down");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_close_1000_is_a_fin_after_the_data() {
+        let mut harness = start(options(None, false)).await;
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::from_static(b"last words")))
+            .await
+            .unwrap();
+        harness
+            .relay
+            .send(close_message(CLOSE_NORMAL, ""))
+            .await
+            .unwrap();
+        let received = read_to_end(&mut harness.application).await;
+        assert_eq!(received.unwrap(), b"last words");
+        let report = harness.pump.await.unwrap();
+        assert_eq!(report.end, PumpEnd::Completed);
+        assert_eq!(report.bytes_to_tcp, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_close_4000_and_any_other_code_reset_the_tcp_connection() {
+        for code in [CLOSE_TCP_RESET, CLOSE_PEER_LOST, CLOSE_GOING_AWAY, 4012] {
+            let mut harness = start(options(None, false)).await;
+            harness
+                .relay
+                .send(close_message(code, "gone"))
+                .await
+                .unwrap();
+            let error = read_to_end(&mut harness.application)
+                .await
+                .expect_err("a reset, not a clean end");
+            assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "code {code}");
+            let report = harness.pump.await.unwrap();
+            assert_eq!(
+                report.end,
+                PumpEnd::RemoteClosed {
+                    code,
+                    reason: "gone".into()
                 }
-                loop {
-                    let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) else {
-                        break from.next().await;
-                    };
-                    let silent_at = last_received + interval * SILENT_INTERVALS;
-                    tokio::select! {
-                        next = from.next() => break next,
-                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(ping_at.min(silent_at))) => {}
-                    }
-                    let now = Instant::now();
-                    if now >= silent_at {
-                        return source_lost(to).await;
-                    }
-                    if now >= ping_at {
-                        if to.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                            return DirectionEnd::DestinationLost;
-                        }
-                        next_ping = Some(now + interval);
-                    }
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_fin_without_half_close_ends_the_stream_with_1000() {
+        let mut harness = start(options(None, false)).await;
+        harness.application.write_all(b"bye").await.unwrap();
+        harness.application.shutdown().await.unwrap();
+        let data = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(
+            data,
+            Some(Message::Binary(bytes::Bytes::from_static(b"bye")))
+        );
+        let close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(close_code(close), Some(CLOSE_NORMAL));
+        assert_eq!(harness.pump.await.unwrap().end, PumpEnd::Completed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_reset_is_close_4000() {
+        let mut harness = start(options(None, false)).await;
+        harness.application.set_zero_linger().unwrap();
+        drop(harness.application);
+        let close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(close_code(close), Some(CLOSE_TCP_RESET));
+        assert!(matches!(
+            harness.pump.await.unwrap().end,
+            PumpEnd::LocalFailed(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_relay_vanishing_resets_the_tcp_connection() {
+        let mut harness = start(options(None, false)).await;
+        drop(harness.relay);
+        let error = read_to_end(&mut harness.application)
+            .await
+            .expect_err("a reset, not a clean end");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            harness.pump.await.unwrap().end,
+            PumpEnd::StreamLost(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_go_out_at_the_interval() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        for expected in 1..=3u32 {
+            match harness.relay.next().await {
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("expected a ping, got {other:?}"),
+            }
+            // Reading on sends our pong, as the relay does.
+            assert_eq!(harness.started.elapsed(), interval * expected);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_relay_is_declared_dead_after_three_intervals_and_no_sooner() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        // The relay side never reads, so never answers a ping.
+        let report = harness.pump.await.unwrap();
+        assert!(matches!(report.end, PumpEnd::StreamLost(_)), "{report:?}");
+        assert_eq!(harness.started.elapsed(), interval * SILENT_INTERVALS);
+        let error = read_to_end(&mut harness.application)
+            .await
+            .expect_err("reset");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// Defect 0: the dead-peer deadline was computed once, so every stream
+    /// was cut after three intervals however lively the relay was.
+    #[tokio::test(start_paused = true)]
+    async fn pongs_keep_the_stream_alive_and_silence_after_them_is_caught() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        // Answered pings for 20 intervals (the last at 200 s), then silence.
+        let lively_for = interval * 20 + interval / 2;
+        let mut last_ping = None;
+        let answer_pings = async {
+            while let Some(Ok(message)) = harness.relay.next().await {
+                if matches!(message, Message::Ping(_)) {
+                    last_ping = Some(Instant::now());
                 }
             }
         };
-        let now = Instant::now();
-        last_received = now;
-        // A destination that only receives must still be pinged, or the
-        // other direction would find it silent during a long download.
-        if let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) {
-            if now >= ping_at {
-                if to.feed(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    return DirectionEnd::DestinationLost;
-                }
-                next_ping = Some(now + interval);
-            }
-        }
-        match next {
-            Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                source_lost(to).await;
-                return DirectionEnd::SourceTooBig;
-            }
-            None | Some(Err(_)) => return source_lost(to).await,
-            Some(Ok(Message::Close(frame))) => {
-                let frame = frame.unwrap_or(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "".into(),
-                });
-                let code = u16::from(frame.code);
-                let _ =
-                    tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(Message::Close(Some(frame))))
-                        .await;
-                return DirectionEnd::Closed(code);
-            }
-            Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
-                *bytes += message.len() as u64;
-                if to.feed(message).await.is_err() {
-                    return DirectionEnd::DestinationLost;
-                }
-            }
-            Some(Ok(_)) => {}
-        }
+        let _ = tokio::time::timeout(lively_for, answer_pings).await;
+        assert!(
+            !harness.pump.is_finished(),
+            "cut while the relay answered every ping"
+        );
+        let report = harness.pump.await.unwrap();
+        assert!(matches!(report.end, PumpEnd::StreamLost(_)), "{report:?}");
+        let last_pong = last_ping.expect("pings came");
+        assert_eq!(last_pong, harness.started + interval * 20);
+        assert_eq!(
+            last_pong.elapsed(),
+            interval * SILENT_INTERVALS,
+            "declared dead exactly three intervals after the last pong"
+        );
     }
-}
 
-/// The source vanished: tell the destination with 1011.
-async fn source_lost<B>(to: &mut SplitSink<WebSocketStream<B>, Message>) -> DirectionEnd
-where
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let lost = close_message(CLOSE_PEER_LOST, "the other side of the stream disconnected");
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, to.send(lost)).await;
-    DirectionEnd::SourceLost
+    #[tokio::test(start_paused = true)]
+    async fn data_from_the_relay_keeps_the_stream_alive_without_pongs() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            harness
+                .relay
+                .send(Message::Binary(bytes::Bytes::from_static(b"tick")))
+                .await
+                .unwrap();
+            let mut tick = [0u8; 4];
+            harness.application.read_exact(&mut tick).await.unwrap();
+        }
+        assert!(!harness.pump.is_finished(), "cut while data kept arriving");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_close_travels_both_ways_and_data_keeps_flowing_the_other_way() {
+        let mut harness = start(options(None, true)).await;
+        // The application finishes sending: the relay gets an empty message.
+        harness.application.write_all(b"request").await.unwrap();
+        harness.application.shutdown().await.unwrap();
+        let request = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(
+            request,
+            Some(Message::Binary(bytes::Bytes::from_static(b"request")))
+        );
+        let half_close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(half_close, Some(Message::Binary(bytes::Bytes::new())));
+        // The answer still comes down, then the relay's half-close is a FIN.
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::from_static(b"answer")))
+            .await
+            .unwrap();
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::new()))
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut harness.application).await.unwrap();
+        assert_eq!(answer, b"answer");
+        // Both directions are done: the stream ends cleanly.
+        let close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(close_code(close), Some(CLOSE_NORMAL));
+        assert_eq!(harness.pump.await.unwrap().end, PumpEnd::Completed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_relay_half_closing_first_leaves_the_upload_open() {
+        let mut harness = start(options(None, true)).await;
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::new()))
+            .await
+            .unwrap();
+        let nothing = read_to_end(&mut harness.application).await.unwrap();
+        assert!(nothing.is_empty(), "FIN to the application");
+        harness.application.write_all(b"still here").await.unwrap();
+        let upload = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(
+            upload,
+            Some(Message::Binary(bytes::Bytes::from_static(b"still here")))
+        );
+        harness.application.shutdown().await.unwrap();
+        let half_close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(half_close, Some(Message::Binary(bytes::Bytes::new())));
+        let close = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(close_code(close), Some(CLOSE_NORMAL));
+        assert_eq!(harness.pump.await.unwrap().end, PumpEnd::Completed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_message_is_data_when_half_close_was_not_agreed() {
+        let mut harness = start(options(None, false)).await;
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::new()))
+            .await
+            .unwrap();
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::from_static(b"more")))
+            .await
+            .unwrap();
+        let mut more = [0u8; 4];
+        harness.application.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"more", "no FIN came before the data");
+    }
 }

@@ -22,6 +22,34 @@ use crate::transport::{self, ConnectError};
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// Lifetime of the SAS token a call signs.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// How much longer than the relay's budget the client waits for the answer:
+/// the relay's answer still has to travel, and both clocks start a network
+/// hop apart.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
+/// The longest a relay takes to answer a stream creation, from the moment
+/// the request reaches it: the device must be connected within `connect`,
+/// then answer within `response`. The relay's own handshake limit (which
+/// also caps each timeout) can only make it shorter. The relay and this
+/// client both derive their deadlines from it.
+pub fn creation_budget(connect: Duration, response: Duration) -> Duration {
+    connect.saturating_add(response)
+}
+
+/// A timeout as the request header carries it: whole seconds, at least 1.
+fn header_seconds(timeout: Duration) -> u64 {
+    timeout.as_secs().max(1)
+}
+
+/// How long the client waits for the relay's answer once the request is
+/// sent: the budget of the timeouts it sent, plus [`ANSWER_MARGIN`].
+pub fn answer_deadline(options: &StreamOptions) -> Duration {
+    creation_budget(
+        Duration::from_secs(header_seconds(options.connect_timeout)),
+        Duration::from_secs(header_seconds(options.response_timeout)),
+    )
+    .saturating_add(ANSWER_MARGIN)
+}
 
 /// What the service asks for.
 #[derive(Debug, Clone)]
@@ -104,17 +132,15 @@ impl ServiceClient {
     }
 
     /// Asks the relay to create a stream to `device_id`, waiting for the
-    /// device's decision.
+    /// device's decision: dialing has its own bound, then the answer must
+    /// come within [`answer_deadline`].
     pub async fn create_stream(
         &self,
         device_id: &str,
         stream_name: &str,
         options: &StreamOptions,
     ) -> Result<StreamInvitation, CreateStreamError> {
-        let total = options.connect_timeout.max(options.response_timeout) + Duration::from_secs(15);
-        tokio::time::timeout(total, self.exchange(device_id, stream_name, options))
-            .await
-            .map_err(|_| CreateStreamError::Timeout(total))?
+        self.exchange(device_id, stream_name, options).await
     }
 
     async fn exchange(
@@ -152,11 +178,11 @@ impl ServiceClient {
             .header(http::header::AUTHORIZATION, token)
             .header(
                 headers::CONNECT_TIMEOUT,
-                options.connect_timeout.as_secs().max(1).to_string(),
+                header_seconds(options.connect_timeout).to_string(),
             )
             .header(
                 headers::RESPONSE_TIMEOUT,
-                options.response_timeout.as_secs().max(1).to_string(),
+                header_seconds(options.response_timeout).to_string(),
             )
             .header(http::header::CONTENT_LENGTH, "0");
         if let Some(target) = &options.target {
@@ -170,9 +196,13 @@ impl ServiceClient {
                 "cannot build the request (bad device id or stream name?): {e}"
             ))
         })?;
-        let response = sender
-            .send_request(request)
+        // The relay's budget starts when the request reaches it; ours when
+        // it leaves, and covers the answer's head and body alike.
+        let answer_by = tokio::time::Instant::now() + answer_deadline(options);
+        let timed_out = |_| CreateStreamError::Timeout(answer_deadline(options));
+        let response = tokio::time::timeout_at(answer_by, sender.send_request(request))
             .await
+            .map_err(timed_out)?
             .map_err(|e| CreateStreamError::Http(e.to_string()))?;
         let status = response.status().as_u16();
         let header = |name: &str| {
@@ -189,11 +219,14 @@ impl ServiceClient {
         let retry_after_seconds = header("retry-after")
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
-            .collect()
-            .await
-            .map(|collected| collected.to_bytes())
-            .unwrap_or_default();
+        let body = tokio::time::timeout_at(
+            answer_by,
+            Limited::new(response.into_body(), MAX_RESPONSE_BODY).collect(),
+        )
+        .await
+        .map_err(timed_out)?
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
         drop(sender);
         connection_task.abort();
         let message = error_message(&body);
@@ -252,5 +285,65 @@ fn error_message(body: &[u8]) -> String {
             None => value.to_string(),
         },
         Err(_) => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(connect: Duration, response: Duration) -> StreamOptions {
+        StreamOptions {
+            connect_timeout: connect,
+            response_timeout: response,
+            ..StreamOptions::default()
+        }
+    }
+
+    #[test]
+    fn the_budget_is_the_connect_wait_then_the_answer_wait() {
+        let budget = creation_budget(Duration::from_secs(10), Duration::from_secs(20));
+        assert_eq!(budget, Duration::from_secs(30));
+        assert_eq!(
+            creation_budget(Duration::MAX, Duration::from_secs(1)),
+            Duration::MAX,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn the_client_waits_for_the_budget_of_what_it_sent_plus_a_margin() {
+        let defaults = StreamOptions::default();
+        assert_eq!(
+            answer_deadline(&defaults),
+            Duration::from_secs(60 + 60) + ANSWER_MARGIN
+        );
+        // Sub-second timeouts go out as 1 s, and the client waits for that.
+        let short = options(Duration::from_millis(200), Duration::ZERO);
+        assert_eq!(
+            answer_deadline(&short),
+            Duration::from_secs(2) + ANSWER_MARGIN
+        );
+        // Fractions are cut as the header cuts them, never waited for twice.
+        let fractional = options(Duration::from_millis(2900), Duration::from_millis(1500));
+        assert_eq!(
+            answer_deadline(&fractional),
+            Duration::from_secs(3) + ANSWER_MARGIN
+        );
+    }
+
+    #[test]
+    fn the_client_never_gives_up_before_the_relay_answers() {
+        for connect in [1, 5, 60, 600] {
+            for response in [1, 5, 60, 600] {
+                let connect = Duration::from_secs(connect);
+                let response = Duration::from_secs(response);
+                let relay_answers_within = creation_budget(connect, response);
+                assert!(
+                    answer_deadline(&options(connect, response))
+                        >= relay_answers_within + ANSWER_MARGIN
+                );
+            }
+        }
     }
 }

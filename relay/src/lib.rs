@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod control_websocket;
+pub mod copy;
 pub mod data_dir;
 pub mod embedded;
 pub mod http_service;

@@ -277,23 +277,38 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Streams a relay must have held before a trim is worth its cost.
-const TRIM_AFTER_PEAK_STREAMS: usize = 256;
+/// How often the live stream count is sampled: often enough to see the
+/// peak of a burst that moves enough data to matter, cheap (one lock).
+const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// At least this long between two trims, so a relay whose streams come and
+/// go all the time walks its heap at most this often.
+const MIN_TRIM_SPACING: Duration = Duration::from_secs(2);
+
+/// Whether the heap should be trimmed now: the live streams fell to half
+/// the peak seen since the last trim (to zero after a single stream), and
+/// the last trim is long enough ago.
+fn trim_is_due(peak: usize, active: usize, since_last_trim: Option<Duration>) -> bool {
+    peak > 0 && active <= peak / 2 && since_last_trim.is_none_or(|since| since >= MIN_TRIM_SPACING)
+}
 
 /// glibc keeps the memory of closed streams for reuse instead of returning
-/// it; after 10,000 streams end that is hundreds of MiB (BENCHMARKS.md). Once
-/// the live streams fall to half their peak, the free pages go back.
+/// it: after a burst of large streams the relay would hold several times
+/// its idle size for good (BENCHMARKS.md). Whenever the live streams fall
+/// by half from their peak, whatever its size, the free pages go back.
 async fn return_freed_memory(relay: &relay::RunningRelay) {
     let mut peak = 0usize;
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut last_trim: Option<tokio::time::Instant> = None;
+    let mut interval = tokio::time::interval(TRIM_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let active = relay.active_streams();
         peak = peak.max(active);
-        if peak >= TRIM_AFTER_PEAK_STREAMS && active <= peak / 2 {
+        if trim_is_due(peak, active, last_trim.map(|at| at.elapsed())) {
             trim_heap();
             tracing::debug!(peak, active, "returned freed memory to the system");
             peak = active;
+            last_trim = Some(tokio::time::Instant::now());
         }
     }
 }
@@ -439,5 +454,20 @@ mod tests {
         assert_eq!(default.admin_listen, None);
         let asked = serve_arguments(&["--admin-listen", "127.0.0.1:9090"]).expect("parses");
         assert_eq!(asked.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_trim_follows_any_fall_to_half_the_peak_at_most_every_two_seconds() {
+        let long_ago = Some(MIN_TRIM_SPACING);
+        assert!(trim_is_due(1, 0, None), "one stream ended");
+        assert!(trim_is_due(200, 0, long_ago), "a burst ended");
+        assert!(trim_is_due(200, 100, long_ago), "half of it ended");
+        assert!(!trim_is_due(200, 101, long_ago), "most of it still runs");
+        assert!(!trim_is_due(0, 0, None), "an idle relay is left alone");
+        assert!(!trim_is_due(5, 5, long_ago), "a steady load is left alone");
+        assert!(
+            !trim_is_due(200, 0, Some(Duration::from_millis(1999))),
+            "rate-limited"
+        );
     }
 }

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use framing::stream_token::StreamTokenKey;
@@ -188,10 +188,6 @@ async fn housekeeping(state: Arc<RelayState>) {
         tokio::select! {
             _ = state.stop_accepting.cancelled() => return,
             _ = interval.tick() => {}
-        }
-        let expired = state.pairing.sweep(Instant::now());
-        if expired > 0 {
-            tracing::debug!(expired, "expired unpaired streams");
         }
         let version = state.registry.version().ok();
         if version == registry_version {

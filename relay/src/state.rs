@@ -45,17 +45,20 @@ impl RelayState {
         let admission = Admission::new(config.limits.clone());
         let max_pending = config.limits.max_pending_streams;
         let sources = Sources::new(config.limits.sources);
+        let tasks = TaskTracker::new();
+        let stop_accepting = CancellationToken::new();
+        let pairing = PairingTable::new(max_pending, tasks.clone(), stop_accepting.clone());
         Arc::new(Self {
             config,
             registry,
             token_key,
             presence: Presence::default(),
-            pairing: PairingTable::new(max_pending),
+            pairing,
             admission,
             sources,
             metrics: Metrics::default(),
-            tasks: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
+            tasks,
+            stop_accepting,
             stop_streams: CancellationToken::new(),
             next_request_id: AtomicU64::new(1),
         })

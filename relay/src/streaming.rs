@@ -6,22 +6,23 @@
 //! or an extension (IoT Hub's Node client fails on either).
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
-use framing::pump::{self, close_message, RelayEnd, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PEER_LOST};
+use framing::pump::{self, close_frame, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PEER_LOST};
 use framing::stream_token::Side;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+use crate::copy::{self, RelayEnd};
 use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
 };
-use crate::limits::StreamPermit;
 use crate::listeners::ConnectionGuard;
 use crate::metrics::Metrics;
 use crate::pairing::{Arrival, Claim, ServerWebSocket};
@@ -34,7 +35,7 @@ pub fn upgrade(
     device_id: String,
     stream_id: String,
     peer: std::net::SocketAddr,
-    guard: Arc<ConnectionGuard>,
+    connection: Arc<ConnectionGuard>,
 ) -> Response<Body> {
     let unauthorized = |reason: &str| {
         Metrics::add(&state.metrics.authentication_failures, 1);
@@ -93,7 +94,7 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, guard, side, stream_id).await;
+            settle(task_state, claim, socket, connection, side).await;
         }
         .instrument(span),
     );
@@ -101,29 +102,40 @@ pub fn upgrade(
 }
 
 async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        socket.send(close_message(code, reason)),
-    )
-    .await;
+    copy::close_with(&mut socket, close_frame(code, reason)).await;
+}
+
+/// How the first side's wait for the second ended.
+enum Waited {
+    Paired(Box<Arrival>),
+    /// The stream was removed before the other side came: its creation
+    /// failed after all (the device refused, the service hung up).
+    Cancelled,
+    Expired,
+    ShuttingDown,
+    /// The waiting side sent Close.
+    ClosedByPeer,
+    /// The waiting side vanished or broke the protocol.
+    Lost,
+    /// The waiting side sent a message over the size limit.
+    TooBig,
 }
 
 /// Hands the socket over (second side) or waits and copies (first side);
-/// `guard` keeps the socket under the connection caps wherever it goes.
+/// `connection` keeps the socket under the connection caps wherever it goes.
 async fn settle(
     state: Arc<RelayState>,
     claim: Claim,
     socket: ServerWebSocket,
-    guard: Arc<ConnectionGuard>,
+    connection: Arc<ConnectionGuard>,
     side: Side,
-    stream_id: String,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
             if let Err(arrival) = sender.send(Arrival {
                 socket,
                 permit,
-                guard,
+                guard: connection,
             }) {
                 close_with(
                     arrival.socket,
@@ -134,37 +146,69 @@ async fn settle(
             }
         }
         Claim::Wait {
-            receiver,
+            mut receiver,
             deadline,
             stream_name,
+            guard,
         } => {
             tracing::debug!(waiting_for = side.other().as_str(), "first side connected");
-            let arrival = tokio::select! {
-                arrival = receiver => arrival,
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                    state.pairing.remove(&stream_id);
-                    Metrics::add(&state.metrics.streams_expired, 1);
-                    tracing::info!(stream_name, "stream failed: the other side did not connect before the handshake deadline");
-                    return close_with(socket, CLOSE_HANDSHAKE_TIMEOUT, "the other side did not connect before the handshake deadline").await;
-                }
-                _ = state.stop_streams.cancelled() => {
-                    return close_with(socket, pump::CLOSE_GOING_AWAY, "the relay is shutting down").await;
+            let mut socket = socket;
+            // The waiting side is read while it waits, so its pings and its
+            // Close are answered. Its first data message (a server's banner,
+            // say) is held, one message at most, and reading stops until the
+            // other side comes to take it.
+            let mut early: Option<Message> = None;
+            let waited = loop {
+                tokio::select! {
+                    arrival = &mut receiver => break match arrival {
+                        Ok(arrival) => Waited::Paired(Box::new(arrival)),
+                        Err(_) if Instant::now() >= deadline => Waited::Expired,
+                        Err(_) => Waited::Cancelled,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break Waited::Expired,
+                    _ = state.stop_streams.cancelled() => break Waited::ShuttingDown,
+                    message = socket.next(), if early.is_none() => match message {
+                        Some(Ok(Message::Close(_))) => break Waited::ClosedByPeer,
+                        Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
+                            early = Some(message)
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                            break Waited::TooBig
+                        }
+                        None | Some(Err(_)) => break Waited::Lost,
+                    },
                 }
             };
-            match arrival {
-                Ok(arrival) => {
-                    let _their_guard = arrival.guard;
-                    copy(
-                        &state,
-                        socket,
+            if !matches!(waited, Waited::Paired(_)) {
+                // The stream is over: nobody may join it any more, and a side
+                // that joined just now is told so rather than dropped.
+                drop(guard);
+                receiver.close();
+                if let Ok(arrival) = receiver.try_recv() {
+                    close_with(
                         arrival.socket,
-                        side,
-                        arrival.permit,
-                        stream_name,
+                        CLOSE_PEER_LOST,
+                        "the other side of the stream is gone",
+                    )
+                    .await;
+                }
+            }
+            match waited {
+                Waited::Paired(arrival) => {
+                    copy_stream(&state, socket, *arrival, early, side, stream_name).await
+                }
+                Waited::Expired => {
+                    Metrics::add(&state.metrics.streams_expired, 1);
+                    tracing::info!(stream_name, "stream failed: the other side did not connect before the handshake deadline");
+                    close_with(
+                        socket,
+                        CLOSE_HANDSHAKE_TIMEOUT,
+                        "the other side did not connect before the handshake deadline",
                     )
                     .await
                 }
-                Err(_) => {
+                Waited::Cancelled => {
                     close_with(
                         socket,
                         CLOSE_PEER_LOST,
@@ -172,19 +216,46 @@ async fn settle(
                     )
                     .await
                 }
+                Waited::ShuttingDown => {
+                    close_with(socket, pump::CLOSE_GOING_AWAY, "the relay is shutting down").await
+                }
+                Waited::ClosedByPeer => {
+                    tracing::info!(
+                        stream_name,
+                        "stream ended: the first side closed before the other connected"
+                    );
+                    copy::answer_close(&mut socket).await
+                }
+                Waited::TooBig => {
+                    close_with(
+                        socket,
+                        pump::CLOSE_MESSAGE_TOO_BIG,
+                        "message larger than the relay accepts",
+                    )
+                    .await
+                }
+                Waited::Lost => tracing::info!(
+                    stream_name,
+                    "stream ended: the first side disconnected before the other connected"
+                ),
             }
         }
     }
 }
 
-async fn copy(
+async fn copy_stream(
     state: &RelayState,
     mine: ServerWebSocket,
-    theirs: ServerWebSocket,
+    arrival: Arrival,
+    early: Option<Message>,
     my_side: Side,
-    permit: Option<StreamPermit>,
     stream_name: String,
 ) {
+    let Arrival {
+        socket: mut theirs,
+        permit,
+        guard: _their_connection,
+    } = arrival;
     let started = Instant::now();
     Metrics::add(&state.metrics.streams_established, 1);
     tracing::info!(stream_name, "stream established");
@@ -194,8 +265,21 @@ async fn copy(
             None => std::future::pending().await,
         }
     };
+    let early_bytes = early.as_ref().map_or(0, |message| message.len() as u64);
+    let relay = async {
+        if let Some(message) = early {
+            // Nothing else has been read from `mine` yet: order is kept.
+            if let Err(error) = theirs.send(message).await {
+                tracing::debug!(%error, "the joining side failed at once");
+            }
+        }
+        copy::relay(mine, theirs, state.config.limits.ping_interval).await
+    };
     let report = tokio::select! {
-        report = pump::relay(mine, theirs, state.config.limits.ping_interval) => report,
+        mut report = relay => {
+            report.bytes_first_to_second += early_bytes;
+            report
+        }
         _ = device_removed => {
             tracing::info!(stream_name, "stream cut: the device was removed or disabled");
             return;

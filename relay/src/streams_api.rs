@@ -8,7 +8,7 @@
 //! program can only react to what it is told.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use framing::headers;
 use framing::sas::{ExpiryPolicy, SasToken};
@@ -17,6 +17,7 @@ use framing::topics::{validate_stream_name, StreamRequest};
 use http::{HeaderMap, Response, StatusCode};
 use percent_encoding::utf8_percent_encode;
 use rand::RngCore;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::http_util::{error_code, error_response, throttled, Body};
@@ -81,7 +82,59 @@ fn new_stream_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// When each phase of one creation must be over. One budget, counted from
+/// the moment the REST call arrived (DESIGN.md: the handshake limit covers
+/// reaching the device, its answer, and both sides connecting): waiting for
+/// the device to come online never adds to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreationDeadlines {
+    /// The device must be connected by then.
+    pub online_by: Instant,
+    /// The REST call is answered by then at the latest: the budget of the
+    /// two timeouts the client sent, the same one the client waits for
+    /// ([`framing::service_client::creation_budget`]), capped by the
+    /// handshake limit.
+    pub answer_by: Instant,
+    /// Both sides must have connected by then; the stream tokens expire then.
+    pub handshake_by: Instant,
+    arrived: Instant,
+    response_timeout: Duration,
+}
+
+impl CreationDeadlines {
+    /// `connect` and `response` are the request's timeouts, each already
+    /// capped by `handshake` (see [`timeout_header`]).
+    pub fn new(
+        arrived: Instant,
+        connect: Duration,
+        response: Duration,
+        handshake: Duration,
+    ) -> Self {
+        let handshake_by = arrived + handshake;
+        let answer_by =
+            arrived + framing::service_client::creation_budget(connect, response).min(handshake);
+        Self {
+            online_by: (arrived + connect).min(answer_by),
+            answer_by,
+            handshake_by,
+            arrived,
+            response_timeout: response,
+        }
+    }
+
+    /// How long the device is given to come online.
+    pub fn connect_wait(&self) -> Duration {
+        self.online_by - self.arrived
+    }
+
+    /// When a device asked at `asked` must have answered.
+    pub fn device_answer_by(&self, asked: Instant) -> Instant {
+        (asked + self.response_timeout).min(self.answer_by)
+    }
+}
+
 pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<Body> {
+    let arrived = Instant::now();
     let CreateStream {
         device_id,
         module_id,
@@ -112,6 +165,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         );
     }
     let handshake_limit = state.config.limits.handshake_timeout;
+    let expiry = SystemTime::now() + handshake_limit - arrived.elapsed();
     let (connect_timeout, response_timeout) = match (
         timeout_header(&headers, headers::CONNECT_TIMEOUT, handshake_limit),
         timeout_header(&headers, headers::RESPONSE_TIMEOUT, handshake_limit),
@@ -175,8 +229,8 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         peer,
         stream_id,
         permit,
-        connect_timeout,
-        response_timeout,
+        CreationDeadlines::new(arrived, connect_timeout, response_timeout, handshake_limit),
+        expiry,
     )
     .instrument(span)
     .await
@@ -193,10 +247,9 @@ async fn negotiate(
     peer: std::net::SocketAddr,
     stream_id: String,
     permit: crate::limits::StreamPermit,
-    connect_timeout: Duration,
-    response_timeout: Duration,
+    deadlines: CreationDeadlines,
+    expiry: SystemTime,
 ) -> Response<Body> {
-    let handshake_limit = state.config.limits.handshake_timeout;
     Metrics::add(&state.metrics.streams_requested, 1);
     tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
 
@@ -204,24 +257,34 @@ async fn negotiate(
         device_id: device_id.clone(),
         module_id: module_id.clone(),
     };
-    let Some(session) = state.presence.wait_for(&identity, connect_timeout).await else {
-        tracing::info!(waited = ?connect_timeout, "stream failed: device not connected");
+    let connect_wait = deadlines
+        .online_by
+        .saturating_duration_since(Instant::now());
+    let Some(session) = state.presence.wait_for(&identity, connect_wait).await else {
+        let waited = deadlines.connect_wait();
+        tracing::info!(?waited, "stream failed: device not connected");
         return error_response(
             StatusCode::NOT_FOUND,
             headers::ERROR_DEVICE_NOT_ONLINE,
-            &format!("device {identity} is not connected (waited {} s): start device-proxy on the device and check its logs", connect_timeout.as_secs()),
+            &format!("device {identity} is not connected (waited {} s): start device-proxy on the device and check its logs", waited.as_secs()),
         );
     };
-    let deadline = Instant::now() + handshake_limit;
-    let expiry = SystemTime::now() + handshake_limit;
-    if let Err(full) =
-        state
-            .pairing
-            .register(&stream_id, &device_id, &stream_name, deadline, permit)
-    {
-        Metrics::add(&state.metrics.stream_creations_refused, 1);
-        return throttled(&full.to_string(), 5);
-    }
+    // Held until the service has its answer: any way out before that
+    // (refusal, silence, a client that hung up) removes the stream and
+    // releases its permit.
+    let registration = match state.pairing.register(
+        &stream_id,
+        &device_id,
+        &stream_name,
+        deadlines.handshake_by,
+        permit,
+    ) {
+        Ok(registration) => registration,
+        Err(full) => {
+            Metrics::add(&state.metrics.stream_creations_refused, 1);
+            return throttled(&full.to_string(), 5);
+        }
+    };
     let path = format!(
         "/bridges/{}/{}/{}",
         utf8_percent_encode(&state.config.hub_name, framing::sas::COMPONENT),
@@ -241,16 +304,16 @@ async fn negotiate(
         half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
     };
     let Ok(answer) = session.send_request(stream_request) else {
-        state.pairing.remove(&stream_id);
         return throttled(
             &format!("device {device_id} has too many stream requests waiting; retry later"),
             1,
         );
     };
-    let response = match tokio::time::timeout(response_timeout, answer).await {
+    let asked = Instant::now();
+    let answer_by = deadlines.device_answer_by(asked);
+    let response = match tokio::time::timeout_at(answer_by, answer).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => {
-            state.pairing.remove(&stream_id);
             tracing::info!("stream failed: device disconnected before answering");
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -261,20 +324,19 @@ async fn negotiate(
             );
         }
         Err(_) => {
-            state.pairing.remove(&stream_id);
-            tracing::info!(waited = ?response_timeout, "stream failed: device did not answer");
+            let waited = answer_by.saturating_duration_since(asked);
+            tracing::info!(?waited, "stream failed: device did not answer");
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 error_code(StatusCode::GATEWAY_TIMEOUT, 1),
                 &format!(
                     "device {device_id} did not answer the stream request within {} s",
-                    response_timeout.as_secs()
+                    waited.as_secs_f64().round()
                 ),
             );
         }
     };
     if response.status != 200 {
-        state.pairing.remove(&stream_id);
         Metrics::add(&state.metrics.streams_rejected, 1);
         let target = header(&headers, headers::TARGET);
         tracing::info!(
@@ -311,7 +373,93 @@ async fn negotiate(
     if half_close {
         builder = builder.header(headers::HALF_CLOSE, "True");
     }
+    // The service has its answer (a client that hung up just now loses the
+    // stream to the deadline, like one that never connects).
+    registration.keep();
     builder
         .body(Body::default())
         .expect("a response built from valid parts is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn one_budget_counts_from_the_request_not_from_the_device_coming_online() {
+        let arrived = Instant::now();
+        let deadlines = CreationDeadlines::new(arrived, 60 * SECOND, 60 * SECOND, 60 * SECOND);
+        assert_eq!(deadlines.online_by, arrived + 60 * SECOND);
+        assert_eq!(deadlines.answer_by, arrived + 60 * SECOND);
+        assert_eq!(deadlines.handshake_by, arrived + 60 * SECOND);
+        // A device that comes online at 50 s has the 10 s left, not 60 more.
+        assert_eq!(
+            deadlines.device_answer_by(arrived + 50 * SECOND),
+            arrived + 60 * SECOND
+        );
+    }
+
+    #[test]
+    fn the_device_gets_its_response_timeout_from_the_moment_it_is_asked() {
+        let arrived = Instant::now();
+        let deadlines = CreationDeadlines::new(arrived, 10 * SECOND, 5 * SECOND, 60 * SECOND);
+        assert_eq!(deadlines.online_by, arrived + 10 * SECOND);
+        assert_eq!(deadlines.connect_wait(), 10 * SECOND);
+        assert_eq!(deadlines.answer_by, arrived + 15 * SECOND);
+        assert_eq!(
+            deadlines.device_answer_by(arrived + SECOND),
+            arrived + 6 * SECOND
+        );
+        assert_eq!(
+            deadlines.device_answer_by(arrived + 10 * SECOND),
+            arrived + 15 * SECOND
+        );
+        // Pairing keeps the full handshake budget: tokens outlive the answer.
+        assert_eq!(deadlines.handshake_by, arrived + 60 * SECOND);
+    }
+
+    #[test]
+    fn the_relay_answers_within_what_the_client_waits_for() {
+        let arrived = Instant::now();
+        for handshake in [SECOND, 4 * SECOND, 60 * SECOND, 600 * SECOND] {
+            for connect in [1u32, 3, 60, 600] {
+                for response in [1u32, 3, 60, 600] {
+                    let options = framing::StreamOptions {
+                        connect_timeout: connect * SECOND,
+                        response_timeout: response * SECOND,
+                        ..Default::default()
+                    };
+                    // What the relay makes of the headers: each capped.
+                    let connect = (connect * SECOND).min(handshake);
+                    let response = (response * SECOND).min(handshake);
+                    let deadlines = CreationDeadlines::new(arrived, connect, response, handshake);
+                    assert!(deadlines.online_by <= deadlines.answer_by);
+                    assert!(deadlines.answer_by <= deadlines.handshake_by);
+                    assert!(
+                        deadlines.answer_by + framing::service_client::ANSWER_MARGIN
+                            <= arrived + framing::service_client::answer_deadline(&options),
+                        "handshake {handshake:?}, connect {connect:?}, response {response:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn timeout_headers_are_capped_by_the_handshake_limit() {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::CONNECT_TIMEOUT, "600".parse().unwrap());
+        assert_eq!(
+            timeout_header(&headers, headers::CONNECT_TIMEOUT, 60 * SECOND),
+            Ok(60 * SECOND)
+        );
+        assert_eq!(
+            timeout_header(&headers, headers::RESPONSE_TIMEOUT, 60 * SECOND),
+            Ok(60 * SECOND)
+        );
+        headers.insert(headers::RESPONSE_TIMEOUT, "0".parse().unwrap());
+        assert!(timeout_header(&headers, headers::RESPONSE_TIMEOUT, 60 * SECOND).is_err());
+    }
 }

@@ -444,3 +444,79 @@ async fn proxies_exit_zero_promptly_on_sigterm_even_with_a_live_stream() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_memory_returns_near_its_baseline_after_a_moderate_burst() {
+    let tunnel = tunnel(&[]).await;
+    let relay_pid = tunnel.relay.process.pid();
+    echo_round_trip(tunnel.local_port, b"warm up")
+        .await
+        .expect("tunnel works");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = resident_kib(relay_pid);
+
+    // 100 streams open at once, then each echoes 1 MiB concurrently.
+    let streams = 100;
+    let payload_size = 1024 * 1024;
+    let mut clients = Vec::new();
+    for wave in 0..streams / 25 {
+        let opened: Vec<_> = (0..25)
+            .map(|index| {
+                let port = tunnel.local_port;
+                tokio::spawn(async move {
+                    let payload = format!("stream {wave}/{index}");
+                    echo_round_trip(port, payload.as_bytes()).await
+                })
+            })
+            .collect();
+        for task in opened {
+            clients.push(task.await.expect("task").expect("stream opens"));
+        }
+    }
+    let transfers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(index, client)| {
+            tokio::spawn(async move {
+                let payload = vec![index as u8; payload_size];
+                let (mut reader, mut writer) = client.into_split();
+                let write = async {
+                    writer.write_all(&payload).await.expect("upload");
+                    writer
+                };
+                let read = async {
+                    let mut echoed = vec![0u8; payload_size];
+                    reader.read_exact(&mut echoed).await.expect("echo");
+                    assert!(echoed.iter().all(|byte| *byte == index as u8));
+                };
+                let (writer, ()) = tokio::join!(write, read);
+                drop(writer);
+            })
+        })
+        .collect();
+    for transfer in transfers {
+        tokio::time::timeout(Duration::from_secs(120), transfer)
+            .await
+            .expect("transfers finish")
+            .expect("transfer");
+    }
+    let peak = resident_kib(relay_pid);
+
+    // Every stream has ended; within a few seconds the relay is back near
+    // where it started (glibc would keep the freed heap without a trim).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let memory = resident_kib(relay_pid);
+        if memory <= baseline * 2
+            && tunnel.relay.process.log().matches("stream closed").count() > streams
+        {
+            eprintln!("relay memory: baseline {baseline} KiB, after the burst {peak} KiB, settled {memory} KiB");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay memory stays at {memory} KiB after the burst ended (baseline {baseline} KiB, right after the burst {peak} KiB)"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -29,8 +29,6 @@ use crate::metrics::Metrics;
 use crate::presence::{Identity, OutgoingRequest, SessionHandle};
 use crate::state::RelayState;
 
-/// Stream requests queued for one device before creations are refused.
-const REQUEST_QUEUE: usize = 256;
 /// Longest silence allowed from a device that asked for no keep-alive.
 const MAX_SILENCE: Duration = Duration::from_secs(30 * 60);
 
@@ -126,45 +124,73 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refus
     })
 }
 
+/// Sends a refusing CONNACK, then closes; each within the write deadline.
+async fn refuse_connect<T: PacketTransport>(
+    mqtt: &mut MqttConnection<T>,
+    code: ConnectReturnCode,
+    write_timeout: Duration,
+) {
+    let connack = Packet::ConnAck(ConnAck::new(code, false));
+    if let Ok(Ok(())) = tokio::time::timeout(write_timeout, mqtt.write_packet(&connack)).await {
+        close_politely(mqtt, write_timeout).await;
+    }
+}
+
+/// Closes the transport politely (WebSocket Close, TLS close_notify), but
+/// never waits longer than `write_timeout` for a peer that does not read.
+async fn close_politely<T: PacketTransport>(mqtt: &mut MqttConnection<T>, write_timeout: Duration) {
+    let _ = tokio::time::timeout(write_timeout, mqtt.shutdown()).await;
+}
+
 /// Runs one control channel from its first byte to its end.
+///
+/// Admission, in this order: the source's failure slowdown, the source's own
+/// connect budget, authentication (an HMAC and a registry read), and only
+/// then the relay-wide connect budget, so that a flood of CONNECTs that
+/// cannot authenticate never spends what real devices need.
 pub async fn run_session<T: PacketTransport>(
     state: Arc<RelayState>,
     mut mqtt: MqttConnection<T>,
     peer: std::net::SocketAddr,
     host: Option<String>,
 ) {
-    let connect_timeout = state.config.limits.mqtt_connect_timeout;
+    let limits = &state.config.limits;
+    let write_timeout = limits.write_timeout;
+    let connect_timeout = limits.mqtt_connect_timeout;
     let connect = match tokio::time::timeout(connect_timeout, mqtt.read_packet()).await {
         Ok(Ok(Some(Packet::Connect(connect)))) => connect,
         Ok(Ok(Some(_))) => {
             tracing::warn!(%peer, "control channel refused: the first packet was not CONNECT");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "control channel refused: unreadable CONNECT");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
         Err(_) => {
             tracing::warn!(%peer, timeout = ?connect_timeout, "control channel closed: no CONNECT in time");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
     };
-    // Under a reconnect storm, shed before the (costlier) authentication.
-    if !state.admission.admit_device_connect() {
-        tracing::info!(%peer, client_id = %connect.client_id, "control channel shed: too many device connections this second");
-        let _ = mqtt
-            .write_packet(&Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::ServiceUnavailable,
-                false,
-            )))
-            .await;
-        return mqtt.shutdown().await;
-    }
-    // An address that keeps failing waits before each new attempt is judged.
+    // A source that keeps failing waits before each new attempt is judged.
     let delay = state.sources.failure_delay(peer.ip());
     if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = state.stop_accepting.cancelled() => return close_politely(&mut mqtt, write_timeout).await,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    if !state.sources.admit_device_connect(peer.ip()) {
+        state.sources.record_failure(peer.ip());
+        tracing::info!(%peer, client_id = %connect.client_id, limit = limits.sources.device_connects_per_second_per_source,
+            "control channel shed: too many device connections from this source this second");
+        return refuse_connect(
+            &mut mqtt,
+            ConnectReturnCode::ServiceUnavailable,
+            write_timeout,
+        )
+        .await;
     }
     let identity = match authenticate(&state, &connect) {
         Ok(identity) => identity,
@@ -172,21 +198,31 @@ pub async fn run_session<T: PacketTransport>(
             Metrics::add(&state.metrics.authentication_failures, 1);
             state.sources.record_failure(peer.ip());
             tracing::warn!(%peer, client_id = %connect.client_id, reason = %refusal.reason, "control channel refused");
-            let _ = mqtt
-                .write_packet(&Packet::ConnAck(ConnAck::new(refusal.code, false)))
-                .await;
-            return mqtt.shutdown().await;
+            return refuse_connect(&mut mqtt, refusal.code, write_timeout).await;
         }
     };
-    if mqtt
-        .write_packet(&Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            false,
-        )))
-        .await
-        .is_err()
-    {
-        return;
+    // Under a reconnect storm of real devices, spread them out.
+    if !state.admission.admit_device_connect() {
+        tracing::info!(%peer, client_id = %connect.client_id, limit = limits.device_connects_per_second,
+            "control channel shed: too many device connections this second");
+        return refuse_connect(
+            &mut mqtt,
+            ConnectReturnCode::ServiceUnavailable,
+            write_timeout,
+        )
+        .await;
+    }
+    let connack = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
+    match tokio::time::timeout(write_timeout, mqtt.write_packet(&connack)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "control channel lost before CONNACK");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, ?write_timeout, "control channel dropped: the device does not read its CONNACK");
+            return;
+        }
     }
     Metrics::add(&state.metrics.control_channels_opened, 1);
     let span = tracing::info_span!(
@@ -195,7 +231,10 @@ pub async fn run_session<T: PacketTransport>(
         module_id = identity.module_id.as_deref().unwrap_or(""),
         %peer
     );
-    let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(REQUEST_QUEUE);
+    // Every request in the queue holds a stream permit, so a queue as long as
+    // the device's stream limit refuses nothing the limit allows.
+    let queue = limits.max_streams_per_device.max(1);
+    let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(queue);
     let cancel = state.stop_accepting.child_token();
     let handle = SessionHandle {
         session_id: state
@@ -210,6 +249,7 @@ pub async fn run_session<T: PacketTransport>(
         session_id: handle.session_id,
         identity,
         keep_alive: connect.keep_alive,
+        write_timeout,
         cancel,
     };
     async {
@@ -220,17 +260,70 @@ pub async fn run_session<T: PacketTransport>(
         state
             .presence
             .unregister(&session.identity, session.session_id);
-        tracing::info!(reason = %end, "device disconnected");
-        mqtt.shutdown().await;
+        if end.peer_stalled() {
+            tracing::warn!(reason = %end, "device disconnected");
+        } else {
+            tracing::info!(reason = %end, "device disconnected");
+            close_politely(&mut mqtt, write_timeout).await;
+        }
     }
     .instrument(span)
     .await
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// Replaced, removed, disabled, or the relay is draining.
+    Cancelled,
+    /// Cancelled while a write was still waiting for the device to read.
+    CancelledWhileWriting,
+    Silent(Duration),
+    /// A write did not finish within the deadline: the device stopped reading.
+    Stalled(Duration),
+    WriteFailed(String),
+    Closed,
+    Disconnected,
+    Protocol(String),
+}
+
+impl End {
+    /// The device is not reading, so a polite close would only wait.
+    fn peer_stalled(&self) -> bool {
+        matches!(
+            self,
+            End::Stalled(_) | End::CancelledWhileWriting | End::WriteFailed(_)
+        )
+    }
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Cancelled => formatter.write_str(
+                "closed by the relay (device replaced, removed, or relay shutting down)",
+            ),
+            End::CancelledWhileWriting => formatter.write_str(
+                "closed by the relay (device replaced, removed, or relay shutting down) while the device was not reading",
+            ),
+            End::Silent(limit) => write!(formatter, "silent for {limit:?}, past 1.5 x its keep-alive"),
+            End::Stalled(timeout) => write!(
+                formatter,
+                "dropped: the device stopped reading (a write took longer than {timeout:?}, --write-timeout)"
+            ),
+            End::WriteFailed(error) => write!(formatter, "write failed: {error}"),
+            End::Closed => formatter.write_str("connection closed by the device"),
+            End::Disconnected => formatter.write_str("the device disconnected"),
+            End::Protocol(error) => write!(formatter, "protocol error: {error}"),
+        }
+    }
 }
 
 struct Session {
     session_id: u64,
     identity: Identity,
     keep_alive: u16,
+    write_timeout: Duration,
     cancel: CancellationToken,
 }
 
@@ -243,13 +336,35 @@ impl Session {
         }
     }
 
+    /// Writes one packet, within the write deadline and giving way to
+    /// cancellation: a device that stops reading must not keep its session
+    /// from hearing that it was replaced, removed or drained.
+    async fn send<T: PacketTransport>(
+        &self,
+        mqtt: &mut MqttConnection<T>,
+        packet: &Packet,
+    ) -> Result<(), End> {
+        if self.cancel.is_cancelled() {
+            return Err(End::Cancelled);
+        }
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(End::CancelledWhileWriting),
+            written = tokio::time::timeout(self.write_timeout, mqtt.write_packet(packet)) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(End::WriteFailed(error.to_string())),
+                Err(_) => Err(End::Stalled(self.write_timeout)),
+            },
+        }
+    }
+
     /// The session loop; returns why it ended.
     async fn serve<T: PacketTransport>(
         &self,
         state: &RelayState,
         mqtt: &mut MqttConnection<T>,
         mut requests: mpsc::Receiver<OutgoingRequest>,
-    ) -> String {
+    ) -> End {
         let silence_limit = self.silence_limit();
         // Only what the device sends counts: our own publishes keep nothing alive.
         let mut last_received = Instant::now();
@@ -258,28 +373,24 @@ impl Session {
         loop {
             // Answers the REST side stopped waiting for are forgotten.
             pending.retain(|_, answer| !answer.is_closed());
-            tokio::select! {
-                _ = self.cancel.cancelled() => {
-                    return "closed by the relay (device replaced, removed, or relay shutting down)".into();
-                }
+            let reply = tokio::select! {
+                _ = self.cancel.cancelled() => return End::Cancelled,
                 _ = tokio::time::sleep_until(last_received + silence_limit) => {
-                    return format!("silent for {silence_limit:?}, past 1.5 x its keep-alive");
+                    return End::Silent(silence_limit);
                 }
                 Some(outgoing) = requests.recv() => {
                     let topic = outgoing.request.to_topic();
                     pending.insert(outgoing.request.request_id.clone(), outgoing.answer);
-                    if let Err(error) = mqtt.write_packet(&Packet::Publish(Publish::new(topic, QoS::AtMostOnce, Vec::new()))).await {
-                        return format!("write failed: {error}");
-                    }
+                    Some(Packet::Publish(Publish::new(topic, QoS::AtMostOnce, Vec::new())))
                 }
                 packet = mqtt.read_packet() => {
                     last_received = Instant::now();
                     let packet = match packet {
                         Ok(Some(packet)) => packet,
-                        Ok(None) => return "connection closed by the device".into(),
-                        Err(error) => return format!("protocol error: {error}"),
+                        Ok(None) => return End::Closed,
+                        Err(error) => return End::Protocol(error.to_string()),
                     };
-                    let reply = match packet {
+                    match packet {
                         Packet::PingReq => Some(Packet::PingResp),
                         Packet::Subscribe(subscribe) => {
                             // Topics of other IoT Hub features (methods, twin) are refused
@@ -315,15 +426,15 @@ impl Session {
                             }
                             (publish.qos == QoS::AtLeastOnce).then(|| Packet::PubAck(PubAck::new(publish.pkid)))
                         }
-                        Packet::Disconnect => return "the device disconnected".into(),
-                        Packet::Connect(_) => return "protocol error: a second CONNECT".into(),
+                        Packet::Disconnect => return End::Disconnected,
+                        Packet::Connect(_) => return End::Protocol("a second CONNECT".into()),
                         _ => None,
-                    };
-                    if let Some(reply) = reply {
-                        if let Err(error) = mqtt.write_packet(&reply).await {
-                            return format!("write failed: {error}");
-                        }
                     }
+                }
+            };
+            if let Some(reply) = reply {
+                if let Err(end) = self.send(mqtt, &reply).await {
+                    return end;
                 }
             }
         }

@@ -773,3 +773,111 @@ async fn a_disabled_device_is_cut_refused_and_works_again_when_enabled() {
         .expect("connects again once enabled, with the same key");
     normal_echo_works(relay).await;
 }
+
+/// Dials an MQTT-over-TLS listener on loopback port `port` from `source`
+/// (any 127/8 address is this machine), with the given socket receive
+/// buffer when set.
+async fn dial_mqtt_from(
+    port: u16,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    source: std::net::Ipv4Addr,
+    receive_buffer: Option<u32>,
+) -> std::io::Result<devstreams_tests::iothub::MqttOverTls> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a valid server name");
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    Ok(MqttConnection::new(
+        framing::mqtt::ByteTransport(framing::transport::NetworkStream::Tls(Box::new(
+            tokio_rustls::TlsStream::Client(tls),
+        ))),
+        framing::mqtt::DEFAULT_MAX_PACKET_SIZE,
+    ))
+}
+
+/// The C SDK's CONNECT for the device of `connection_string`, signed with `key`.
+fn device_connect(connection_string: &str, key: &[u8]) -> framing::mqtt::Connect {
+    let connection =
+        ConnectionString::parse_device(connection_string).expect("a device connection string");
+    let device_id = connection.device_id.clone().expect("a device id");
+    devstreams_tests::iothub::c_sdk_connect(connection.host(), &device_id, None, key, 240)
+}
+
+/// CONNECT on `mqtt`; the CONNACK code, or `None` when the relay closed first.
+async fn connack(
+    mqtt: &mut devstreams_tests::iothub::MqttOverTls,
+    connect: framing::mqtt::Connect,
+) -> Option<ConnectReturnCode> {
+    mqtt.write_packet(&Packet::Connect(connect)).await.ok()?;
+    match tokio::time::timeout(Duration::from_secs(30), mqtt.read_packet()).await {
+        Ok(Ok(Some(Packet::ConnAck(ack)))) => Some(ack.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_connects_from_one_source_does_not_shed_real_devices() {
+    // A small relay-wide budget, so the flood is far above it.
+    let relay = Relay::start(&["--device-connects-per-second", "5"]).await;
+    let real = relay.add_device("RealDevice").await;
+    let attacked = relay.add_device("AttackedDevice").await;
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    // Each flooder loops: dial, CONNECT with a wrong key, read the answer.
+    for _ in 0..200 {
+        let (relay_port, tls) = (relay.mqtt_port(), relay.tls());
+        let (stop, answered, attacked) = (stop.clone(), answered.clone(), attacked.clone());
+        flood.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let connect = device_connect(&attacked, b"not the device key");
+                let dialed = dial_mqtt_from(relay_port, &tls, attacker, None).await;
+                let Ok(mut mqtt) = dialed else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if connack(&mut mqtt, connect).await.is_some() {
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // Let the flood get going: the relay has answered a few hundred attempts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "the flood never got answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = ConnectionString::parse_device(&real)
+        .expect("device string")
+        .key()
+        .to_vec();
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let mut mqtt = dial_mqtt_from(
+            relay.mqtt_port(),
+            &relay.tls(),
+            std::net::Ipv4Addr::LOCALHOST,
+            None,
+        )
+        .await
+        .expect("the real device dials");
+        codes.push(connack(&mut mqtt, device_connect(&real, &key)).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.abort_all();
+    assert!(
+        codes
+            .iter()
+            .all(|code| *code == Some(ConnectReturnCode::Success)),
+        "a real device connecting during a flood of bad CONNECTs from another source must be accepted: {codes:?}"
+    );
+}

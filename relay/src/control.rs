@@ -440,3 +440,355 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session state machine driven in-process: a real [`run_session`]
+    //! on one end of an in-memory pipe, a scripted device on the other.
+
+    use super::*;
+    use crate::config::{Limits, RelayConfig};
+    use crate::data_dir::DataDir;
+    use framing::mqtt::{ByteTransport, Subscribe, SubscribeFilter};
+    use framing::stream_token::StreamTokenKey;
+    use framing::topics::StreamRequest;
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+
+    type Device = MqttConnection<ByteTransport<DuplexStream>>;
+
+    /// Deadline for anything the tests wait for.
+    const PROMPTLY: Duration = Duration::from_secs(5);
+
+    struct Relay {
+        state: Arc<RelayState>,
+        /// The primary key of device `d`, decoded.
+        key: Vec<u8>,
+        _directory: tempfile::TempDir,
+    }
+
+    fn relay(limits: Limits) -> Relay {
+        let directory = tempfile::tempdir().expect("a temp dir");
+        let data_dir = DataDir::create_or_open(directory.path()).expect("a data dir");
+        let registry = data_dir.registry().expect("the registry opens");
+        let record = registry.add_device("d").expect("device d is added");
+        let secret = data_dir
+            .stream_token_secret()
+            .expect("a stream token secret");
+        let mut config = RelayConfig::new(
+            "127.0.0.1:0".parse().expect("an address"),
+            directory.path().into(),
+        );
+        config.limits = limits;
+        let state = RelayState::new(
+            config,
+            Arc::new(registry),
+            StreamTokenKey::from_secret(&secret),
+        );
+        Relay {
+            state,
+            key: record.key_bytes().remove(0),
+            _directory: directory,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            device_id: "d".into(),
+            module_id: None,
+        }
+    }
+
+    /// A session on a pipe holding `buffer` bytes each way.
+    fn start_session(relay: &Relay, buffer: usize) -> (JoinHandle<()>, Device) {
+        let (relay_side, device_side) = tokio::io::duplex(buffer);
+        let session = tokio::spawn(run_session(
+            relay.state.clone(),
+            MqttConnection::new(ByteTransport(relay_side), 64 * 1024),
+            "127.0.0.1:5000".parse().expect("an address"),
+            Some("localhost:8443".into()),
+        ));
+        (
+            session,
+            MqttConnection::new(ByteTransport(device_side), 64 * 1024),
+        )
+    }
+
+    fn connect_packet(key: &[u8]) -> Packet {
+        let mut connect = Connect::new("d");
+        connect.keep_alive = 60;
+        connect.set_login(
+            "localhost/d/?api-version=2021-04-12",
+            framing::sas::sign(
+                "localhost/devices/d",
+                key,
+                SystemTime::now() + Duration::from_secs(3600),
+                None,
+            ),
+        );
+        Packet::Connect(connect)
+    }
+
+    async fn receive(device: &mut Device) -> Option<Packet> {
+        tokio::time::timeout(PROMPTLY, device.read_packet())
+            .await
+            .expect("the relay answers promptly")
+            .ok()
+            .flatten()
+    }
+
+    async fn connack(device: &mut Device, key: &[u8]) -> ConnectReturnCode {
+        device
+            .write_packet(&connect_packet(key))
+            .await
+            .expect("CONNECT is written");
+        match receive(device).await {
+            Some(Packet::ConnAck(ack)) => ack.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(device: &mut Device) -> Vec<SubscribeReasonCode> {
+        let mut subscribe = Subscribe::new_many([
+            SubscribeFilter::new(STREAM_REQUESTS_FILTER.into(), QoS::AtMostOnce),
+            SubscribeFilter::new(STREAM_RESPONSES_FILTER.into(), QoS::AtMostOnce),
+            SubscribeFilter::new("$iothub/twin/res/#".into(), QoS::AtMostOnce),
+        ]);
+        subscribe.pkid = 1;
+        device
+            .write_packet(&Packet::Subscribe(subscribe))
+            .await
+            .expect("SUBSCRIBE is written");
+        match receive(device).await {
+            Some(Packet::SubAck(ack)) => ack.return_codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// A connected, subscribed device `d`.
+    async fn ready_device(relay: &Relay, buffer: usize) -> (JoinHandle<()>, Device) {
+        let (session, mut device) = start_session(relay, buffer);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        subscribe(&mut device).await;
+        (session, device)
+    }
+
+    fn stream_request(request_id: &str) -> StreamRequest {
+        StreamRequest {
+            stream_name: "Stream".into(),
+            request_id: request_id.into(),
+            url: "wss://localhost:8443/bridges/devstreams/d/1".into(),
+            authorization_token: "token".into(),
+            target: None,
+            half_close: false,
+        }
+    }
+
+    async fn ends_promptly(session: JoinHandle<()>, what: &str) {
+        tokio::time::timeout(PROMPTLY, session)
+            .await
+            .unwrap_or_else(|_| panic!("the session did not end: {what}"))
+            .expect("the session task does not panic");
+    }
+
+    /// Sends stream requests to a device that reads none, until the
+    /// session's writes must be blocked on the full pipe.
+    async fn block_the_session_on_writes(relay: &Relay) {
+        let handle = relay.state.presence.get(&identity()).expect("d is ready");
+        for index in 0..40 {
+            // Each request is ~150 bytes: 40 of them overflow a 1 KiB pipe.
+            let _answer = handle
+                .send_request(stream_request(&index.to_string()))
+                .expect("the queue has room");
+        }
+        // Let the session take them and write until the pipe is full.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    #[tokio::test]
+    async fn connect_subscribe_request_answer_then_replaced_then_drained() {
+        let relay = relay(Limits::default());
+        let (first_session, mut first) = start_session(&relay, 64 * 1024);
+        assert_eq!(
+            connack(&mut first, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        assert!(
+            relay.state.presence.get(&identity()).is_none(),
+            "not ready for stream requests before it subscribes"
+        );
+        assert_eq!(
+            subscribe(&mut first).await,
+            [
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Failure,
+            ],
+            "stream topics granted at QoS 0, other IoT Hub topics refused one by one"
+        );
+        let handle = relay
+            .state
+            .presence
+            .get(&identity())
+            .expect("ready once subscribed");
+
+        // A stream request reaches the device; its QoS 1 answer is acknowledged and delivered.
+        let answer = handle
+            .send_request(stream_request("7"))
+            .expect("the queue has room");
+        let topic = match receive(&mut first).await {
+            Some(Packet::Publish(publish)) => publish.topic,
+            other => panic!("expected the stream request, got {other:?}"),
+        };
+        assert_eq!(
+            StreamRequest::from_topic(&topic)
+                .expect("a stream request topic")
+                .request_id,
+            "7"
+        );
+        let mut response = Publish::new(
+            "$iothub/streams/res/200/?$rid=7",
+            QoS::AtLeastOnce,
+            Vec::new(),
+        );
+        response.pkid = 9;
+        first
+            .write_packet(&Packet::Publish(response))
+            .await
+            .expect("answer written");
+        match receive(&mut first).await {
+            Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, 9),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        let answer = tokio::time::timeout(PROMPTLY, answer)
+            .await
+            .expect("the answer is delivered promptly")
+            .expect("the session delivers it");
+        assert_eq!(answer.status, 200);
+        first
+            .write_packet(&Packet::PingReq)
+            .await
+            .expect("PINGREQ written");
+        assert_eq!(receive(&mut first).await, Some(Packet::PingResp));
+
+        // A second connection of the same device replaces the first.
+        let (second_session, mut second) = start_session(&relay, 64 * 1024);
+        assert_eq!(
+            connack(&mut second, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        ends_promptly(first_session, "replaced").await;
+        assert_eq!(receive(&mut first).await, None, "the first is closed");
+        assert!(
+            relay.state.presence.get(&identity()).is_none(),
+            "the replacement is not ready before it subscribes"
+        );
+        subscribe(&mut second).await;
+        assert_eq!(
+            relay.state.presence.get(&identity()).map(|h| h.session_id),
+            Some(handle.session_id + 1)
+        );
+
+        // A drain closes it.
+        relay.state.stop_accepting.cancel();
+        ends_promptly(second_session, "drained").await;
+        assert_eq!(receive(&mut second).await, None);
+        assert_eq!(relay.state.presence.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_gets_connack_5_and_slows_its_source_down() {
+        let relay = relay(Limits::default());
+        for _ in 0..6 {
+            let (session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, b"not the key").await,
+                ConnectReturnCode::NotAuthorized
+            );
+            assert_eq!(receive(&mut device).await, None, "closed after CONNACK");
+            ends_promptly(session, "refused").await;
+        }
+        assert!(
+            !relay
+                .state
+                .sources
+                .failure_delay("127.0.0.1".parse().expect("an address"))
+                .is_zero(),
+            "failures are charged to the source"
+        );
+    }
+
+    #[tokio::test]
+    async fn connects_that_fail_authentication_do_not_spend_the_relay_budget() {
+        let relay = relay(Limits {
+            device_connects_per_second: 1,
+            ..Limits::default()
+        });
+        for _ in 0..3 {
+            let (_session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, b"not the key").await,
+                ConnectReturnCode::NotAuthorized
+            );
+        }
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::Success,
+            "the relay-wide budget is still there for the real device"
+        );
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::ServiceUnavailable,
+            "past the budget, authenticated devices are told to retry later"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_connect_budget_is_told_to_retry_later() {
+        let mut limits = Limits::default();
+        limits.sources.device_connects_per_second_per_source = 2;
+        let relay = relay(limits);
+        for _ in 0..2 {
+            let (_session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, &relay.key).await,
+                ConnectReturnCode::Success
+            );
+        }
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::ServiceUnavailable
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_that_does_not_read_is_dropped_at_the_write_deadline() {
+        let relay = relay(Limits {
+            write_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        });
+        let (session, _device) = ready_device(&relay, 1024).await;
+        block_the_session_on_writes(&relay).await;
+        ends_promptly(session, "dropped at the write deadline").await;
+        assert_eq!(relay.state.presence.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn cancel_reaches_a_session_blocked_on_a_device_that_does_not_read() {
+        let relay = relay(Limits {
+            write_timeout: Duration::from_secs(300),
+            ..Limits::default()
+        });
+        let (session, _device) = ready_device(&relay, 1024).await;
+        block_the_session_on_writes(&relay).await;
+        assert!(!session.is_finished(), "the session waits on its write");
+        relay.state.presence.disconnect("d");
+        ends_promptly(session, "cancelled (device removed)").await;
+    }
+}

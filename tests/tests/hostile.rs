@@ -881,3 +881,159 @@ async fn a_flood_of_bad_connects_from_one_source_does_not_shed_real_devices() {
         "a real device connecting during a flood of bad CONNECTs from another source must be accepted: {codes:?}"
     );
 }
+
+/// A device over TLS that connects, subscribes and then never reads again;
+/// its socket's receive buffer is small so the relay's writes back up soon.
+async fn device_that_stops_reading(
+    relay: &Relay,
+    connection_string: &str,
+) -> devstreams_tests::iothub::CSdkDevice {
+    let mut mqtt = dial_mqtt_from(
+        relay.mqtt_port(),
+        &relay.tls(),
+        std::net::Ipv4Addr::LOCALHOST,
+        Some(4096),
+    )
+    .await
+    .expect("the device dials");
+    let key = ConnectionString::parse_device(connection_string)
+        .expect("device string")
+        .key()
+        .to_vec();
+    assert_eq!(
+        connack(&mut mqtt, device_connect(connection_string, &key)).await,
+        Some(ConnectReturnCode::Success)
+    );
+    let mut device = devstreams_tests::iothub::CSdkDevice::from_connection(mqtt);
+    device
+        .subscribe(&[
+            framing::topics::STREAM_REQUESTS_FILTER,
+            framing::topics::STREAM_RESPONSES_FILTER,
+        ])
+        .await;
+    device
+}
+
+/// Creates streams to `device_id` (which never reads) until its session's
+/// writes are blocked: either the relay queued more stream-request bytes than
+/// any loopback socket buffers hold (the kernel caps a send buffer at 4 MiB),
+/// or the device's request queue stopped draining and refuses more.
+async fn fill_control_channel(relay: &Relay, device_id: &str) {
+    const TARGET_LENGTH: usize = 8_000;
+    const REQUESTS: usize = 800;
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut creators = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (service, queued, blocked) = (service(relay), queued.clone(), blocked.clone());
+        let device_id = device_id.to_string();
+        creators.spawn(async move {
+            let options = StreamOptions {
+                connect_timeout: Duration::from_secs(5),
+                response_timeout: Duration::from_secs(1),
+                target: Some("t".repeat(TARGET_LENGTH)),
+                half_close: false,
+            };
+            while queued.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS
+                && !blocked.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                match service.create_stream(&device_id, "Fill", &options).await {
+                    // The request was queued for the device, which never answers.
+                    Err(CreateStreamError::DeviceTimeout(_)) => {
+                        queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(CreateStreamError::Throttled { message, .. })
+                        if message.contains("stream requests waiting") =>
+                    {
+                        blocked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // The device's stream limit: wait for a slot.
+                    Err(CreateStreamError::Throttled { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    other => panic!("unexpected answer while filling: {other:?}"),
+                }
+            }
+        });
+    }
+    let filled = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(result) = creators.join_next().await {
+            result.expect("a creator does not panic");
+        }
+    })
+    .await;
+    assert!(
+        filled.is_ok(),
+        "{REQUESTS} stream requests were not queued within 120 s"
+    );
+}
+
+/// Lines of the relay's log about one device's control channel ending.
+fn disconnections(relay: &Relay, device_id: &str) -> usize {
+    relay
+        .process
+        .log()
+        .lines()
+        .filter(|line| line.contains(device_id) && line.contains("device disconnected"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_does_not_block_its_replacement_or_the_drain() {
+    let mut relay = Relay::start(&["--drain-timeout", "60"]).await;
+    let replaced = relay.add_device("ReplacedDevice").await;
+    let drained = relay.add_device("DrainedDevice").await;
+
+    // Replacement: the old session must end, though its last write never completes.
+    let _stalled = device_that_stops_reading(&relay, &replaced).await;
+    fill_control_channel(&relay, "ReplacedDevice").await;
+    let before = disconnections(&relay, "ReplacedDevice");
+    let tls = relay.tls();
+    let mut replacement = devstreams_tests::iothub::CSdkDevice::connect(
+        relay.mqtt_port(),
+        &tls,
+        &replaced,
+        None,
+        240,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disconnections(&relay, "ReplacedDevice") == before {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced session of a device that stopped reading never ended; relay log:\n{}",
+            relay.process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The replacement is served.
+    let service = service(&relay);
+    let creation = tokio::spawn(async move {
+        service
+            .create_stream("ReplacedDevice", "AfterReplacement", &quick())
+            .await
+    });
+    let request = replacement.next_stream_request().await;
+    assert_eq!(request.stream_name, "AfterReplacement");
+    replacement
+        .answer(&request.request_id, 400, framing::mqtt::QoS::AtMostOnce)
+        .await;
+    let invitation = creation
+        .await
+        .expect("the creation task ends")
+        .expect("the replacement answers");
+    assert!(!invitation.is_accepted);
+
+    // Drain: a session blocked on a device that does not read must not hold it up.
+    let _also_stalled = device_that_stops_reading(&relay, &drained).await;
+    fill_control_channel(&relay, "DrainedDevice").await;
+    let started = Instant::now();
+    relay.process.signal("TERM");
+    let code = relay.process.wait_exit(Duration::from_secs(90)).await;
+    assert_eq!(code, Some(0), "the relay drains and exits 0");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "draining waited {:?} for a device that does not read (--drain-timeout 60)",
+        started.elapsed()
+    );
+}

@@ -231,9 +231,11 @@ pub async fn run_session<T: PacketTransport>(
         module_id = identity.module_id.as_deref().unwrap_or(""),
         %peer
     );
-    // Every request in the queue holds a stream permit, so a queue as long as
-    // the device's stream limit refuses nothing the limit allows.
-    let queue = limits.max_streams_per_device.max(1);
+    // A request is queued only for an admitted stream, so a queue as long as
+    // the device's stream limit refuses nothing that limit allows.
+    let queue = limits
+        .max_streams_per_device
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
     let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(queue);
     let cancel = state.stop_accepting.child_token();
     let handle = SessionHandle {

@@ -6,9 +6,15 @@
 //! channel at the same instant; full jitter spreads their re-dials over the
 //! whole window instead of letting them return in synchronized waves. The
 //! first retry is fast (within a second), so a brief blip costs little.
+//!
+//! The capped, doubling ceilings come from `backon`'s exponential backoff.
+//! Its own jitter is not used: it adds up to one more delay on top (a wait
+//! in `[ceiling, 2 × ceiling)`, past the cap), where full jitter draws in
+//! `[0, ceiling]`.
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use rand::Rng;
 
 /// Ceiling of the first wait.
@@ -18,28 +24,41 @@ pub const FIRST_CEILING: Duration = Duration::from_secs(1);
 /// starts again from [`FIRST_CEILING`].
 pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Backoff {
     first_ceiling: Duration,
     max_ceiling: Duration,
-    consecutive_failures: u32,
+    /// The ceilings of the waits after the next one.
+    ceilings: ExponentialBackoff,
+    /// The ceiling of the next wait.
+    next_ceiling: Duration,
 }
 
 impl Backoff {
     pub fn new(first_ceiling: Duration, max_ceiling: Duration) -> Self {
+        let max_ceiling = max_ceiling.max(first_ceiling);
+        let mut ceilings = Self::ceilings(first_ceiling, max_ceiling);
+        let next_ceiling = ceilings.next().unwrap_or(max_ceiling);
         Self {
             first_ceiling,
-            max_ceiling: max_ceiling.max(first_ceiling),
-            consecutive_failures: 0,
+            max_ceiling,
+            ceilings,
+            next_ceiling,
         }
+    }
+
+    fn ceilings(first_ceiling: Duration, max_ceiling: Duration) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_factor(2.0)
+            .with_min_delay(first_ceiling)
+            .with_max_delay(max_ceiling)
+            .without_max_times()
+            .build()
     }
 
     /// The longest the next wait can be.
     pub fn ceiling(&self) -> Duration {
-        let doublings = self.consecutive_failures.min(31);
-        self.first_ceiling
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_ceiling)
+        self.next_ceiling
     }
 
     /// Records a failure and returns how long to wait before the next try.
@@ -48,15 +67,19 @@ impl Backoff {
     }
 
     fn next_delay_with(&mut self, random: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling();
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let ceiling = self.next_ceiling;
+        self.next_ceiling = self
+            .ceilings
+            .next()
+            .unwrap_or(self.max_ceiling)
+            .min(self.max_ceiling);
         let ceiling_nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(random.random_range(0..=ceiling_nanos))
     }
 
     /// Starts over after a healthy connection.
     pub fn reset(&mut self) {
-        self.consecutive_failures = 0;
+        *self = Self::new(self.first_ceiling, self.max_ceiling);
     }
 }
 
@@ -116,11 +139,12 @@ mod tests {
     }
 
     #[test]
-    fn huge_failure_counts_do_not_overflow() {
+    fn many_failures_do_not_overflow() {
         let mut backoff = Backoff::new(FIRST_CEILING, Duration::from_secs(30));
-        backoff.consecutive_failures = u32::MAX;
+        for _ in 0..100_000 {
+            assert!(backoff.next_delay() <= Duration::from_secs(30));
+        }
         assert_eq!(backoff.ceiling(), Duration::from_secs(30));
-        assert!(backoff.next_delay() <= Duration::from_secs(30));
     }
 
     #[test]

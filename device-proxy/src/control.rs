@@ -58,12 +58,7 @@ pub async fn run(
             }
             Err(failure) => failure,
         };
-        let mut delay = backoff.next_delay();
-        if is_throttle(&failure) {
-            // The relay asked us to come back later: never sooner than the
-            // throttle floor, still jittered so devices do not return together.
-            delay = delay.max(THROTTLE_FLOOR + random_up_to(THROTTLE_JITTER));
-        }
+        let delay = delay_after(&failure, &mut backoff);
         let retry_in_ms = delay.as_millis() as u64;
         if needs_operator(&failure) {
             error!(relay = %connection.host_name, retry_in_ms, "control channel failed: {failure}");
@@ -110,6 +105,17 @@ async fn take_requests(
     }
 }
 
+/// The wait before re-dialing after `failure`: the jittered backoff, but
+/// never below the throttle floor when the relay said "retry later".
+fn delay_after(failure: &DeviceError, backoff: &mut Backoff) -> Duration {
+    let delay = backoff.next_delay();
+    if is_throttle(failure) {
+        // Still jittered, so throttled devices do not return together.
+        return delay.max(THROTTLE_FLOOR + random_up_to(THROTTLE_JITTER));
+    }
+    delay
+}
+
 /// The least wait after the relay said "retry later".
 const THROTTLE_FLOOR: Duration = Duration::from_secs(2);
 /// Spread added to the floor.
@@ -152,6 +158,35 @@ fn needs_operator(failure: &DeviceError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_device_waits_at_least_the_floor_and_the_waits_are_spread() {
+        let throttled = DeviceError::Refused(ConnectReturnCode::ServiceUnavailable);
+        let delays: Vec<Duration> = (0..50)
+            .map(|_| {
+                delay_after(
+                    &throttled,
+                    &mut Backoff::new(FIRST_CEILING, Duration::from_secs(30)),
+                )
+            })
+            .collect();
+        assert!(delays
+            .iter()
+            .all(|delay| (THROTTLE_FLOOR..=THROTTLE_FLOOR + THROTTLE_JITTER).contains(delay)));
+        let distinct = delays
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        assert!(distinct > 25, "only {distinct} distinct waits out of 50");
+        let lost = delay_after(
+            &DeviceError::Closed,
+            &mut Backoff::new(FIRST_CEILING, Duration::from_secs(30)),
+        );
+        assert!(
+            lost <= FIRST_CEILING,
+            "other failures only back off: {lost:?}"
+        );
+    }
 
     #[test]
     fn refused_credentials_need_the_operator_but_a_lost_channel_does_not() {

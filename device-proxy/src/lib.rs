@@ -85,6 +85,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     );
     let options = DeviceOptions {
         keep_alive: settings.keep_alive,
+        // A request past --max-streams is refused by the bridge anyway; up to
+        // it, a burst arriving at once must wait its turn, not be refused.
+        max_waiting_requests: settings.max_streams,
         ..DeviceOptions::default()
     };
     let context = Arc::new(StreamContext {

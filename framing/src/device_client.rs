@@ -25,8 +25,13 @@ use crate::topics::{
 use crate::websocket::{self, ClientWebSocket, WebSocketConnectError, WebSocketRequest};
 use crate::{headers, sas};
 
-/// Stream requests waiting for the program; more are refused, not queued.
-const REQUEST_QUEUE: usize = 64;
+/// Default bound of the stream requests waiting for the program: device-proxy's
+/// default `--max-streams`, above the relay's default per-device limit (200),
+/// so a burst the relay allows is never refused here.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 256;
+
+/// Default deadline for one write to the relay.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
@@ -37,6 +42,16 @@ pub struct DeviceOptions {
     pub connect_timeout: Duration,
     /// Lifetime of the SAS token signed for each connection.
     pub token_lifetime: Duration,
+    /// Stream requests received but not yet taken by the program; past it a
+    /// request is rejected at once (400). Requests arrive in bursts (the
+    /// relay sends a device's requests back to back, and a stalled network
+    /// delivers them together), so this must be at least the number of
+    /// streams the program will serve at once: device-proxy sets it to its
+    /// `--max-streams`, which it would refuse past anyway.
+    pub max_waiting_requests: usize,
+    /// Deadline for each write to the relay; a relay that does not read
+    /// for this long is given up (and re-dialed by the program).
+    pub write_timeout: Duration,
 }
 
 impl Default for DeviceOptions {
@@ -45,6 +60,8 @@ impl Default for DeviceOptions {
             keep_alive: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(20),
             token_lifetime: Duration::from_secs(3600),
+            max_waiting_requests: DEFAULT_MAX_WAITING_REQUESTS,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -63,6 +80,8 @@ pub enum DeviceError {
     Closed,
     #[error("the relay stopped answering: nothing received for {0:?}")]
     RelaySilent(Duration),
+    #[error("the relay stopped reading: a write took longer than {0:?}")]
+    WriteTimeout(Duration),
     #[error("the relay did not complete the MQTT handshake within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("the relay sent {0} during the handshake")]
@@ -99,15 +118,20 @@ impl DeviceClient {
         let mqtt = tokio::time::timeout(options.connect_timeout, handshake)
             .await
             .map_err(|_| DeviceError::HandshakeTimeout(options.connect_timeout))??;
-        let (request_sender, requests) = mpsc::channel(REQUEST_QUEUE);
-        let (commands, command_receiver) = mpsc::channel(REQUEST_QUEUE);
+        let waiting = options.max_waiting_requests.max(1);
+        let (request_sender, requests) = mpsc::channel(waiting);
+        // Every answer belongs to a request taken from the queue above.
+        let (commands, command_receiver) = mpsc::channel(waiting);
         let cancel = CancellationToken::new();
         let session = tokio::spawn(run_session(
             mqtt,
             request_sender,
             command_receiver,
             cancel.clone(),
-            options.keep_alive,
+            Timing {
+                keep_alive: options.keep_alive,
+                write_timeout: options.write_timeout,
+            },
         ));
         Ok(Self {
             device_id,
@@ -282,13 +306,36 @@ impl Responder {
     }
 }
 
+/// The session's clocks.
+struct Timing {
+    keep_alive: Duration,
+    write_timeout: Duration,
+}
+
+/// Writes one packet within `write_timeout`: a relay that stops reading
+/// must not wedge the session (it would never see cancel or its own silence).
+async fn write_within(
+    mqtt: &mut MqttConnection<ClientWebSocket>,
+    packet: &Packet,
+    write_timeout: Duration,
+) -> Result<(), DeviceError> {
+    match tokio::time::timeout(write_timeout, mqtt.write_packet(packet)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(DeviceError::WriteTimeout(write_timeout)),
+    }
+}
+
 async fn run_session(
     mut mqtt: MqttConnection<ClientWebSocket>,
     requests: mpsc::Sender<StreamRequest>,
     mut commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
-    keep_alive: Duration,
+    timing: Timing,
 ) -> Result<(), DeviceError> {
+    let Timing {
+        keep_alive,
+        write_timeout,
+    } = timing;
     let silence_limit = keep_alive + keep_alive / 2;
     let mut last_received = Instant::now();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
@@ -296,15 +343,16 @@ async fn run_session(
         let silence_deadline = tokio::time::Instant::from_std(last_received + silence_limit);
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), mqtt.write_packet(&Packet::Disconnect)).await;
-                mqtt.shutdown().await;
+                if write_within(&mut mqtt, &Packet::Disconnect, write_timeout.min(Duration::from_secs(2))).await.is_ok() {
+                    let _ = tokio::time::timeout(write_timeout, mqtt.shutdown()).await;
+                }
                 return Ok(());
             }
             _ = tokio::time::sleep_until(silence_deadline) => return Err(DeviceError::RelaySilent(silence_limit)),
-            _ = ping.tick() => mqtt.write_packet(&Packet::PingReq).await?,
+            _ = ping.tick() => write_within(&mut mqtt, &Packet::PingReq, write_timeout).await?,
             Some(Command::Answer(response, done)) = commands.recv() => {
                 let publish = Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new());
-                let result = mqtt.write_packet(&Packet::Publish(publish)).await;
+                let result = write_within(&mut mqtt, &Packet::Publish(publish), write_timeout).await;
                 let _ = done.send(result.as_ref().map(|_| ()).map_err(|_| ()));
                 result?;
             }
@@ -318,9 +366,9 @@ async fn run_session(
                             continue;
                         };
                         if let Err(mpsc::error::TrySendError::Full(request)) = requests.try_send(request) {
-                            tracing::warn!(request_id = %request.request_id, "too many stream requests waiting; rejecting");
+                            tracing::warn!(request_id = %request.request_id, limit = requests.max_capacity(), "too many stream requests waiting; rejecting");
                             let response = StreamResponse { request_id: request.request_id, status: 400, half_close: false };
-                            mqtt.write_packet(&Packet::Publish(Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new()))).await?;
+                            write_within(&mut mqtt, &Packet::Publish(Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new())), write_timeout).await?;
                         }
                     }
                     Some(Packet::Disconnect) => return Err(DeviceError::Closed),

@@ -61,9 +61,13 @@ pub struct Limits {
     pub sources: crate::sources::SourcePolicy,
     /// Streams waiting for their two sides at once.
     pub max_pending_streams: usize,
-    /// Device control channels accepted per second; past it devices get
-    /// CONNACK 3 (retry later), which spreads a reconnect storm.
+    /// Authenticated device control channels accepted per second; past it
+    /// devices get CONNACK 3 (retry later), which spreads a reconnect storm.
+    /// Attempts are budgeted per source too (`sources`).
     pub device_connects_per_second: u32,
+    /// Deadline for each write to a device's control channel (and for its
+    /// polite close); a device that does not read for this long is dropped.
+    pub write_timeout: Duration,
     /// Stream sockets are pinged this often; a side silent for three
     /// intervals is dropped. `None` turns it off.
     pub ping_interval: Option<Duration>,
@@ -88,6 +92,7 @@ impl Default for Limits {
             max_token_lifetime: Duration::from_secs(366 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
             ping_interval: Some(framing::pump::DEFAULT_PING_INTERVAL),
+            write_timeout: Duration::from_secs(10),
             sources: crate::sources::SourcePolicy::default(),
             max_pending_streams: 10_000,
             device_connects_per_second: 1_000,

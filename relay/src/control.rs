@@ -29,8 +29,6 @@ use crate::metrics::Metrics;
 use crate::presence::{Identity, OutgoingRequest, SessionHandle};
 use crate::state::RelayState;
 
-/// Stream requests queued for one device before creations are refused.
-const REQUEST_QUEUE: usize = 256;
 /// Longest silence allowed from a device that asked for no keep-alive.
 const MAX_SILENCE: Duration = Duration::from_secs(30 * 60);
 
@@ -126,45 +124,73 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refus
     })
 }
 
+/// Sends a refusing CONNACK, then closes; each within the write deadline.
+async fn refuse_connect<T: PacketTransport>(
+    mqtt: &mut MqttConnection<T>,
+    code: ConnectReturnCode,
+    write_timeout: Duration,
+) {
+    let connack = Packet::ConnAck(ConnAck::new(code, false));
+    if let Ok(Ok(())) = tokio::time::timeout(write_timeout, mqtt.write_packet(&connack)).await {
+        close_politely(mqtt, write_timeout).await;
+    }
+}
+
+/// Closes the transport politely (WebSocket Close, TLS close_notify), but
+/// never waits longer than `write_timeout` for a peer that does not read.
+async fn close_politely<T: PacketTransport>(mqtt: &mut MqttConnection<T>, write_timeout: Duration) {
+    let _ = tokio::time::timeout(write_timeout, mqtt.shutdown()).await;
+}
+
 /// Runs one control channel from its first byte to its end.
+///
+/// Admission, in this order: the source's failure slowdown, the source's own
+/// connect budget, authentication (an HMAC and a registry read), and only
+/// then the relay-wide connect budget, so that a flood of CONNECTs that
+/// cannot authenticate never spends what real devices need.
 pub async fn run_session<T: PacketTransport>(
     state: Arc<RelayState>,
     mut mqtt: MqttConnection<T>,
     peer: std::net::SocketAddr,
     host: Option<String>,
 ) {
-    let connect_timeout = state.config.limits.mqtt_connect_timeout;
+    let limits = &state.config.limits;
+    let write_timeout = limits.write_timeout;
+    let connect_timeout = limits.mqtt_connect_timeout;
     let connect = match tokio::time::timeout(connect_timeout, mqtt.read_packet()).await {
         Ok(Ok(Some(Packet::Connect(connect)))) => connect,
         Ok(Ok(Some(_))) => {
             tracing::warn!(%peer, "control channel refused: the first packet was not CONNECT");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "control channel refused: unreadable CONNECT");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
         Err(_) => {
             tracing::warn!(%peer, timeout = ?connect_timeout, "control channel closed: no CONNECT in time");
-            return mqtt.shutdown().await;
+            return close_politely(&mut mqtt, write_timeout).await;
         }
     };
-    // Under a reconnect storm, shed before the (costlier) authentication.
-    if !state.admission.admit_device_connect() {
-        tracing::info!(%peer, client_id = %connect.client_id, "control channel shed: too many device connections this second");
-        let _ = mqtt
-            .write_packet(&Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::ServiceUnavailable,
-                false,
-            )))
-            .await;
-        return mqtt.shutdown().await;
-    }
-    // An address that keeps failing waits before each new attempt is judged.
+    // A source that keeps failing waits before each new attempt is judged.
     let delay = state.sources.failure_delay(peer.ip());
     if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = state.stop_accepting.cancelled() => return close_politely(&mut mqtt, write_timeout).await,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    if !state.sources.admit_device_connect(peer.ip()) {
+        state.sources.record_failure(peer.ip());
+        tracing::info!(%peer, client_id = %connect.client_id, limit = limits.sources.device_connects_per_second_per_source,
+            "control channel shed: too many device connections from this source this second");
+        return refuse_connect(
+            &mut mqtt,
+            ConnectReturnCode::ServiceUnavailable,
+            write_timeout,
+        )
+        .await;
     }
     let identity = match authenticate(&state, &connect) {
         Ok(identity) => identity,
@@ -172,21 +198,31 @@ pub async fn run_session<T: PacketTransport>(
             Metrics::add(&state.metrics.authentication_failures, 1);
             state.sources.record_failure(peer.ip());
             tracing::warn!(%peer, client_id = %connect.client_id, reason = %refusal.reason, "control channel refused");
-            let _ = mqtt
-                .write_packet(&Packet::ConnAck(ConnAck::new(refusal.code, false)))
-                .await;
-            return mqtt.shutdown().await;
+            return refuse_connect(&mut mqtt, refusal.code, write_timeout).await;
         }
     };
-    if mqtt
-        .write_packet(&Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            false,
-        )))
-        .await
-        .is_err()
-    {
-        return;
+    // Under a reconnect storm of real devices, spread them out.
+    if !state.admission.admit_device_connect() {
+        tracing::info!(%peer, client_id = %connect.client_id, limit = limits.device_connects_per_second,
+            "control channel shed: too many device connections this second");
+        return refuse_connect(
+            &mut mqtt,
+            ConnectReturnCode::ServiceUnavailable,
+            write_timeout,
+        )
+        .await;
+    }
+    let connack = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
+    match tokio::time::timeout(write_timeout, mqtt.write_packet(&connack)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "control channel lost before CONNACK");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, ?write_timeout, "control channel dropped: the device does not read its CONNACK");
+            return;
+        }
     }
     Metrics::add(&state.metrics.control_channels_opened, 1);
     let span = tracing::info_span!(
@@ -195,7 +231,12 @@ pub async fn run_session<T: PacketTransport>(
         module_id = identity.module_id.as_deref().unwrap_or(""),
         %peer
     );
-    let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(REQUEST_QUEUE);
+    // A request is queued only for an admitted stream, so a queue as long as
+    // the device's stream limit refuses nothing that limit allows.
+    let queue = limits
+        .max_streams_per_device
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let (request_sender, requests) = mpsc::channel::<OutgoingRequest>(queue);
     let cancel = state.stop_accepting.child_token();
     let handle = SessionHandle {
         session_id: state
@@ -210,6 +251,7 @@ pub async fn run_session<T: PacketTransport>(
         session_id: handle.session_id,
         identity,
         keep_alive: connect.keep_alive,
+        write_timeout,
         cancel,
     };
     async {
@@ -220,17 +262,70 @@ pub async fn run_session<T: PacketTransport>(
         state
             .presence
             .unregister(&session.identity, session.session_id);
-        tracing::info!(reason = %end, "device disconnected");
-        mqtt.shutdown().await;
+        if end.peer_stalled() {
+            tracing::warn!(reason = %end, "device disconnected");
+        } else {
+            tracing::info!(reason = %end, "device disconnected");
+            close_politely(&mut mqtt, write_timeout).await;
+        }
     }
     .instrument(span)
     .await
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// Replaced, removed, disabled, or the relay is draining.
+    Cancelled,
+    /// Cancelled while a write was still waiting for the device to read.
+    CancelledWhileWriting,
+    Silent(Duration),
+    /// A write did not finish within the deadline: the device stopped reading.
+    Stalled(Duration),
+    WriteFailed(String),
+    Closed,
+    Disconnected,
+    Protocol(String),
+}
+
+impl End {
+    /// The device is not reading, so a polite close would only wait.
+    fn peer_stalled(&self) -> bool {
+        matches!(
+            self,
+            End::Stalled(_) | End::CancelledWhileWriting | End::WriteFailed(_)
+        )
+    }
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Cancelled => formatter.write_str(
+                "closed by the relay (device replaced, removed, or relay shutting down)",
+            ),
+            End::CancelledWhileWriting => formatter.write_str(
+                "closed by the relay (device replaced, removed, or relay shutting down) while the device was not reading",
+            ),
+            End::Silent(limit) => write!(formatter, "silent for {limit:?}, past 1.5 x its keep-alive"),
+            End::Stalled(timeout) => write!(
+                formatter,
+                "dropped: the device stopped reading (a write took longer than {timeout:?}, --write-timeout)"
+            ),
+            End::WriteFailed(error) => write!(formatter, "write failed: {error}"),
+            End::Closed => formatter.write_str("connection closed by the device"),
+            End::Disconnected => formatter.write_str("the device disconnected"),
+            End::Protocol(error) => write!(formatter, "protocol error: {error}"),
+        }
+    }
 }
 
 struct Session {
     session_id: u64,
     identity: Identity,
     keep_alive: u16,
+    write_timeout: Duration,
     cancel: CancellationToken,
 }
 
@@ -243,13 +338,35 @@ impl Session {
         }
     }
 
+    /// Writes one packet, within the write deadline and giving way to
+    /// cancellation: a device that stops reading must not keep its session
+    /// from hearing that it was replaced, removed or drained.
+    async fn send<T: PacketTransport>(
+        &self,
+        mqtt: &mut MqttConnection<T>,
+        packet: &Packet,
+    ) -> Result<(), End> {
+        if self.cancel.is_cancelled() {
+            return Err(End::Cancelled);
+        }
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(End::CancelledWhileWriting),
+            written = tokio::time::timeout(self.write_timeout, mqtt.write_packet(packet)) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(End::WriteFailed(error.to_string())),
+                Err(_) => Err(End::Stalled(self.write_timeout)),
+            },
+        }
+    }
+
     /// The session loop; returns why it ended.
     async fn serve<T: PacketTransport>(
         &self,
         state: &RelayState,
         mqtt: &mut MqttConnection<T>,
         mut requests: mpsc::Receiver<OutgoingRequest>,
-    ) -> String {
+    ) -> End {
         let silence_limit = self.silence_limit();
         // Only what the device sends counts: our own publishes keep nothing alive.
         let mut last_received = Instant::now();
@@ -258,28 +375,24 @@ impl Session {
         loop {
             // Answers the REST side stopped waiting for are forgotten.
             pending.retain(|_, answer| !answer.is_closed());
-            tokio::select! {
-                _ = self.cancel.cancelled() => {
-                    return "closed by the relay (device replaced, removed, or relay shutting down)".into();
-                }
+            let reply = tokio::select! {
+                _ = self.cancel.cancelled() => return End::Cancelled,
                 _ = tokio::time::sleep_until(last_received + silence_limit) => {
-                    return format!("silent for {silence_limit:?}, past 1.5 x its keep-alive");
+                    return End::Silent(silence_limit);
                 }
                 Some(outgoing) = requests.recv() => {
                     let topic = outgoing.request.to_topic();
                     pending.insert(outgoing.request.request_id.clone(), outgoing.answer);
-                    if let Err(error) = mqtt.write_packet(&Packet::Publish(Publish::new(topic, QoS::AtMostOnce, Vec::new()))).await {
-                        return format!("write failed: {error}");
-                    }
+                    Some(Packet::Publish(Publish::new(topic, QoS::AtMostOnce, Vec::new())))
                 }
                 packet = mqtt.read_packet() => {
                     last_received = Instant::now();
                     let packet = match packet {
                         Ok(Some(packet)) => packet,
-                        Ok(None) => return "connection closed by the device".into(),
-                        Err(error) => return format!("protocol error: {error}"),
+                        Ok(None) => return End::Closed,
+                        Err(error) => return End::Protocol(error.to_string()),
                     };
-                    let reply = match packet {
+                    match packet {
                         Packet::PingReq => Some(Packet::PingResp),
                         Packet::Subscribe(subscribe) => {
                             // Topics of other IoT Hub features (methods, twin) are refused
@@ -315,17 +428,369 @@ impl Session {
                             }
                             (publish.qos == QoS::AtLeastOnce).then(|| Packet::PubAck(PubAck::new(publish.pkid)))
                         }
-                        Packet::Disconnect => return "the device disconnected".into(),
-                        Packet::Connect(_) => return "protocol error: a second CONNECT".into(),
+                        Packet::Disconnect => return End::Disconnected,
+                        Packet::Connect(_) => return End::Protocol("a second CONNECT".into()),
                         _ => None,
-                    };
-                    if let Some(reply) = reply {
-                        if let Err(error) = mqtt.write_packet(&reply).await {
-                            return format!("write failed: {error}");
-                        }
                     }
+                }
+            };
+            if let Some(reply) = reply {
+                if let Err(end) = self.send(mqtt, &reply).await {
+                    return end;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session state machine driven in-process: a real [`run_session`]
+    //! on one end of an in-memory pipe, a scripted device on the other.
+
+    use super::*;
+    use crate::config::{Limits, RelayConfig};
+    use crate::data_dir::DataDir;
+    use framing::mqtt::{ByteTransport, Subscribe, SubscribeFilter};
+    use framing::stream_token::StreamTokenKey;
+    use framing::topics::StreamRequest;
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+
+    type Device = MqttConnection<ByteTransport<DuplexStream>>;
+
+    /// Deadline for anything the tests wait for.
+    const PROMPTLY: Duration = Duration::from_secs(5);
+
+    struct Relay {
+        state: Arc<RelayState>,
+        /// The primary key of device `d`, decoded.
+        key: Vec<u8>,
+        _directory: tempfile::TempDir,
+    }
+
+    fn relay(limits: Limits) -> Relay {
+        let directory = tempfile::tempdir().expect("a temp dir");
+        let data_dir = DataDir::create_or_open(directory.path()).expect("a data dir");
+        let registry = data_dir.registry().expect("the registry opens");
+        let record = registry.add_device("d").expect("device d is added");
+        let secret = data_dir
+            .stream_token_secret()
+            .expect("a stream token secret");
+        let mut config = RelayConfig::new(
+            "127.0.0.1:0".parse().expect("an address"),
+            directory.path().into(),
+        );
+        config.limits = limits;
+        let state = RelayState::new(
+            config,
+            Arc::new(registry),
+            StreamTokenKey::from_secret(&secret),
+        );
+        Relay {
+            state,
+            key: record.key_bytes().remove(0),
+            _directory: directory,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            device_id: "d".into(),
+            module_id: None,
+        }
+    }
+
+    /// A session on a pipe holding `buffer` bytes each way.
+    fn start_session(relay: &Relay, buffer: usize) -> (JoinHandle<()>, Device) {
+        let (relay_side, device_side) = tokio::io::duplex(buffer);
+        let session = tokio::spawn(run_session(
+            relay.state.clone(),
+            MqttConnection::new(ByteTransport(relay_side), 64 * 1024),
+            "127.0.0.1:5000".parse().expect("an address"),
+            Some("localhost:8443".into()),
+        ));
+        (
+            session,
+            MqttConnection::new(ByteTransport(device_side), 64 * 1024),
+        )
+    }
+
+    fn connect_packet(key: &[u8]) -> Packet {
+        let mut connect = Connect::new("d");
+        connect.keep_alive = 60;
+        connect.set_login(
+            "localhost/d/?api-version=2021-04-12",
+            framing::sas::sign(
+                "localhost/devices/d",
+                key,
+                SystemTime::now() + Duration::from_secs(3600),
+                None,
+            ),
+        );
+        Packet::Connect(connect)
+    }
+
+    async fn receive(device: &mut Device) -> Option<Packet> {
+        tokio::time::timeout(PROMPTLY, device.read_packet())
+            .await
+            .expect("the relay answers promptly")
+            .ok()
+            .flatten()
+    }
+
+    async fn connack(device: &mut Device, key: &[u8]) -> ConnectReturnCode {
+        device
+            .write_packet(&connect_packet(key))
+            .await
+            .expect("CONNECT is written");
+        match receive(device).await {
+            Some(Packet::ConnAck(ack)) => ack.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(device: &mut Device) -> Vec<SubscribeReasonCode> {
+        let mut subscribe = Subscribe::new_many([
+            SubscribeFilter::new(STREAM_REQUESTS_FILTER.into(), QoS::AtMostOnce),
+            SubscribeFilter::new(STREAM_RESPONSES_FILTER.into(), QoS::AtMostOnce),
+            SubscribeFilter::new("$iothub/twin/res/#".into(), QoS::AtMostOnce),
+        ]);
+        subscribe.pkid = 1;
+        device
+            .write_packet(&Packet::Subscribe(subscribe))
+            .await
+            .expect("SUBSCRIBE is written");
+        match receive(device).await {
+            Some(Packet::SubAck(ack)) => ack.return_codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// A connected, subscribed device `d`.
+    async fn ready_device(relay: &Relay, buffer: usize) -> (JoinHandle<()>, Device) {
+        let (session, mut device) = start_session(relay, buffer);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        subscribe(&mut device).await;
+        (session, device)
+    }
+
+    fn stream_request(request_id: &str) -> StreamRequest {
+        StreamRequest {
+            stream_name: "Stream".into(),
+            request_id: request_id.into(),
+            url: "wss://localhost:8443/bridges/devstreams/d/1".into(),
+            authorization_token: "token".into(),
+            target: None,
+            half_close: false,
+        }
+    }
+
+    async fn ends_promptly(session: JoinHandle<()>, what: &str) {
+        tokio::time::timeout(PROMPTLY, session)
+            .await
+            .unwrap_or_else(|_| panic!("the session did not end: {what}"))
+            .expect("the session task does not panic");
+    }
+
+    /// Sends stream requests to a device that reads none, until the
+    /// session's writes must be blocked on the full pipe.
+    async fn block_the_session_on_writes(relay: &Relay) {
+        let handle = relay.state.presence.get(&identity()).expect("d is ready");
+        for index in 0..40 {
+            // Each request is ~150 bytes: 40 of them overflow a 1 KiB pipe.
+            let _answer = handle
+                .send_request(stream_request(&index.to_string()))
+                .expect("the queue has room");
+        }
+        // Let the session take them and write until the pipe is full.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    #[tokio::test]
+    async fn connect_subscribe_request_answer_then_replaced_then_drained() {
+        let relay = relay(Limits::default());
+        let (first_session, mut first) = start_session(&relay, 64 * 1024);
+        assert_eq!(
+            connack(&mut first, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        assert!(
+            relay.state.presence.get(&identity()).is_none(),
+            "not ready for stream requests before it subscribes"
+        );
+        assert_eq!(
+            subscribe(&mut first).await,
+            [
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::Failure,
+            ],
+            "stream topics granted at QoS 0, other IoT Hub topics refused one by one"
+        );
+        let handle = relay
+            .state
+            .presence
+            .get(&identity())
+            .expect("ready once subscribed");
+
+        // A stream request reaches the device; its QoS 1 answer is acknowledged and delivered.
+        let answer = handle
+            .send_request(stream_request("7"))
+            .expect("the queue has room");
+        let topic = match receive(&mut first).await {
+            Some(Packet::Publish(publish)) => publish.topic,
+            other => panic!("expected the stream request, got {other:?}"),
+        };
+        assert_eq!(
+            StreamRequest::from_topic(&topic)
+                .expect("a stream request topic")
+                .request_id,
+            "7"
+        );
+        let mut response = Publish::new(
+            "$iothub/streams/res/200/?$rid=7",
+            QoS::AtLeastOnce,
+            Vec::new(),
+        );
+        response.pkid = 9;
+        first
+            .write_packet(&Packet::Publish(response))
+            .await
+            .expect("answer written");
+        match receive(&mut first).await {
+            Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, 9),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        let answer = tokio::time::timeout(PROMPTLY, answer)
+            .await
+            .expect("the answer is delivered promptly")
+            .expect("the session delivers it");
+        assert_eq!(answer.status, 200);
+        first
+            .write_packet(&Packet::PingReq)
+            .await
+            .expect("PINGREQ written");
+        assert_eq!(receive(&mut first).await, Some(Packet::PingResp));
+
+        // A second connection of the same device replaces the first.
+        let (second_session, mut second) = start_session(&relay, 64 * 1024);
+        assert_eq!(
+            connack(&mut second, &relay.key).await,
+            ConnectReturnCode::Success
+        );
+        ends_promptly(first_session, "replaced").await;
+        assert_eq!(receive(&mut first).await, None, "the first is closed");
+        assert!(
+            relay.state.presence.get(&identity()).is_none(),
+            "the replacement is not ready before it subscribes"
+        );
+        subscribe(&mut second).await;
+        assert_eq!(
+            relay.state.presence.get(&identity()).map(|h| h.session_id),
+            Some(handle.session_id + 1)
+        );
+
+        // A drain closes it.
+        relay.state.stop_accepting.cancel();
+        ends_promptly(second_session, "drained").await;
+        assert_eq!(receive(&mut second).await, None);
+        assert_eq!(relay.state.presence.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_gets_connack_5_and_slows_its_source_down() {
+        let relay = relay(Limits::default());
+        for _ in 0..6 {
+            let (session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, b"not the key").await,
+                ConnectReturnCode::NotAuthorized
+            );
+            assert_eq!(receive(&mut device).await, None, "closed after CONNACK");
+            ends_promptly(session, "refused").await;
+        }
+        assert!(
+            !relay
+                .state
+                .sources
+                .failure_delay("127.0.0.1".parse().expect("an address"))
+                .is_zero(),
+            "failures are charged to the source"
+        );
+    }
+
+    #[tokio::test]
+    async fn connects_that_fail_authentication_do_not_spend_the_relay_budget() {
+        let relay = relay(Limits {
+            device_connects_per_second: 1,
+            ..Limits::default()
+        });
+        for _ in 0..3 {
+            let (_session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, b"not the key").await,
+                ConnectReturnCode::NotAuthorized
+            );
+        }
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::Success,
+            "the relay-wide budget is still there for the real device"
+        );
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::ServiceUnavailable,
+            "past the budget, authenticated devices are told to retry later"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_connect_budget_is_told_to_retry_later() {
+        let mut limits = Limits::default();
+        limits.sources.device_connects_per_second_per_source = 2;
+        let relay = relay(limits);
+        for _ in 0..2 {
+            let (_session, mut device) = start_session(&relay, 4096);
+            assert_eq!(
+                connack(&mut device, &relay.key).await,
+                ConnectReturnCode::Success
+            );
+        }
+        let (_session, mut device) = start_session(&relay, 4096);
+        assert_eq!(
+            connack(&mut device, &relay.key).await,
+            ConnectReturnCode::ServiceUnavailable
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_that_does_not_read_is_dropped_at_the_write_deadline() {
+        let relay = relay(Limits {
+            write_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        });
+        let (session, _device) = ready_device(&relay, 1024).await;
+        block_the_session_on_writes(&relay).await;
+        ends_promptly(session, "dropped at the write deadline").await;
+        assert_eq!(relay.state.presence.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn cancel_reaches_a_session_blocked_on_a_device_that_does_not_read() {
+        let relay = relay(Limits {
+            write_timeout: Duration::from_secs(300),
+            ..Limits::default()
+        });
+        let (session, _device) = ready_device(&relay, 1024).await;
+        block_the_session_on_writes(&relay).await;
+        assert!(!session.is_finished(), "the session waits on its write");
+        relay.state.presence.disconnect("d");
+        ends_promptly(session, "cancelled (device removed)").await;
     }
 }

@@ -1,18 +1,31 @@
-//! Admission control for streams: concurrency caps and creation rates,
-//! global and per device.
+//! Admission control for streams and device connections: concurrency caps
+//! and rates, global and per key (device, source).
 //!
 //! A [`StreamPermit`] is taken when a stream is created and released when it
 //! is dropped, wherever that happens (rejection, expiry, end of copying), so
-//! the counts cannot leak. Rates use a token bucket per key; buckets of idle
-//! devices are forgotten so the table stays bounded by active devices.
+//! the counts cannot leak. Rates are `governor`'s GCRA (a token bucket in one
+//! timestamp): a rate of N per second allows a burst of N, then one every
+//! 1/N s. Keyed rates ([`KeyedRate`]) forget keys idle long enough to be full
+//! again, and hold at most a fixed number of keys, so a flood of new keys
+//! cannot grow the table.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
+
+/// Keys one [`KeyedRate`] tracks at most (devices, sources).
+pub const MAX_RATE_KEYS: usize = 100_000;
+/// How often idle keys are forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Least time between two sweeps of a full table (a sweep visits every key).
+const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdmissionError {
@@ -28,21 +41,84 @@ pub enum AdmissionError {
     DeviceRate { device_id: String, limit: u32 },
 }
 
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
+/// Events per second, with a burst of one second's worth. A rate of zero
+/// admits nothing.
+pub struct Rate {
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
-impl Bucket {
-    fn take(&mut self, rate: u32, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate as f64).min(rate as f64);
-        self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+impl Rate {
+    pub fn per_second(rate: u32) -> Self {
+        Self {
+            limiter: NonZeroU32::new(rate).map(|rate| RateLimiter::direct(Quota::per_second(rate))),
+        }
+    }
+
+    /// Takes one event if the rate allows it now.
+    pub fn check(&self) -> bool {
+        self.limiter
+            .as_ref()
+            .is_some_and(|limiter| limiter.check().is_ok())
+    }
+}
+
+/// The same rate, kept separately for each key, in a bounded table.
+pub struct KeyedRate<K: Hash + Eq + Clone> {
+    limiter: Option<DefaultKeyedRateLimiter<K>>,
+    max_keys: usize,
+    last_sweep: Mutex<Instant>,
+}
+
+impl<K: Hash + Eq + Clone> KeyedRate<K> {
+    pub fn per_second(rate: u32, max_keys: usize) -> Self {
+        Self {
+            limiter: NonZeroU32::new(rate).map(|rate| RateLimiter::keyed(Quota::per_second(rate))),
+            max_keys,
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Takes one event for `key` if its rate allows it now.
+    ///
+    /// A table still full after forgetting its idle keys holds `max_keys`
+    /// keys that were all active within one second: then new keys are not
+    /// tracked and pass (the global limits still hold), rather than the
+    /// table growing without bound or refusing every newcomer.
+    pub fn check(&self, key: &K) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return false;
+        };
+        let full = limiter.len() >= self.max_keys;
+        self.forget_idle(limiter, full);
+        if full && limiter.len() >= self.max_keys {
+            return true;
+        }
+        limiter.check_key(key).is_ok()
+    }
+
+    /// Keys tracked now.
+    pub fn tracked_keys(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |limiter| limiter.len())
+    }
+
+    fn forget_idle(&self, limiter: &DefaultKeyedRateLimiter<K>, full: bool) {
+        let now = Instant::now();
+        let mut last_sweep = self
+            .last_sweep
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let since = now.saturating_duration_since(*last_sweep);
+        if since >= SWEEP_INTERVAL || (full && since >= FULL_SWEEP_INTERVAL) {
+            *last_sweep = now;
+            drop(last_sweep);
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            if full && limiter.len() >= self.max_keys {
+                tracing::warn!(
+                    keys = self.max_keys,
+                    "rate table full of active keys; new keys pass until some go idle"
+                );
+            }
         }
     }
 }
@@ -57,20 +133,25 @@ struct DeviceStreams {
 struct Counts {
     streams: usize,
     per_device: HashMap<String, DeviceStreams>,
-    relay_bucket: Option<Bucket>,
-    device_connect_bucket: Option<Bucket>,
-    device_buckets: HashMap<String, Bucket>,
-    last_sweep: Option<Instant>,
 }
 
 pub struct Admission {
     limits: Limits,
     counts: Mutex<Counts>,
+    relay_creations: Rate,
+    device_creations: KeyedRate<String>,
+    device_connects: Rate,
 }
 
 impl Admission {
     pub fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Self {
+            relay_creations: Rate::per_second(limits.creations_per_second),
+            device_creations: KeyedRate::per_second(
+                limits.creations_per_second_per_device,
+                MAX_RATE_KEYS,
+            ),
+            device_connects: Rate::per_second(limits.device_connects_per_second),
             limits,
             counts: Mutex::new(Counts::default()),
         })
@@ -88,7 +169,6 @@ impl Admission {
 
     /// Admits one stream creation for `device_id`.
     pub fn admit(self: &Arc<Self>, device_id: &str) -> Result<StreamPermit, AdmissionError> {
-        let now = Instant::now();
         let mut counts = self.lock();
         if counts.streams >= self.limits.max_streams {
             return Err(AdmissionError::TooManyStreams(self.limits.max_streams));
@@ -103,36 +183,14 @@ impl Admission {
                 limit: self.limits.max_streams_per_device,
             });
         }
-        let relay_rate = self.limits.creations_per_second;
-        let relay_bucket = counts.relay_bucket.get_or_insert(Bucket {
-            tokens: relay_rate as f64,
-            updated: now,
-        });
-        if !relay_bucket.take(relay_rate, now) {
-            return Err(AdmissionError::RelayRate(relay_rate));
+        // Under the lock, so a refused cap never spends a rate token.
+        if !self.relay_creations.check() {
+            return Err(AdmissionError::RelayRate(self.limits.creations_per_second));
         }
-        let device_rate = self.limits.creations_per_second_per_device;
-        if counts
-            .last_sweep
-            .is_none_or(|last| now.duration_since(last) > Duration::from_secs(10))
-        {
-            // A bucket idle long enough to be full again carries no state.
-            counts
-                .device_buckets
-                .retain(|_, bucket| now.duration_since(bucket.updated) < Duration::from_secs(10));
-            counts.last_sweep = Some(now);
-        }
-        let device_bucket = counts
-            .device_buckets
-            .entry(device_id.to_string())
-            .or_insert(Bucket {
-                tokens: device_rate as f64,
-                updated: now,
-            });
-        if !device_bucket.take(device_rate, now) {
+        if !self.device_creations.check(&device_id.to_string()) {
             return Err(AdmissionError::DeviceRate {
                 device_id: device_id.to_string(),
-                limit: device_rate,
+                limit: self.limits.creations_per_second_per_device,
             });
         }
         counts.streams += 1;
@@ -152,18 +210,11 @@ impl Admission {
         })
     }
 
-    /// Admits one device control-channel connection, or says "shed it".
+    /// Admits one authenticated device control channel, or says "shed it"
+    /// (`--device-connects-per-second`). Only devices that proved their
+    /// identity spend this budget, so nobody can use it up for them.
     pub fn admit_device_connect(&self) -> bool {
-        let now = Instant::now();
-        let rate = self.limits.device_connects_per_second;
-        let mut counts = self.lock();
-        counts
-            .device_connect_bucket
-            .get_or_insert(Bucket {
-                tokens: rate as f64,
-                updated: now,
-            })
-            .take(rate, now)
+        self.device_connects.check()
     }
 
     /// Cuts every stream of a device (it was removed or disabled).
@@ -241,6 +292,65 @@ mod tests {
             Err(AdmissionError::DeviceRate { .. })
         ));
         admission.admit("e").unwrap();
+    }
+
+    #[test]
+    fn a_zero_rate_admits_nothing() {
+        assert!(!Rate::per_second(0).check());
+        assert!(!KeyedRate::per_second(0, 10).check(&"d"));
+    }
+
+    #[test]
+    fn device_connects_have_a_relay_wide_budget() {
+        let admission = Admission::new(Limits {
+            device_connects_per_second: 2,
+            ..Limits::default()
+        });
+        assert!(admission.admit_device_connect());
+        assert!(admission.admit_device_connect());
+        assert!(!admission.admit_device_connect());
+    }
+
+    #[test]
+    fn a_refused_cap_spends_no_rate() {
+        let admission = Admission::new(Limits {
+            max_streams_per_device: 1,
+            creations_per_second_per_device: 2,
+            ..Limits::default()
+        });
+        let held = admission.admit("d").unwrap();
+        for _ in 0..5 {
+            assert!(matches!(
+                admission.admit("d"),
+                Err(AdmissionError::TooManyDeviceStreams { .. })
+            ));
+        }
+        drop(held);
+        admission
+            .admit("d")
+            .expect("the second token of the second is still there");
+    }
+
+    #[test]
+    fn keyed_rates_hold_a_bounded_table_and_forget_idle_keys() {
+        let rate = KeyedRate::per_second(1_000, 10);
+        for key in 0..100u32 {
+            assert!(rate.check(&key), "key {key} is fresh");
+        }
+        assert!(
+            rate.tracked_keys() <= 11,
+            "{} keys tracked past a bound of 10",
+            rate.tracked_keys()
+        );
+        // At 1000 per second every key is full again after a millisecond;
+        // the next sweep of a full table (at most once a second) forgets them.
+        std::thread::sleep(FULL_SWEEP_INTERVAL + Duration::from_millis(50));
+        assert!(rate.check(&1_000));
+        assert!(
+            rate.tracked_keys() <= 1,
+            "idle keys are forgotten: {} left",
+            rate.tracked_keys()
+        );
     }
 
     #[test]

@@ -130,9 +130,19 @@ struct ServeArgs {
     /// Open connections one source address may hold.
     #[arg(long, default_value_t = Limits::default().sources.max_connections_per_source)]
     max_connections_per_source: usize,
-    /// Device control channels accepted per second; past it devices are told to retry later (CONNACK 3).
+    /// Authenticated device control channels accepted per second; past it devices are told to retry later (CONNACK 3).
     #[arg(long, default_value_t = Limits::default().device_connects_per_second)]
     device_connects_per_second: u32,
+    /// Device connection attempts one source (IPv4 address or IPv6 prefix) may make per second, before
+    /// authentication; past it the source is told to retry later and slowed down like a failed login.
+    #[arg(long, env = "RELAY_DEVICE_CONNECTS_PER_SECOND_PER_SOURCE", default_value_t = Limits::default().sources.device_connects_per_second_per_source)]
+    device_connects_per_second_per_source: u32,
+    /// IPv6 addresses sharing this prefix length count as one source for every per-source limit.
+    #[arg(long, env = "RELAY_IPV6_SOURCE_PREFIX", value_name = "BITS", default_value_t = Limits::default().sources.ipv6_prefix_length, value_parser = clap::value_parser!(u8).range(1..=128))]
+    ipv6_source_prefix: u8,
+    /// Seconds a write to a device's control channel may take; a device that stops reading is dropped.
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT", value_name = "SECONDS", default_value_t = Limits::default().write_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..=300))]
+    write_timeout: u64,
     /// Streams waiting for their two sides to connect.
     #[arg(long, default_value_t = Limits::default().max_pending_streams)]
     max_pending_streams: usize,
@@ -226,8 +236,11 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
         max_mqtt_packet_size: arguments.max_mqtt_packet_size,
         max_pending_streams: arguments.max_pending_streams,
         device_connects_per_second: arguments.device_connects_per_second,
+        write_timeout: Duration::from_secs(arguments.write_timeout),
         sources: relay::sources::SourcePolicy {
             max_connections_per_source: arguments.max_connections_per_source,
+            device_connects_per_second_per_source: arguments.device_connects_per_second_per_source,
+            ipv6_prefix_length: arguments.ipv6_source_prefix,
             ..Default::default()
         },
         ..Limits::default()

@@ -1009,3 +1009,271 @@ async fn metrics_are_served_on_the_admin_listener_only() {
     let (status, _, _) = raw_http(&relay.admin_address, &get("/twins/d/streams/s")).await;
     assert_eq!(status, 404, "the admin listener serves nothing else");
 }
+
+/// Dials an MQTT-over-TLS listener on loopback port `port` from `source`
+/// (any 127/8 address is this machine), with the given socket receive
+/// buffer when set; returns the connection and its local port.
+async fn dial_mqtt_from(
+    port: u16,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    source: std::net::Ipv4Addr,
+    receive_buffer: Option<u32>,
+) -> std::io::Result<(devstreams_tests::iothub::MqttOverTls, u16)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    let local_port = tcp.local_addr()?.port();
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a valid server name");
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    let mqtt = MqttConnection::new(
+        framing::mqtt::ByteTransport(framing::transport::NetworkStream::Tls(Box::new(
+            tokio_rustls::TlsStream::Client(tls),
+        ))),
+        framing::mqtt::DEFAULT_MAX_PACKET_SIZE,
+    );
+    Ok((mqtt, local_port))
+}
+
+/// The C SDK's CONNECT for the device of `connection_string`, signed with `key`.
+fn device_connect(connection_string: &str, key: &[u8]) -> framing::mqtt::Connect {
+    let connection =
+        ConnectionString::parse_device(connection_string).expect("a device connection string");
+    let device_id = connection.device_id.clone().expect("a device id");
+    devstreams_tests::iothub::c_sdk_connect(connection.host(), &device_id, None, key, 240)
+}
+
+/// CONNECT on `mqtt`; the CONNACK code, or `None` when the relay closed first.
+async fn connack(
+    mqtt: &mut devstreams_tests::iothub::MqttOverTls,
+    connect: framing::mqtt::Connect,
+) -> Option<ConnectReturnCode> {
+    mqtt.write_packet(&Packet::Connect(connect)).await.ok()?;
+    match tokio::time::timeout(Duration::from_secs(30), mqtt.read_packet()).await {
+        Ok(Ok(Some(Packet::ConnAck(ack)))) => Some(ack.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_connects_from_one_source_does_not_shed_real_devices() {
+    // A small relay-wide budget, so the flood is far above it.
+    let relay = Relay::start(&["--device-connects-per-second", "5"]).await;
+    let real = relay.add_device("RealDevice").await;
+    let attacked = relay.add_device("AttackedDevice").await;
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    // Each flooder loops: dial, CONNECT with a wrong key, read the answer.
+    for _ in 0..200 {
+        let (relay_port, tls) = (relay.mqtt_port(), relay.tls());
+        let (stop, answered, attacked) = (stop.clone(), answered.clone(), attacked.clone());
+        flood.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let connect = device_connect(&attacked, b"not the device key");
+                let dialed = dial_mqtt_from(relay_port, &tls, attacker, None).await;
+                let Ok((mut mqtt, _)) = dialed else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if connack(&mut mqtt, connect).await.is_some() {
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // Let the flood get going: the relay has answered a few hundred attempts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "the flood never got answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = ConnectionString::parse_device(&real)
+        .expect("device string")
+        .key()
+        .to_vec();
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (mut mqtt, _) = dial_mqtt_from(
+            relay.mqtt_port(),
+            &relay.tls(),
+            std::net::Ipv4Addr::LOCALHOST,
+            None,
+        )
+        .await
+        .expect("the real device dials");
+        codes.push(connack(&mut mqtt, device_connect(&real, &key)).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.abort_all();
+    assert!(
+        codes
+            .iter()
+            .all(|code| *code == Some(ConnectReturnCode::Success)),
+        "a real device connecting during a flood of bad CONNECTs from another source must be accepted: {codes:?}"
+    );
+}
+
+/// A device over TLS that connects, subscribes and then never reads again;
+/// its socket's receive buffer is small so the relay's writes back up soon.
+/// Returns the device and its local port (the `peer` of its relay log lines).
+async fn device_that_stops_reading(
+    relay: &Relay,
+    connection_string: &str,
+) -> (devstreams_tests::iothub::CSdkDevice, u16) {
+    let (mut mqtt, local_port) = dial_mqtt_from(
+        relay.mqtt_port(),
+        &relay.tls(),
+        std::net::Ipv4Addr::LOCALHOST,
+        Some(4096),
+    )
+    .await
+    .expect("the device dials");
+    let key = ConnectionString::parse_device(connection_string)
+        .expect("device string")
+        .key()
+        .to_vec();
+    assert_eq!(
+        connack(&mut mqtt, device_connect(connection_string, &key)).await,
+        Some(ConnectReturnCode::Success)
+    );
+    let mut device = devstreams_tests::iothub::CSdkDevice::from_connection(mqtt);
+    device
+        .subscribe(&[
+            framing::topics::STREAM_REQUESTS_FILTER,
+            framing::topics::STREAM_RESPONSES_FILTER,
+        ])
+        .await;
+    (device, local_port)
+}
+
+/// Creates streams to `device_id` (which never reads) until its session's
+/// writes are blocked: either the relay queued more stream-request bytes than
+/// any loopback socket buffers hold (the kernel caps a send buffer at 4 MiB),
+/// or the device's request queue stopped draining and refuses more.
+async fn fill_control_channel(relay: &Relay, device_id: &str) {
+    const TARGET_LENGTH: usize = 8_000;
+    const REQUESTS: usize = 800;
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut creators = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (service, queued, blocked) = (service(relay), queued.clone(), blocked.clone());
+        let device_id = device_id.to_string();
+        creators.spawn(async move {
+            let options = StreamOptions {
+                connect_timeout: Duration::from_secs(5),
+                response_timeout: Duration::from_secs(1),
+                target: Some("t".repeat(TARGET_LENGTH)),
+                half_close: false,
+            };
+            while queued.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS
+                && !blocked.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                match service.create_stream(&device_id, "Fill", &options).await {
+                    // The request was queued for the device, which never answers.
+                    Err(CreateStreamError::DeviceTimeout(_)) => {
+                        queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(CreateStreamError::Throttled { message, .. })
+                        if message.contains("stream requests waiting") =>
+                    {
+                        blocked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // The device's stream limit: wait for a slot.
+                    Err(CreateStreamError::Throttled { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    other => panic!("unexpected answer while filling: {other:?}"),
+                }
+            }
+        });
+    }
+    let filled = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(result) = creators.join_next().await {
+            result.expect("a creator does not panic");
+        }
+    })
+    .await;
+    assert!(
+        filled.is_ok(),
+        "{REQUESTS} stream requests were not queued within 120 s"
+    );
+}
+
+/// Whether the relay logged the end of the control channel from local port `port`.
+fn session_ended(relay: &Relay, port: u16) -> bool {
+    let peer = format!("peer=127.0.0.1:{port}");
+    relay
+        .process
+        .log()
+        .lines()
+        .any(|line| line.contains(&peer) && line.contains("device disconnected"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_does_not_block_its_replacement_or_the_drain() {
+    let mut relay = Relay::start(&["--drain-timeout", "60"]).await;
+    let replaced = relay.add_device("ReplacedDevice").await;
+    let drained = relay.add_device("DrainedDevice").await;
+
+    // Replacement: the old session must end, though its last write never
+    // completes (if filling took longer than --write-timeout, the relay
+    // already dropped it for not reading; either way it must be gone).
+    let (_stalled, stalled_port) = device_that_stops_reading(&relay, &replaced).await;
+    fill_control_channel(&relay, "ReplacedDevice").await;
+    let tls = relay.tls();
+    let mut replacement = devstreams_tests::iothub::CSdkDevice::connect(
+        relay.mqtt_port(),
+        &tls,
+        &replaced,
+        None,
+        240,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !session_ended(&relay, stalled_port) {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced session of a device that stopped reading never ended; relay log:\n{}",
+            relay.process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The replacement is served.
+    let service = service(&relay);
+    let creation = tokio::spawn(async move {
+        service
+            .create_stream("ReplacedDevice", "AfterReplacement", &quick())
+            .await
+    });
+    let request = replacement.next_stream_request().await;
+    assert_eq!(request.stream_name, "AfterReplacement");
+    replacement
+        .answer(&request.request_id, 400, framing::mqtt::QoS::AtMostOnce)
+        .await;
+    let invitation = creation
+        .await
+        .expect("the creation task ends")
+        .expect("the replacement answers");
+    assert!(!invitation.is_accepted);
+
+    // Drain: a session blocked on a device that does not read must not hold it up.
+    let (_also_stalled, _) = device_that_stops_reading(&relay, &drained).await;
+    fill_control_channel(&relay, "DrainedDevice").await;
+    let started = Instant::now();
+    relay.process.signal("TERM");
+    let code = relay.process.wait_exit(Duration::from_secs(90)).await;
+    assert_eq!(code, Some(0), "the relay drains and exits 0");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "draining waited {:?} for a device that does not read (--drain-timeout 60)",
+        started.elapsed()
+    );
+}

@@ -19,7 +19,7 @@ use percent_encoding::utf8_percent_encode;
 use rand::RngCore;
 use tracing::Instrument;
 
-use crate::http_util::{error_code, error_response, throttled, Body};
+use crate::http_util::{error_code, error_response, throttled, Body, DEVICE_NOT_FOUND};
 use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
 use crate::presence::Identity;
@@ -130,14 +130,14 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         Ok(Some(_)) => {
             return error_response(
                 StatusCode::NOT_FOUND,
-                error_code(StatusCode::NOT_FOUND, 1),
+                DEVICE_NOT_FOUND,
                 &format!("device {device_id} is disabled"),
             )
         }
         Ok(None) => {
             return error_response(
                 StatusCode::NOT_FOUND,
-                error_code(StatusCode::NOT_FOUND, 1),
+                DEVICE_NOT_FOUND,
                 &format!(
                 "device {device_id} is not registered: add it with `relay device add {device_id}`"
             ),

@@ -32,11 +32,12 @@ use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use crate::http_util::{
     error_code, error_response, offered_spelling, switching_protocols, websocket_accept_key, Body,
 };
+use crate::registry::{self, SnapshotRegistry, SqliteSource};
 use crate::routing::{parse_route, Route};
 use crate::state::RelayState;
 use crate::{control, streaming, streams_api};
 
-/// How often unpaired streams are expired and the registry is checked.
+/// How often unpaired streams are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A serving relay.
@@ -208,9 +209,13 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let mut config = config;
     config.listen = local_address;
     config.mqtt_listen = mqtt_address;
+    // Loaded after this process's own writes above, so it holds them.
+    let (registry_source, snapshot) =
+        SqliteSource::open(&data_dir.registry_path()).context("cannot load the registry")?;
+    let snapshot_registry = Arc::new(SnapshotRegistry::new(snapshot));
     let state = RelayState::new(
         config,
-        Arc::new(registry),
+        snapshot_registry.clone(),
         StreamTokenKey::from_secret(&secret),
     );
     let tls = acceptors.is_some();
@@ -236,6 +241,11 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         ));
     }
     state.tasks.spawn(housekeeping(state.clone()));
+    state.tasks.spawn(registry::follow(
+        state.clone(),
+        snapshot_registry,
+        registry_source,
+    ));
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, tls, "relay serving");
     Ok(RunningRelay {
         local_address,
@@ -544,10 +554,10 @@ fn control_upgrade(
     switching_protocols(&accept_key, subprotocol.as_deref())
 }
 
-/// Expires unpaired streams and cuts devices removed from the registry.
+/// Expires unpaired streams. (Registry changes are followed by
+/// `registry::follow`.)
 async fn housekeeping(state: Arc<RelayState>) {
     let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    let mut registry_version = state.registry.version().ok();
     loop {
         tokio::select! {
             _ = state.stop_accepting.cancelled() => return,
@@ -556,25 +566,6 @@ async fn housekeeping(state: Arc<RelayState>) {
         let expired = state.pairing.sweep(Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "expired unpaired streams");
-        }
-        let version = state.registry.version().ok();
-        if version == registry_version {
-            continue;
-        }
-        registry_version = version;
-        for device_id in state.presence.connected_devices() {
-            match state.registry.device(&device_id) {
-                Ok(Some(record)) if record.enabled => {}
-                Ok(_) => {
-                    tracing::info!(
-                        device_id,
-                        "device removed or disabled: closing its control channel and streams"
-                    );
-                    state.presence.disconnect(&device_id);
-                    state.admission.cancel_device(&device_id);
-                }
-                Err(error) => tracing::warn!(%error, "registry check failed"),
-            }
         }
     }
 }

@@ -125,7 +125,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
             )
         }
     };
-    match state.registry.device(&device_id) {
+    match crate::registry::usable_device(state.registry.as_ref(), &device_id).await {
         Ok(Some(record)) if record.enabled => {}
         Ok(Some(_)) => {
             return error_response(

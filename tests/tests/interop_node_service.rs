@@ -197,6 +197,7 @@ async fn iothub_node_service_client_raises_iothub_error_types() {
     ])
     .await;
     relay.add_device("Sleepy").await;
+    relay.add_device("a#b?c=d@e").await;
     let service_connection_string = node_connection_string(&relay);
 
     let unknown = node_error(&relay, &service_connection_string, "Ghost").await;
@@ -207,6 +208,11 @@ async fn iothub_node_service_client_raises_iothub_error_types() {
             |message| message.contains("Ghost") && message.contains("relay device add")
         ),
         "the relay's own words reach the SDK user: {unknown}"
+    );
+    let unknown_odd_id = node_error(&relay, &service_connection_string, "x#y?z").await;
+    assert_eq!(
+        unknown_odd_id["name"], "DeviceNotFoundError",
+        "{unknown_odd_id}"
     );
 
     let wrong_key =
@@ -223,6 +229,7 @@ async fn iothub_node_service_client_raises_iothub_error_types() {
     assert_eq!(unauthorized["isUnauthorized"], true, "{unauthorized}");
 
     assert_offline(&relay, &service_connection_string, "Sleepy").await;
+    assert_offline(&relay, &service_connection_string, "a#b?c=d@e").await;
 
     // A device at its stream limit: one creation waits for its answer, the
     // next is throttled.

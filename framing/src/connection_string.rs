@@ -110,10 +110,12 @@ impl ConnectionString {
         let module_id = module_id.filter(|m| !m.is_empty());
         for (key, id) in [("DeviceId", &device_id), ("ModuleId", &module_id)] {
             if let Some(id) = id {
-                crate::identity::validate_id(id).map_err(|reason| ConnectionStringError::BadId {
-                    key,
-                    id: id.clone(),
-                    reason,
+                crate::identity::validate_id(id).map_err(|reason| {
+                    ConnectionStringError::BadId {
+                        key,
+                        id: id.clone(),
+                        reason,
+                    }
                 })?;
             }
         }

@@ -6,9 +6,10 @@
 //! registry read again into a new snapshot. The check runs on a blocking
 //! thread (`spawn_blocking`), never on an async worker, because SQLite may
 //! wait for another process's lock. It runs every [`POLL_INTERVAL`], and at
-//! once when the file system reports a write to the registry files (a
-//! `relay device …` in another process, or a write from this process), so a
-//! new device can connect as soon as the command that added it returns.
+//! once when the file system reports a write to the registry files or a
+//! writer closing them (a `relay device …` in another process, or a write
+//! from this process), so a change is in force by the time the command that
+//! made it has returned.
 //!
 //! A device that lost access in the new snapshot (removed, disabled, a key
 //! rotated) loses its control channel and its live streams at once: a
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -152,9 +154,17 @@ fn watch_registry_files(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::R
     let file_name: OsString = path.file_name()?.to_os_string();
     let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
+        // A write to the WAL is reported before the commit is visible to
+        // readers (that last step is in shared memory, which reports
+        // nothing), so the writer closing the file is a wake too: it comes
+        // after the commit. A writer that keeps its connection open is seen
+        // by the poll, or by a refresh before a refusal.
         if !matches!(
             event.kind,
-            EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_)
+            EventKind::Modify(_)
+                | EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Access(AccessKind::Close(AccessMode::Write))
         ) {
             return;
         }

@@ -78,7 +78,16 @@ async fn iothub_node_service_client_echoes_through_echo_sample_device() {
         return;
     }
     let relay = Relay::start(&["--listen", &format!("127.0.0.1:{PRIVILEGED_PORT}")]).await;
-    let device_connection_string = relay.add_device("MyDevice").await;
+    // The second id takes IoT Hub's URL characters through the Node client's
+    // encodeURIComponent, the relay's path decoding and the streaming URL.
+    for device_id in ["MyDevice", "a#b?c=d@e"] {
+        node_echo(&relay, device_id).await;
+    }
+}
+
+/// `echo-sample device` as `device_id`, and `service_echo.js` through it.
+async fn node_echo(relay: &Relay, device_id: &str) {
+    let device_connection_string = relay.add_device(device_id).await;
     let ca = relay.ca_text();
     let device = Process::spawn(
         "echo-sample",
@@ -87,14 +96,14 @@ async fn iothub_node_service_client_echoes_through_echo_sample_device() {
         &[],
     )
     .await;
-    wait_until_device_connected(&relay, "MyDevice").await;
+    wait_until_device_connected(relay, device_id).await;
 
-    let service_connection_string = node_connection_string(&relay);
+    let service_connection_string = node_connection_string(relay);
     let output = tokio::process::Command::new("node")
         .arg("service_echo.js")
         .current_dir(script_directory())
         .env("IOTHUB_CONNECTION_STRING", &service_connection_string)
-        .env("STREAMING_TARGET_DEVICE", "MyDevice")
+        .env("STREAMING_TARGET_DEVICE", device_id)
         .env("NODE_EXTRA_CA_CERTS", &ca)
         .kill_on_drop(true)
         .output();
@@ -106,7 +115,7 @@ async fn iothub_node_service_client_echoes_through_echo_sample_device() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}\nrelay log:\n{}",
+        "{device_id}: stdout: {stdout}\nstderr: {stderr}\nrelay log:\n{}",
         relay.process.log()
     );
     assert!(

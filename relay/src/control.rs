@@ -160,9 +160,9 @@ pub async fn run_session<T: PacketTransport>(
         tokio::time::sleep(delay).await;
     }
     let mut authenticated = authenticate(&state, &connect);
-    if authenticated.is_err() {
-        // A device added or re-keyed a moment ago may not be in the
-        // registry snapshot yet: check the store once before refusing.
+    if authenticated.is_err() || state.registry.change_pending() {
+        // A device added, removed or re-keyed a moment ago may not be in
+        // the registry snapshot yet: check the store once before answering.
         state.registry.refresh().await;
         authenticated = authenticate(&state, &connect);
     }

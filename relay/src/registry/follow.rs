@@ -79,7 +79,7 @@ impl SqliteSource {
 pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, source: SqliteSource) {
     let (wake, mut woken) = mpsc::channel::<()>(1);
     // Dropped with this task, which stops its thread.
-    let _watcher = watch_registry_files(&source.path, wake);
+    let _watcher = watch_registry_files(&source.path, registry.clone(), wake);
     let source = Arc::new(Mutex::new(source));
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -99,7 +99,7 @@ pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, sou
             }
         }
         last_check = Some(Instant::now());
-        let covered = registry.refreshes_covered();
+        let covers = registry.check_started();
         let source = source.clone();
         let reloaded = tokio::task::spawn_blocking(move || {
             source
@@ -129,7 +129,7 @@ pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, sou
                 tracing::error!(%error, "the registry reload failed; serving the identities loaded last");
             }
         }
-        registry.refreshes_done(covered);
+        registry.check_finished(covers);
     }
 }
 
@@ -149,7 +149,11 @@ fn cut(state: &RelayState, revoked: &[String]) {
 /// Wakes `wake` whenever a file of the registry (`registry.sqlite`, its
 /// `-wal` and `-journal`) is written. Without change notifications (an
 /// unsupported file system) polling alone keeps the registry current.
-fn watch_registry_files(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_registry_files(
+    path: &Path,
+    registry: Arc<SnapshotRegistry>,
+    wake: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     let directory = path.parent()?.to_path_buf();
     let file_name: OsString = path.file_name()?.to_os_string();
     let handler = move |event: notify::Result<notify::Event>| {
@@ -175,6 +179,8 @@ fn watch_registry_files(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::R
             })
         });
         if registry_file {
+            // Until a check covers it, access is granted only after one.
+            registry.change_reported();
             // A wake already pending covers this write too.
             let _ = wake.try_send(());
         }
@@ -195,6 +201,7 @@ fn watch_registry_files(path: &Path, wake: mpsc::Sender<()>) -> Option<notify::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Registry;
 
     #[test]
     fn a_source_reloads_only_when_another_connection_wrote() {
@@ -231,7 +238,8 @@ mod tests {
         let path = directory.path().join("registry.sqlite");
         let writer = SqliteRegistry::open(&path).unwrap();
         let (wake, mut woken) = mpsc::channel(1);
-        let Some(_watcher) = watch_registry_files(&path, wake) else {
+        let registry = Arc::new(SnapshotRegistry::new(Snapshot::default()));
+        let Some(_watcher) = watch_registry_files(&path, registry.clone(), wake) else {
             eprintln!("SKIPPED: no file change notifications here; polling covers it");
             return;
         };
@@ -240,5 +248,9 @@ mod tests {
             .await
             .expect("a write to the registry wakes the watcher")
             .expect("the watcher is alive");
+        assert!(
+            registry.change_pending(),
+            "access waits for a check until one covers the write"
+        );
     }
 }

@@ -117,16 +117,24 @@ pub trait Registry: Send + Sync {
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::ready(()))
     }
+    /// Whether the store reported a change the registry has not checked
+    /// yet (a write in progress, seen a moment ago). Answered from memory:
+    /// a caller about to grant access refreshes first, so a removal or a
+    /// rotation that just happened is not missed.
+    fn change_pending(&self) -> bool {
+        false
+    }
 }
 
 /// The device's record when it may be used, checking the store once more
-/// before answering "unknown" or "disabled" (see [`Registry::refresh`]).
+/// before answering "unknown" or "disabled", or while a change is pending
+/// (see [`Registry::refresh`]).
 pub async fn usable_device(
     registry: &dyn Registry,
     device_id: &str,
 ) -> Result<Option<DeviceRecord>, RegistryError> {
     match registry.device(device_id)? {
-        Some(record) if record.enabled => Ok(Some(record)),
+        Some(record) if record.enabled && !registry.change_pending() => Ok(Some(record)),
         _ => {
             registry.refresh().await;
             registry.device(device_id)

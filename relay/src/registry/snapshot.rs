@@ -70,6 +70,14 @@ impl Snapshot {
     }
 }
 
+/// What one check of the store answers for: the refreshes asked for and the
+/// changes reported before it started.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckCovers {
+    refreshes: u64,
+    changes: u64,
+}
+
 /// Longest a [`Registry::refresh`] waits for the store to be checked.
 pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -82,6 +90,10 @@ pub struct SnapshotRegistry {
     refresh_wanted: Notify,
     /// The count of requests the last finished check covered.
     refreshes_done: watch::Sender<u64>,
+    /// Changes the store reported (file events), and how many of them the
+    /// last finished check covered.
+    changes_reported: AtomicU64,
+    changes_checked: AtomicU64,
 }
 
 impl SnapshotRegistry {
@@ -91,7 +103,14 @@ impl SnapshotRegistry {
             refreshes_requested: AtomicU64::new(0),
             refresh_wanted: Notify::new(),
             refreshes_done: watch::Sender::new(0),
+            changes_reported: AtomicU64::new(0),
+            changes_checked: AtomicU64::new(0),
         }
+    }
+
+    /// The store reported a change (called from the file watcher).
+    pub fn change_reported(&self) {
+        self.changes_reported.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Resolves when some caller wants the store checked now.
@@ -99,17 +118,22 @@ impl SnapshotRegistry {
         self.refresh_wanted.notified().await
     }
 
-    /// Called as a check of the store starts: the requests it covers.
-    pub fn refreshes_covered(&self) -> u64 {
-        self.refreshes_requested.load(Ordering::SeqCst)
+    /// Called as a check of the store starts: what it covers.
+    pub fn check_started(&self) -> CheckCovers {
+        CheckCovers {
+            refreshes: self.refreshes_requested.load(Ordering::SeqCst),
+            changes: self.changes_reported.load(Ordering::SeqCst),
+        }
     }
 
-    /// Called when the check that started with [`Self::refreshes_covered`]
-    /// has finished (its snapshot, if any, swapped in).
-    pub fn refreshes_done(&self, covered: u64) {
+    /// Called when the check that started with [`Self::check_started`] has
+    /// finished (its snapshot, if any, swapped in).
+    pub fn check_finished(&self, covers: CheckCovers) {
+        self.changes_checked
+            .fetch_max(covers.changes, Ordering::SeqCst);
         self.refreshes_done.send_if_modified(|done| {
-            let advanced = covered > *done;
-            *done = (*done).max(covered);
+            let advanced = covers.refreshes > *done;
+            *done = (*done).max(covers.refreshes);
             advanced
         });
     }
@@ -148,6 +172,10 @@ impl Registry for SnapshotRegistry {
             let _ =
                 tokio::time::timeout(REFRESH_TIMEOUT, done.wait_for(|&done| done >= wanted)).await;
         })
+    }
+
+    fn change_pending(&self) -> bool {
+        self.changes_reported.load(Ordering::SeqCst) > self.changes_checked.load(Ordering::SeqCst)
     }
 }
 
@@ -228,9 +256,9 @@ mod tests {
             let registry = registry.clone();
             tokio::spawn(async move {
                 registry.refresh_wanted().await;
-                let covered = registry.refreshes_covered();
+                let covers = registry.check_started();
                 registry.replace(snapshot(&[device("late", "k", true)]));
-                registry.refreshes_done(covered);
+                registry.check_finished(covers);
             })
         };
         tokio::time::timeout(Duration::from_millis(900), registry.refresh())
@@ -238,6 +266,24 @@ mod tests {
             .expect("the check answered before the refresh deadline");
         assert!(registry.device("late").unwrap().is_some());
         follower.await.unwrap();
+    }
+
+    #[test]
+    fn a_reported_change_is_pending_until_a_check_that_started_after_it_finished() {
+        let registry = SnapshotRegistry::new(Snapshot::default());
+        assert!(!registry.change_pending());
+        registry.change_reported();
+        assert!(registry.change_pending());
+        let covers = registry.check_started();
+        registry.change_reported();
+        registry.check_finished(covers);
+        assert!(
+            registry.change_pending(),
+            "a change reported during a check needs another one"
+        );
+        let covers = registry.check_started();
+        registry.check_finished(covers);
+        assert!(!registry.change_pending());
     }
 
     #[tokio::test(start_paused = true)]

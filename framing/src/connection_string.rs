@@ -31,6 +31,12 @@ pub enum ConnectionStringError {
     },
     #[error("connection string HostName {0:?} is not a host name or host:port")]
     BadHostName(String),
+    #[error("connection string {key} {id:?} is not a valid id: {reason}")]
+    BadId {
+        key: &'static str,
+        id: String,
+        reason: crate::identity::IdError,
+    },
 }
 
 /// A parsed connection string; holds the decoded key bytes.
@@ -101,10 +107,22 @@ impl ConnectionString {
                 expected: "DeviceId=<device>;SharedAccessKey=… (device) or SharedAccessKeyName=service;SharedAccessKey=… (service)",
             });
         }
+        let module_id = module_id.filter(|m| !m.is_empty());
+        for (key, id) in [("DeviceId", &device_id), ("ModuleId", &module_id)] {
+            if let Some(id) = id {
+                crate::identity::validate_id(id).map_err(|reason| {
+                    ConnectionStringError::BadId {
+                        key,
+                        id: id.clone(),
+                        reason,
+                    }
+                })?;
+            }
+        }
         Ok(Self {
             host_name,
             device_id,
-            module_id: module_id.filter(|m| !m.is_empty()),
+            module_id,
             shared_access_key_name: key_name,
             shared_access_key,
             key_bytes,
@@ -314,6 +332,34 @@ mod tests {
             ConnectionString::parse(&parsed.to_secret_string()),
             Ok(parsed)
         );
+    }
+
+    #[test]
+    fn ids_hold_any_of_iothubs_characters_and_nothing_else() {
+        let parsed = ConnectionString::parse(&format!(
+            "HostName=h;DeviceId=a#b?c=d@e;ModuleId=m(1)+%;SharedAccessKey={KEY}"
+        ))
+        .unwrap();
+        assert_eq!(parsed.device_id.as_deref(), Some("a#b?c=d@e"));
+        assert_eq!(parsed.module_id.as_deref(), Some("m(1)+%"));
+        assert_eq!(
+            ConnectionString::parse(&parsed.to_secret_string()),
+            Ok(parsed)
+        );
+        for text in [
+            format!("HostName=h;DeviceId=a b;SharedAccessKey={KEY}"),
+            format!("HostName=h;DeviceId=d;ModuleId=m/n;SharedAccessKey={KEY}"),
+        ] {
+            assert!(
+                matches!(
+                    ConnectionString::parse(&text),
+                    Err(ConnectionStringError::BadId { .. })
+                ),
+                "{text}"
+            );
+        }
+        // A `;` cannot be in an id: it ends the value, so what follows is another pair.
+        assert!(ConnectionString::for_device("h", "a;b", KEY).is_err());
     }
 
     #[test]

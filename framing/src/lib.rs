@@ -8,6 +8,7 @@
 pub mod connection_string;
 pub mod device_client;
 pub mod headers;
+pub mod identity;
 pub mod mqtt;
 pub mod process;
 pub mod pump;

@@ -216,16 +216,51 @@ impl SasToken {
     /// For a device token: the device (and module) named by the resource
     /// path `<host>/devices/<id>[/modules/<module>]`. The host is not trusted.
     pub fn device_path(&self) -> Option<(&str, Option<&str>)> {
-        let (_host, path) = self.resource.split_once("/devices/")?;
-        match path.split_once("/modules/") {
-            Some((device, module)) if !device.is_empty() && !module.is_empty() => {
-                Some((device, Some(module)))
-            }
-            Some(_) => None,
-            None if !path.is_empty() && !path.contains('/') => Some((path, None)),
-            None => None,
-        }
+        device_path_of(&self.resource)
     }
+
+    /// Whether a device token's resource names this device (or this module
+    /// of it). SDKs write an id three ways: as it is inside the encoded `sr`
+    /// (ours, Node's `encodeURIComponent` of the whole resource), encoded
+    /// once more before the whole resource is encoded (so `#` arrives as
+    /// `%2523`), or not encoded at all (IoT Hub's C SDK, where an id holding
+    /// `%` then reads differently once decoded). Each form is tried; the
+    /// signature check still binds the token to this device's key.
+    pub fn names_identity(&self, device_id: &str, module_id: Option<&str>) -> bool {
+        [self.resource.as_str(), self.signed_resource.as_str()]
+            .into_iter()
+            .filter_map(device_path_of)
+            .any(|(device, module)| {
+                segment_names(device, device_id)
+                    && match (module, module_id) {
+                        (None, None) => true,
+                        (Some(module), Some(module_id)) => segment_names(module, module_id),
+                        _ => false,
+                    }
+            })
+    }
+}
+
+fn device_path_of(resource: &str) -> Option<(&str, Option<&str>)> {
+    let (_host, path) = resource.split_once("/devices/")?;
+    match path.split_once("/modules/") {
+        Some((device, module))
+            if !device.is_empty() && !module.is_empty() && !module.contains('/') =>
+        {
+            Some((device, Some(module)))
+        }
+        Some(_) => None,
+        None if !path.is_empty() && !path.contains('/') => Some((path, None)),
+        None => None,
+    }
+}
+
+/// A resource path segment names `id` as it is or once percent-decoded.
+fn segment_names(segment: &str, id: &str) -> bool {
+    segment == id
+        || percent_decode_str(segment)
+            .decode_utf8()
+            .is_ok_and(|decoded| decoded == id)
 }
 
 pub fn unix_seconds(time: SystemTime) -> u64 {
@@ -358,5 +393,43 @@ mod tests {
         assert_eq!(parse("h").device_path(), None);
         assert_eq!(parse("h/devices/").device_path(), None);
         assert_eq!(parse("h/devices/a/b").device_path(), None);
+        assert_eq!(parse("h/devices/d/modules/m/x").device_path(), None);
+    }
+
+    #[test]
+    fn ids_with_url_characters_are_named_in_every_sdk_form() {
+        let id = "a#b?c=d@e%41";
+        let host = "relay.example.com";
+        let once_encoded = format!("{host}/devices/{}", utf8_percent_encode(id, COMPONENT));
+        let c_sdk_form = |resource: &str| {
+            let expiry = unix_seconds(in_an_hour());
+            let signature = signature_over(KEY, resource, &expiry.to_string());
+            format!(
+                "{PREFIX}sr={resource}&sig={}&se={expiry}&skn=",
+                utf8_percent_encode(&signature, COMPONENT)
+            )
+        };
+        for token in [
+            // Ours: the id as it is, inside the encoded resource.
+            sign(&format!("{host}/devices/{id}"), KEY, in_an_hour(), None),
+            // The id encoded, then the whole resource encoded again.
+            sign(&once_encoded, KEY, in_an_hour(), None),
+        ] {
+            let parsed = SasToken::parse(&token).unwrap();
+            assert!(parsed.names_identity(id, None), "{token}");
+            assert!(!parsed.names_identity("a#b", None));
+            assert!(!parsed.names_identity(id, Some("m")));
+            parsed
+                .verify(&[KEY], SystemTime::now(), ExpiryPolicy::default())
+                .unwrap();
+        }
+        // The C SDK puts the resource in unencoded; `%41` must not become `A`.
+        let c_sdk = SasToken::parse(&c_sdk_form("h/devices/x%41?y")).unwrap();
+        assert!(c_sdk.names_identity("x%41?y", None));
+        let module =
+            SasToken::parse(&sign("h/devices/d#1/modules/m?2", KEY, in_an_hour(), None)).unwrap();
+        assert!(module.names_identity("d#1", Some("m?2")));
+        assert!(!module.names_identity("d#1", None));
+        assert!(!module.names_identity("d#1", Some("m")));
     }
 }

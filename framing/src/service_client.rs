@@ -11,10 +11,10 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use percent_encoding::utf8_percent_encode;
 
 use crate::connection_string::ConnectionString;
 use crate::headers;
+use crate::identity::encode_path_segment;
 use crate::sas;
 use crate::transport::{self, ConnectError};
 
@@ -167,12 +167,7 @@ impl ServiceClient {
             SystemTime::now() + TOKEN_LIFETIME,
             self.connection.shared_access_key_name.as_deref(),
         );
-        let path = format!(
-            "/twins/{}/streams/{}?api-version={}",
-            utf8_percent_encode(device_id, sas::COMPONENT),
-            stream_name,
-            headers::API_VERSION
-        );
+        let path = creation_path(device_id, stream_name);
         let mut request = http::Request::post(path)
             .header(http::header::HOST, &self.connection.host_name)
             .header(http::header::AUTHORIZATION, token)
@@ -271,6 +266,18 @@ impl ServiceClient {
     }
 }
 
+/// `/twins/{deviceId}/streams/{streamName}?api-version=…`, both names
+/// percent-encoded: ids may hold `#`, `?`, `%` and `+` (IoT Hub's set), and
+/// the relay reads the path as IoT Hub does (percent-decoded, `+` a space).
+fn creation_path(device_id: &str, stream_name: &str) -> String {
+    format!(
+        "/twins/{}/streams/{}?api-version={}",
+        encode_path_segment(device_id),
+        encode_path_segment(stream_name),
+        headers::API_VERSION
+    )
+}
+
 fn body_error_code(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()?
@@ -345,5 +352,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn creation_path_encodes_the_device_id_and_the_stream_name() {
+        assert_eq!(
+            creation_path("a#b?c=d@e", "Test Stream%1"),
+            format!(
+                "/twins/a%23b%3Fc%3Dd%40e/streams/Test%20Stream%251?api-version={}",
+                headers::API_VERSION
+            )
+        );
+        assert_eq!(
+            creation_path("My+Device", "TestStream"),
+            format!(
+                "/twins/My%2BDevice/streams/TestStream?api-version={}",
+                headers::API_VERSION
+            )
+        );
+        let path = creation_path("d", "a/b?c#d");
+        assert!(
+            path.starts_with("/twins/d/streams/a%2Fb%3Fc%23d?"),
+            "a stream name cannot add path segments or a query: {path}"
+        );
     }
 }

@@ -47,16 +47,14 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
 
 /// Checks a CONNECT: client id, username shape and the device SAS token.
 fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refusal> {
-    let (device_id, module_id) = match connect.client_id.split_once('/') {
-        Some((device, module)) => (device.to_string(), Some(module.to_string())),
-        None => (connect.client_id.clone(), None),
-    };
-    if device_id.is_empty() || module_id.as_deref() == Some("") {
-        return Err(refuse(
-            ConnectReturnCode::BadClientId,
-            "client id must be deviceId or deviceId/moduleId",
-        ));
-    }
+    let (device_id, module_id) = framing::identity::parse_client_id(&connect.client_id)
+        .map(|(device, module)| (device.to_string(), module.map(str::to_string)))
+        .map_err(|error| {
+            refuse(
+                ConnectReturnCode::BadClientId,
+                format!("client id must be deviceId or deviceId/moduleId: {error}"),
+            )
+        })?;
     let login = connect.login.as_ref().ok_or_else(|| {
         refuse(
             ConnectReturnCode::BadUserNamePassword,
@@ -64,8 +62,7 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refus
         )
     })?;
     // `<host>/<clientId>/?api-version=…`; only the client id part is checked.
-    let expected = format!("/{}/", connect.client_id);
-    if !login.username.contains(&expected) {
+    if !framing::identity::username_names_client_id(&login.username, &connect.client_id) {
         return Err(refuse(
             ConnectReturnCode::BadUserNamePassword,
             "username is not <host>/<deviceId>/?api-version=…",
@@ -83,15 +80,11 @@ fn authenticate(state: &RelayState, connect: &Connect) -> Result<Identity, Refus
             "device tokens must not name a policy (skn)",
         ));
     }
-    match token.device_path() {
-        Some((token_device, token_module))
-            if token_device == device_id && token_module == module_id.as_deref() => {}
-        _ => {
-            return Err(refuse(
-                ConnectReturnCode::NotAuthorized,
-                "the SAS token was signed for another device",
-            ))
-        }
+    if !token.names_identity(&device_id, module_id.as_deref()) {
+        return Err(refuse(
+            ConnectReturnCode::NotAuthorized,
+            "the SAS token was signed for another device",
+        ));
     }
     let record = state
         .registry
@@ -192,7 +185,14 @@ pub async fn run_session<T: PacketTransport>(
         )
         .await;
     }
-    let identity = match authenticate(&state, &connect) {
+    let mut authenticated = authenticate(&state, &connect);
+    if authenticated.is_err() || state.registry.change_pending() {
+        // A device added, removed or re-keyed a moment ago may not be in
+        // the registry snapshot yet: check the store once before answering.
+        state.registry.refresh().await;
+        authenticated = authenticate(&state, &connect);
+    }
+    let identity = match authenticated {
         Ok(identity) => identity,
         Err(refusal) => {
             Metrics::add(&state.metrics.authentication_failures, 1);
@@ -258,6 +258,11 @@ pub async fn run_session<T: PacketTransport>(
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
         // Replaces (and closes) the identity's previous channel right away, as IoT Hub does.
         state.presence.connect(&session.identity, handle);
+        // A registry change that revoked these credentials after they were
+        // checked found no session to cut; now that it can be found, check again.
+        if authenticate(&state, &connect).is_err() {
+            session.cancel.cancel();
+        }
         let end = session.serve(&state, &mut mqtt, requests).await;
         state
             .presence

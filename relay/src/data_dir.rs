@@ -60,9 +60,13 @@ impl DataDir {
     }
 
     pub fn registry(&self) -> anyhow::Result<SqliteRegistry> {
-        let path = self.path.join(REGISTRY_FILE);
+        let path = self.registry_path();
         SqliteRegistry::open(&path)
             .with_context(|| format!("cannot open the registry {}", path.display()))
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.path.join(REGISTRY_FILE)
     }
 
     /// The stream-token secret, created on first use.

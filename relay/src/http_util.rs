@@ -7,16 +7,85 @@ use http_body_util::Full;
 
 pub type Body = Full<Bytes>;
 
-/// `{"errorCode": …, "message": …}` with the given status.
+/// IoT Hub's code for "device not registered" (also used for a disabled one).
+pub const DEVICE_NOT_FOUND: i64 = 404_001;
+
+/// The IoT Hub error name of an error body. IoT Hub's service SDKs read it
+/// from `"Message": "ErrorCode:<Name>;<text>"` to raise their typed errors
+/// (`DeviceNotFoundError`, `UnauthorizedError`, `ThrottlingError`, …), so
+/// the name follows from the numeric code the relay already sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorName {
+    DeviceNotFound,
+    DeviceNotOnline,
+    IotHubUnauthorizedAccess,
+    ArgumentInvalid,
+    GatewayTimeout,
+    ThrottlingException,
+    ServerError,
+    ServiceUnavailable,
+    /// No such endpoint or stream: not a device error, so not
+    /// `DeviceNotFound`, which would send an SDK user to the registry.
+    NotFound,
+}
+
+impl ErrorName {
+    /// The name for an IoT Hub-style code (status × 1000 + detail).
+    pub fn for_code(error_code: i64) -> Self {
+        match (error_code / 1000, error_code) {
+            (_, DEVICE_NOT_FOUND) => Self::DeviceNotFound,
+            (_, framing::headers::ERROR_DEVICE_NOT_ONLINE) => Self::DeviceNotOnline,
+            (400, _) => Self::ArgumentInvalid,
+            (401 | 403, _) => Self::IotHubUnauthorizedAccess,
+            (404, _) => Self::NotFound,
+            (429, _) => Self::ThrottlingException,
+            (503, _) => Self::ServiceUnavailable,
+            (504, _) => Self::GatewayTimeout,
+            (status, _) if (400..500).contains(&status) => Self::ArgumentInvalid,
+            _ => Self::ServerError,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeviceNotFound => "DeviceNotFound",
+            Self::DeviceNotOnline => "DeviceNotOnline",
+            Self::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
+            Self::ArgumentInvalid => "ArgumentInvalid",
+            Self::GatewayTimeout => "GatewayTimeout",
+            Self::ThrottlingException => "ThrottlingException",
+            Self::ServerError => "ServerError",
+            Self::ServiceUnavailable => "ServiceUnavailable",
+            Self::NotFound => "NotFound",
+        }
+    }
+}
+
+/// The JSON error body in both forms IoT Hub clients read (PROTOCOL.md,
+/// "Error bodies"): the classic `Message` / `ExceptionMessage` pair and the
+/// numeric `errorCode` / `message` pair.
+pub fn error_body(error_code: i64, message: &str) -> String {
+    // SDKs split `Message` at `;` and keep only the part after the first
+    // one, so the text in it must not hold another.
+    let classic_text = message.replace(';', ",");
+    serde_json::json!({
+        "Message": format!("ErrorCode:{};{classic_text}", ErrorName::for_code(error_code).as_str()),
+        "ExceptionMessage": message,
+        "errorCode": error_code,
+        "message": message,
+    })
+    .to_string()
+}
+
+/// An error answer with the given status; see [`error_body`].
 pub fn error_response(status: StatusCode, error_code: i64, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "errorCode": error_code, "message": message }).to_string();
     Response::builder()
         .status(status)
         .header(
             http::header::CONTENT_TYPE,
             "application/json; charset=utf-8",
         )
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(error_body(error_code, message))))
         .expect("a response built from constants is valid")
 }
 
@@ -102,4 +171,62 @@ pub fn offered_spelling(
             .find(|part| part.eq_ignore_ascii_case(token))
             .map(str::to_string)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(error_code: i64, message: &str) -> serde_json::Value {
+        serde_json::from_str(&error_body(error_code, message)).unwrap()
+    }
+
+    #[test]
+    fn error_bodies_carry_the_classic_and_the_numeric_form() {
+        let value = body(404_103, "device d is not connected");
+        assert_eq!(
+            value["Message"],
+            "ErrorCode:DeviceNotOnline;device d is not connected"
+        );
+        assert_eq!(value["ExceptionMessage"], "device d is not connected");
+        assert_eq!(value["errorCode"], 404_103);
+        assert_eq!(value["message"], "device d is not connected");
+    }
+
+    #[test]
+    fn each_code_gets_iothubs_name() {
+        for (code, name) in [
+            (DEVICE_NOT_FOUND, "DeviceNotFound"),
+            (404_103, "DeviceNotOnline"),
+            (
+                error_code(StatusCode::UNAUTHORIZED, 1),
+                "IotHubUnauthorizedAccess",
+            ),
+            (error_code(StatusCode::BAD_REQUEST, 4), "ArgumentInvalid"),
+            (error_code(StatusCode::GATEWAY_TIMEOUT, 1), "GatewayTimeout"),
+            (
+                error_code(StatusCode::TOO_MANY_REQUESTS, 1),
+                "ThrottlingException",
+            ),
+            (500_001, "ServerError"),
+            (503_001, "ServiceUnavailable"),
+            (error_code(StatusCode::NOT_FOUND, 0), "NotFound"),
+        ] {
+            let value = body(code, "text");
+            assert_eq!(value["Message"], format!("ErrorCode:{name};text"), "{code}");
+        }
+    }
+
+    #[test]
+    fn the_classic_message_holds_no_second_semicolon() {
+        let value = body(401_001, "refused: bad signature; use the connection string");
+        assert_eq!(
+            value["Message"],
+            "ErrorCode:IotHubUnauthorizedAccess;refused: bad signature, use the connection string"
+        );
+        assert_eq!(
+            value["message"],
+            "refused: bad signature; use the connection string"
+        );
+    }
 }

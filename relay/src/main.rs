@@ -154,7 +154,11 @@ struct ServeArgs {
 #[derive(Subcommand)]
 enum DeviceCommand {
     /// Register a device and print its connection string (one line).
-    Add { device_id: String },
+    Add {
+        /// 1-128 ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ ' (IoT Hub's set);
+        /// quote it in the shell, e.g. 'a#b?c=d@e'.
+        device_id: String,
+    },
     /// List registered device ids.
     List,
     /// Print a device's connection string (primary key).
@@ -165,7 +169,8 @@ enum DeviceCommand {
     Disable { device_id: String },
     /// Enable a disabled device again.
     Enable { device_id: String },
-    /// Replace one of a device's keys and print the new connection string.
+    /// Replace one of a device's keys and print the new connection string; a running relay cuts
+    /// the device's control channel and streams at once (the device reconnects with the new string).
     RotateKey {
         device_id: String,
         /// Rotate the secondary key instead of the primary.

@@ -1,6 +1,6 @@
 //! Start-up and the handle of a serving relay: opens the data dir, binds
 //! the listeners (main, MQTT over TLS, admin), starts their accept loops and
-//! the background duties (expiring unpaired streams, noticing removed
+//! the registry follower (which cuts removed, disabled and re-keyed
 //! devices). [`RunningRelay`] owns all of it and shuts it down in order:
 //! stop accepting, let streams drain, then cut.
 //!
@@ -20,11 +20,9 @@ use tokio::net::TcpListener;
 use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use crate::listeners::{accept_loop, Endpoint, OpenConnections};
+use crate::registry::{self, SnapshotRegistry, SqliteSource};
 use crate::state::RelayState;
 use crate::{admin, tls};
-
-/// How often unpaired streams are expired and the registry is checked.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A serving relay.
 pub struct RunningRelay {
@@ -134,9 +132,13 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     config.listen = local_address;
     config.mqtt_listen = mqtt_address;
     config.admin_listen = admin_address;
+    // Loaded after this process's own writes above, so it holds them.
+    let (registry_source, snapshot) =
+        SqliteSource::open(&data_dir.registry_path()).context("cannot load the registry")?;
+    let snapshot_registry = Arc::new(SnapshotRegistry::new(snapshot));
     let state = RelayState::new(
         config,
-        Arc::new(registry),
+        snapshot_registry.clone(),
         StreamTokenKey::from_secret(&secret),
     );
     let tls = acceptors.is_some();
@@ -166,7 +168,13 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             .tasks
             .spawn(admin::accept_loop(state.clone(), admin_listener));
     }
-    state.tasks.spawn(housekeeping(state.clone()));
+    // Registry changes (another process's `relay device …`) are followed
+    // here; unpaired streams expire by their own timers (crate::pairing).
+    state.tasks.spawn(registry::follow(
+        state.clone(),
+        snapshot_registry,
+        registry_source,
+    ));
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
     Ok(RunningRelay {
         local_address,
@@ -178,35 +186,4 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         tls,
         state,
     })
-}
-
-/// Expires unpaired streams and cuts devices removed from the registry.
-async fn housekeeping(state: Arc<RelayState>) {
-    let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    let mut registry_version = state.registry.version().ok();
-    loop {
-        tokio::select! {
-            _ = state.stop_accepting.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        let version = state.registry.version().ok();
-        if version == registry_version {
-            continue;
-        }
-        registry_version = version;
-        for device_id in state.presence.connected_devices() {
-            match state.registry.device(&device_id) {
-                Ok(Some(record)) if record.enabled => {}
-                Ok(_) => {
-                    tracing::info!(
-                        device_id,
-                        "device removed or disabled: closing its control channel and streams"
-                    );
-                    state.presence.disconnect(&device_id);
-                    state.admission.cancel_device(&device_id);
-                }
-                Err(error) => tracing::warn!(%error, "registry check failed"),
-            }
-        }
-    }
 }

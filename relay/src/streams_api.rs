@@ -20,7 +20,7 @@ use rand::RngCore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::http_util::{error_code, error_response, throttled, Body};
+use crate::http_util::{error_code, error_response, throttled, Body, DEVICE_NOT_FOUND};
 use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
 use crate::presence::Identity;
@@ -179,19 +179,19 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
             )
         }
     };
-    match state.registry.device(&device_id) {
+    match crate::registry::usable_device(state.registry.as_ref(), &device_id).await {
         Ok(Some(record)) if record.enabled => {}
         Ok(Some(_)) => {
             return error_response(
                 StatusCode::NOT_FOUND,
-                error_code(StatusCode::NOT_FOUND, 1),
+                DEVICE_NOT_FOUND,
                 &format!("device {device_id} is disabled"),
             )
         }
         Ok(None) => {
             return error_response(
                 StatusCode::NOT_FOUND,
-                error_code(StatusCode::NOT_FOUND, 1),
+                DEVICE_NOT_FOUND,
                 &format!(
                 "device {device_id} is not registered: add it with `relay device add {device_id}`"
             ),

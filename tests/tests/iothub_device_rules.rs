@@ -449,3 +449,71 @@ async fn mqtt_over_websocket_answers_the_subprotocol_as_the_sdk_spelled_it() {
         other => panic!("expected CONNACK over WebSocket, got {other:?}"),
     }
 }
+
+/// IoT Hub allows `# ? = @ % +` and the rest of its set in device ids, and
+/// SDKs write such an id three ways in their SAS resource: as it is (the C
+/// SDK, resource unencoded), as it is inside an encoded resource (ours), or
+/// encoded before the whole resource is encoded again (Node, C#); usernames
+/// carry it as it is or encoded. Every form connects; a token for a
+/// neighbouring id does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_with_url_characters_connect_in_every_sdk_form() {
+    const DEVICE_ID: &str = "a#b?c=d@e%41+";
+    let (relay, connection_string) = relay_and_device(DEVICE_ID).await;
+    let key = ConnectionString::parse_device(&connection_string)
+        .expect("device string")
+        .key()
+        .to_vec();
+    let (port, tls) = (relay.mqtt_port(), relay.tls());
+    let expiry = SystemTime::now() + Duration::from_secs(3600);
+    let encoded = framing::identity::encode_path_segment(DEVICE_ID);
+
+    let c_sdk = c_sdk_connect("localhost", DEVICE_ID, None, &key, C_SDK_KEEP_ALIVE);
+    let (code, _c_sdk) = CSdkDevice::connect_raw(port, &tls, c_sdk).await;
+    assert_eq!(
+        code,
+        ConnectReturnCode::Success,
+        "the C SDK's unencoded form"
+    );
+
+    let username_as_is = format!("localhost/{DEVICE_ID}/?api-version={API_VERSION}");
+    let username_encoded = format!("localhost/{encoded}/?api-version={API_VERSION}");
+    for (form, resource, username) in [
+        (
+            "the id as it is in an encoded resource",
+            format!("localhost/devices/{DEVICE_ID}"),
+            &username_as_is,
+        ),
+        (
+            "the id encoded, then the whole resource",
+            format!("localhost/devices/{encoded}"),
+            &username_as_is,
+        ),
+        (
+            "an encoded id in the username",
+            format!("localhost/devices/{DEVICE_ID}"),
+            &username_encoded,
+        ),
+    ] {
+        let mut connect = framing::mqtt::Connect::new(DEVICE_ID);
+        connect.keep_alive = C_SDK_KEEP_ALIVE;
+        connect.set_login(
+            username.clone(),
+            framing::sas::sign(&resource, &key, expiry, None),
+        );
+        let (code, _connection) = CSdkDevice::connect_raw(port, &tls, connect).await;
+        assert_eq!(code, ConnectReturnCode::Success, "{form}");
+    }
+
+    let mut neighbour = framing::mqtt::Connect::new(DEVICE_ID);
+    neighbour.set_login(
+        username_as_is.clone(),
+        framing::sas::sign("localhost/devices/a#b", &key, expiry, None),
+    );
+    let (code, _) = CSdkDevice::connect_raw(port, &tls, neighbour).await;
+    assert_eq!(
+        code,
+        ConnectReturnCode::NotAuthorized,
+        "a token naming another id is refused, even signed by this device's key"
+    );
+}

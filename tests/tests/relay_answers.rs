@@ -330,9 +330,11 @@ async fn device_added_while_the_relay_runs_connects_and_removed_device_is_cut() 
     let relay = Relay::start(&[]).await;
     let connection = ConnectionString::parse_device(&relay.add_device("LateDevice").await)
         .expect("device string");
+    // At once, on the first attempt: the relay checks the registry file
+    // again before it refuses an identity it does not know.
     let mut device = DeviceClient::connect(&connection, &relay.tls(), &DeviceOptions::default())
         .await
-        .expect("a device added while the relay runs connects without a restart");
+        .expect("a device added while the relay runs connects at once, without a restart");
     let output = relay.cli(&["device", "remove", "LateDevice"]).await;
     assert!(output.status.success());
     let ended = tokio::time::timeout(Duration::from_secs(5), device.next_request()).await;
@@ -345,4 +347,111 @@ async fn device_added_while_the_relay_runs_connects_and_removed_device_is_cut() 
         matches!(again, Err(DeviceError::Refused(_))),
         "a removed device cannot reconnect"
     );
+}
+
+/// The first line of a `relay` CLI command that must succeed.
+async fn cli_line(relay: &Relay, arguments: &[&str]) -> String {
+    let output = relay.cli(arguments).await;
+    assert!(
+        output.status.success(),
+        "relay {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_key_cuts_the_session_opened_with_the_old_key_at_once() {
+    let relay = Relay::start(&[]).await;
+    let old_key =
+        ConnectionString::parse_device(&relay.add_device("Rotated").await).expect("device string");
+    let options = DeviceOptions::default();
+    let mut device = DeviceClient::connect(&old_key, &relay.tls(), &options)
+        .await
+        .expect("the device connects with its first key");
+
+    let rotated = cli_line(&relay, &["device", "rotate-key", "Rotated"]).await;
+    let new_key = ConnectionString::parse_device(&rotated).expect("rotate-key prints a string");
+    assert_ne!(new_key.key(), old_key.key());
+    let ended = tokio::time::timeout(Duration::from_secs(2), device.next_request()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the session opened with the rotated-out key is closed within 2 s, not left usable: {:?}",
+        ended.map(|result| result.map(|request| request.stream_name))
+    );
+    let again = DeviceClient::connect(&old_key, &relay.tls(), &options).await;
+    assert!(
+        matches!(
+            again,
+            Err(DeviceError::Refused(ConnectReturnCode::NotAuthorized))
+        ),
+        "the old key is refused with CONNACK 5: {:?}",
+        again.err()
+    );
+    let mut device = DeviceClient::connect(&new_key, &relay.tls(), &options)
+        .await
+        .expect("the new key works at once");
+
+    // The secondary key is the device's too: rotating it cuts as well.
+    cli_line(&relay, &["device", "rotate-key", "Rotated", "--secondary"]).await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), device.next_request()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "rotating the secondary key closes the device's session too"
+    );
+    DeviceClient::connect(&new_key, &relay.tls(), &options)
+        .await
+        .expect("the primary key, unchanged, still works");
+}
+
+/// IoT Hub allows `# ? = @` and the rest of its set in ids; each must work
+/// end to end: the CLI, the device's CONNECT and SAS token, the REST path,
+/// the streaming URL and the bytes through both proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_id_with_url_characters_streams_through_both_proxies() {
+    const DEVICE_ID: &str = "a#b?c=d@e";
+    let relay = Relay::start(&[]).await;
+    let (echo_port, _echo) = start_echo_server().await;
+    let connection_string = relay.add_device(DEVICE_ID).await;
+    assert!(
+        connection_string.contains(&format!(";DeviceId={DEVICE_ID};")),
+        "the id is written as it is in the connection string: {connection_string}"
+    );
+    let listed = cli_line(&relay, &["device", "list"]).await;
+    assert!(listed.lines().any(|line| line == DEVICE_ID), "{listed}");
+    let _device_proxy = start_device_proxy(&relay, &connection_string, echo_port, &[]).await;
+    wait_until_device_connected(&relay, DEVICE_ID).await;
+    let (_service_proxy, local_port) = start_service_proxy(&relay, DEVICE_ID, &[]).await;
+    let mut local = tokio::net::TcpStream::connect(("127.0.0.1", local_port))
+        .await
+        .expect("connect");
+    let payload = b"bytes for a#b?c=d@e".repeat(1000);
+    local.write_all(&payload).await.expect("write");
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(30), local.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert!(echoed == payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_outside_iothubs_set_are_refused_with_the_rule() {
+    let relay = Relay::start(&[]).await;
+    for id in ["a;b", "a/b", "a b", &"x".repeat(129)] {
+        let output = relay.cli(&["device", "add", id]).await;
+        assert_eq!(output.status.code(), Some(1), "{id:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("- . + % _ # * ? ! ( ) , : = @ $ '") || stderr.contains("128"),
+            "{id:?}: {stderr}"
+        );
+    }
+    let stderr =
+        String::from_utf8_lossy(&relay.cli(&["device", "add", "a;b"]).await.stderr).to_string();
+    assert!(stderr.contains("connection string"), "{stderr}");
+    let token = service_token(&relay, SystemTime::now() + Duration::from_secs(600));
+    let (status, _, body) = raw_https(&relay, &stream_request(&relay, "a%3Bb", &token, 1)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("ArgumentInvalid"), "{body}");
 }

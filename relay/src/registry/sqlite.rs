@@ -1,96 +1,22 @@
-//! The identity registry: devices with their two keys, and service policies.
-//!
-//! It lives in one SQLite file in the data dir so that `relay device add`
-//! (another process) and a running `relay serve` see the same identities
-//! without a restart. The relay reads it on every authentication instead of
-//! caching, which makes a removal or a rotated key effective at once; the
-//! reads are indexed lookups, far cheaper than the TLS handshake around them.
-//! [`Registry`] is a trait so a shared database can replace the file when
-//! several relays run behind a load balancer.
+//! The registry's store: one SQLite file in the data dir, in WAL mode so
+//! the serving relay's reads never wait for `relay device …` writing from
+//! another process. The CLI reads and writes it directly; a serving relay
+//! only loads whole [`Snapshot`]s from it, off its async workers.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use base64::Engine;
-use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension};
 
-/// Length of generated keys, in bytes (IoT Hub uses 32).
-pub const KEY_LENGTH: usize = 32;
+use super::{
+    generate_key, validate_device_id, DeviceRecord, PolicyRecord, Registry, RegistryError, Snapshot,
+};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("registry database error: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error("device {0:?} already exists; `relay device show {0}` prints its connection string")]
-    DeviceExists(String),
-    #[error("device {0:?} does not exist; `relay device list` shows the registered devices")]
-    NoSuchDevice(String),
-    #[error("policy {0:?} does not exist; the relay creates the `service` policy on first start")]
-    NoSuchPolicy(String),
-    #[error("invalid device id {0:?}: use 1-128 characters from letters, digits and - . _ : @ $ ! ( ) , = + % ' *")]
-    InvalidDeviceId(String),
-}
-
-/// A device identity.
-#[derive(Clone)]
-pub struct DeviceRecord {
-    pub device_id: String,
-    pub primary_key: String,
-    pub secondary_key: String,
-    pub enabled: bool,
-}
-
-impl DeviceRecord {
-    /// Decoded keys, primary first; a malformed stored key is skipped.
-    pub fn key_bytes(&self) -> Vec<Vec<u8>> {
-        [&self.primary_key, &self.secondary_key]
-            .into_iter()
-            .filter_map(|key| base64::engine::general_purpose::STANDARD.decode(key).ok())
-            .collect()
-    }
-}
-
-/// A service policy (shared access key name and key).
-#[derive(Clone)]
-pub struct PolicyRecord {
-    pub name: String,
-    pub primary_key: String,
-    pub secondary_key: String,
-}
-
-impl PolicyRecord {
-    pub fn key_bytes(&self) -> Vec<Vec<u8>> {
-        [&self.primary_key, &self.secondary_key]
-            .into_iter()
-            .filter_map(|key| base64::engine::general_purpose::STANDARD.decode(key).ok())
-            .collect()
-    }
-}
-
-/// What the serving relay needs from a registry.
-pub trait Registry: Send + Sync {
-    fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, RegistryError>;
-    fn policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError>;
-    /// Changes whenever another process writes; lets the relay notice a
-    /// removed device without polling every identity.
-    fn version(&self) -> Result<i64, RegistryError>;
-}
-
-pub fn generate_key() -> String {
-    let mut key = [0u8; KEY_LENGTH];
-    rand::rng().fill_bytes(&mut key);
-    base64::engine::general_purpose::STANDARD.encode(key)
-}
-
-/// IoT Hub's device id rule: up to 128 characters from a safe set.
-pub fn validate_device_id(device_id: &str) -> Result<(), RegistryError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || "-.:_@$!(),=+%'*".contains(c);
-    if device_id.is_empty() || device_id.len() > 128 || !device_id.chars().all(allowed) {
-        return Err(RegistryError::InvalidDeviceId(device_id.to_string()));
-    }
-    Ok(())
-}
+/// How long a statement waits for another process's write lock. Only the
+/// CLI and the snapshot loader (a blocking thread) ever wait on it.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The SQLite registry.
 pub struct SqliteRegistry {
@@ -101,7 +27,7 @@ impl SqliteRegistry {
     /// Opens (creating when missing) the registry file.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
         let connection = Connection::open(path)?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.execute_batch(
             "CREATE TABLE IF NOT EXISTS devices (
@@ -225,6 +151,41 @@ impl SqliteRegistry {
             .ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
     }
 
+    /// Changes whenever another connection (this process's or another's)
+    /// commits a write; cheap, so it can be polled.
+    pub fn data_version(&self) -> Result<i64, RegistryError> {
+        self.with(|connection| {
+            Ok(connection.query_row("PRAGMA data_version", [], |row| row.get(0))?)
+        })
+    }
+
+    /// Every device and policy, read in one transaction so the snapshot is
+    /// consistent, with the `data_version` it was read at.
+    pub fn load_snapshot(&self) -> Result<(Snapshot, i64), RegistryError> {
+        self.with(|connection| {
+            let transaction = connection.unchecked_transaction()?;
+            let version: i64 =
+                transaction.query_row("PRAGMA data_version", [], |row| row.get(0))?;
+            let devices = {
+                let mut statement = transaction.prepare(
+                    "SELECT device_id, primary_key, secondary_key, enabled FROM devices",
+                )?;
+                let rows = statement.query_map([], device_from_row)?;
+                rows.map(|row| row.map(|record| (record.device_id.clone(), record)))
+                    .collect::<Result<HashMap<_, _>, _>>()?
+            };
+            let policies = {
+                let mut statement =
+                    transaction.prepare("SELECT name, primary_key, secondary_key FROM policies")?;
+                let rows = statement.query_map([], policy_from_row)?;
+                rows.map(|row| row.map(|record| (record.name.clone(), record)))
+                    .collect::<Result<HashMap<_, _>, _>>()?
+            };
+            transaction.commit()?;
+            Ok((Snapshot::new(devices, policies), version))
+        })
+    }
+
     pub fn setting(&self, name: &str) -> Result<Option<String>, RegistryError> {
         self.with(|connection| {
             Ok(connection
@@ -257,6 +218,15 @@ fn device_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     })
 }
 
+fn policy_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        name: row.get(0)?,
+        primary_key: row.get(1)?,
+        secondary_key: row.get(2)?,
+    })
+}
+
+/// The CLI's direct reads. A serving relay reads a [`Snapshot`] instead.
 impl Registry for SqliteRegistry {
     fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, RegistryError> {
         self.with(|connection| {
@@ -276,21 +246,9 @@ impl Registry for SqliteRegistry {
                 .query_row(
                     "SELECT name, primary_key, secondary_key FROM policies WHERE name = ?1",
                     [name],
-                    |row| {
-                        Ok(PolicyRecord {
-                            name: row.get(0)?,
-                            primary_key: row.get(1)?,
-                            secondary_key: row.get(2)?,
-                        })
-                    },
+                    policy_from_row,
                 )
                 .optional()?)
-        })
-    }
-
-    fn version(&self) -> Result<i64, RegistryError> {
-        self.with(|connection| {
-            Ok(connection.query_row("PRAGMA data_version", [], |row| row.get(0))?)
         })
     }
 }
@@ -321,24 +279,48 @@ mod tests {
     }
 
     #[test]
+    fn ids_with_every_iothub_character_are_stored() {
+        let directory = tempfile::tempdir().unwrap();
+        let registry = SqliteRegistry::open(&directory.path().join("r.sqlite")).unwrap();
+        let id = "a#b?c=d@e+f%g_h*i!j(k)l,m:n$o'p-q.r";
+        registry.add_device(id).unwrap();
+        assert_eq!(registry.device(id).unwrap().unwrap().device_id, id);
+        assert!(matches!(
+            registry.add_device("a;b"),
+            Err(RegistryError::InvalidDeviceId { .. })
+        ));
+    }
+
+    #[test]
     fn another_connection_sees_writes_and_version_changes() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("r.sqlite");
         let serving = SqliteRegistry::open(&path).unwrap();
-        let before = serving.version().unwrap();
+        let before = serving.data_version().unwrap();
         SqliteRegistry::open(&path)
             .unwrap()
             .add_device("late")
             .unwrap();
         assert!(serving.device("late").unwrap().is_some());
-        assert_ne!(serving.version().unwrap(), before);
+        assert_ne!(serving.data_version().unwrap(), before);
     }
 
     #[test]
-    fn invalid_device_ids_are_refused() {
-        for id in ["", "a/b", "a b", &"x".repeat(129)] {
-            assert!(validate_device_id(id).is_err(), "{id:?}");
-        }
-        validate_device_id("My-Device_1.x").unwrap();
+    fn a_snapshot_holds_every_device_and_policy_and_its_version() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("r.sqlite");
+        let serving = SqliteRegistry::open(&path).unwrap();
+        let writer = SqliteRegistry::open(&path).unwrap();
+        writer.ensure_policy("service").unwrap();
+        writer.add_device("one").unwrap();
+        writer.add_device("two").unwrap();
+        writer.set_device_enabled("two", false).unwrap();
+        let (snapshot, version) = serving.load_snapshot().unwrap();
+        assert_eq!(version, serving.data_version().unwrap());
+        assert!(snapshot.device("one").is_some_and(|record| record.enabled));
+        assert!(snapshot.device("two").is_some_and(|record| !record.enabled));
+        assert!(snapshot.device("three").is_none());
+        assert!(snapshot.policy("service").is_some());
+        assert_eq!(snapshot.device_count(), 2);
     }
 }

@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -21,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::http_service::{health, not_found};
 use crate::http_util::Body;
+use crate::listeners::accept_until_stopped;
 use crate::metrics::Gauges;
 use crate::routing::{parse_route, Route};
 use crate::state::RelayState;
@@ -28,24 +28,10 @@ use crate::state::RelayState;
 /// Admin connections open at once; scrapers and probes need a handful.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// Pause after a failed accept (out of file descriptors), instead of spinning.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
-
 /// Accepts admin connections until the relay stops accepting.
 pub(crate) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener) {
     let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = state.stop_accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = accept_until_stopped(&state, &listener).await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(
                 %peer,

@@ -86,6 +86,29 @@ fn admit(
 }
 
 /// Accepts connections until shutdown.
+/// The next connection on `listener`, or `None` once the relay stops
+/// accepting. A failed accept (out of file descriptors, say) is logged and
+/// retried after a pause rather than in a spin. Shared by every listener,
+/// the admin one included.
+pub(crate) async fn accept_until_stopped(
+    state: &RelayState,
+    listener: &TcpListener,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = state.stop_accepting.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(error) => {
+                    let address = listener.local_addr().ok();
+                    tracing::warn!(%error, ?address, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                }
+            },
+        }
+    }
+}
+
 pub(crate) async fn accept_loop(
     state: Arc<RelayState>,
     listener: TcpListener,
@@ -93,18 +116,7 @@ pub(crate) async fn accept_loop(
     endpoint: Endpoint,
     open_connections: OpenConnections,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = state.stop_accepting.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = accept_until_stopped(&state, &listener).await {
         let guard = match admit(&state, &open_connections, peer) {
             Ok(guard) => guard,
             Err(Refusal::TooManyConnections) => {

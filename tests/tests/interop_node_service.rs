@@ -52,14 +52,24 @@ fn reason_to_skip() -> Option<String> {
             script_directory().display()
         ))
     } else {
-        match std::net::TcpListener::bind(("127.0.0.1", PRIVILEGED_PORT)) {
-            Ok(_) => None,
-            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
-                "binding 127.0.0.1:{PRIVILEGED_PORT} needs root (or CAP_NET_BIND_SERVICE)"
-            )),
-            Err(error) => panic!(
-                "127.0.0.1:{PRIVILEGED_PORT} is not free ({error}): stop the program that uses it"
-            ),
+        // The other test's relay was killed when it ended and may still be
+        // exiting: wait for the port (bounded) before calling it taken.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::net::TcpListener::bind(("127.0.0.1", PRIVILEGED_PORT)) {
+                Ok(_) => break None,
+                Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                    break Some(format!(
+                        "binding 127.0.0.1:{PRIVILEGED_PORT} needs root (or CAP_NET_BIND_SERVICE)"
+                    ))
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(error) => panic!(
+                    "127.0.0.1:{PRIVILEGED_PORT} is not free ({error}): stop the program that uses it"
+                ),
+            }
         }
     };
     if let Some(reason) = &reason {

@@ -27,6 +27,10 @@ pub enum ConnectError {
     Tcp { address: String, source: io::Error },
     #[error("TLS handshake with {address} failed: {source}; if the relay uses a self-signed certificate pass it with --ca-cert")]
     Tls { address: String, source: io::Error },
+    /// The peer went away in the middle of the TLS handshake: a relay that
+    /// is stopping or restarting, not a certificate problem.
+    #[error("cannot reach {address}: the connection ended during the TLS handshake ({source}); check that the relay is running and that this is its TLS port")]
+    TlsInterrupted { address: String, source: io::Error },
     #[error("{address} is not a valid TLS server name")]
     ServerName { address: String },
     #[error("connecting to {address} took longer than {timeout:?}")]
@@ -85,6 +89,18 @@ pub fn configure_socket(stream: &TcpStream) {
     }
 }
 
+/// Tells a TLS refusal (the certificate, the protocol: rustls reports
+/// those as invalid data) from a connection that simply ended mid-handshake.
+fn tls_failure(address: String, source: io::Error) -> ConnectError {
+    match source.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe => ConnectError::TlsInterrupted { address, source },
+        _ => ConnectError::Tls { address, source },
+    }
+}
+
 /// Dials `host:port`, then TLS when `tls` is given.
 pub async fn connect(
     host: &str,
@@ -112,10 +128,7 @@ pub async fn connect(
                 let stream = TlsConnector::from(config.clone())
                     .connect(server_name, tcp)
                     .await
-                    .map_err(|source| ConnectError::Tls {
-                        address: address.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| tls_failure(address.clone(), source))?;
                 Ok(NetworkStream::Tls(Box::new(TlsStream::Client(stream))))
             }
         }
@@ -191,6 +204,35 @@ impl AsyncWrite for NetworkStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay killed while the kernel still accepts on its port: the TCP
+    /// connection opens, then is reset before TLS completes. That is "cannot
+    /// reach", not a certificate to pass with --ca-cert.
+    #[tokio::test]
+    async fn a_reset_during_the_tls_handshake_is_not_called_a_certificate_problem() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let port = listener.local_addr().expect("local address").port();
+        let resetter = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            socket.set_zero_linger().expect("linger 0");
+            drop(socket);
+        });
+        let tls = crate::tls::client_config(None).expect("system roots");
+        let error = match connect("localhost", port, Some(&tls), Duration::from_secs(5)).await {
+            Ok(_) => panic!("a reset connection cannot complete TLS"),
+            Err(error) => error,
+        };
+        resetter.await.expect("resetter ran");
+        assert!(
+            matches!(error, ConnectError::TlsInterrupted { .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.starts_with("cannot reach"), "{message}");
+        assert!(!message.contains("--ca-cert"), "{message}");
+    }
 
     #[tokio::test]
     async fn configured_sockets_have_keepalive_and_a_user_timeout() {

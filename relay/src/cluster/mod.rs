@@ -16,6 +16,9 @@
 //! that keys refuse; [`encode_token`] maps any id to one subject token and
 //! key segment, injectively.
 
+pub mod registry;
+pub mod transfer;
+
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

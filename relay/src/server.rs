@@ -81,7 +81,7 @@ fn url_authority(url: &str) -> Option<&str> {
 /// Where the serving registry's snapshots come from.
 enum RegistrySource {
     File(SqliteSource),
-    Cluster(ClusterSource),
+    Cluster(Box<ClusterSource>),
 }
 
 /// Opens the data dir, joins the cluster when configured, binds the
@@ -184,7 +184,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             let (source, snapshot) = ClusterSource::load(cluster)
                 .await
                 .context("cannot load the registry from the cluster")?;
-            (RegistrySource::Cluster(source), snapshot)
+            (RegistrySource::Cluster(Box::new(source)), snapshot)
         }
     };
     let (registry_source, snapshot) = registry_source;
@@ -243,7 +243,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             state.tasks.spawn(registry::follow_cluster(
                 state.clone(),
                 snapshot_registry,
-                source,
+                *source,
             ));
         }
     }

@@ -30,6 +30,29 @@ struct Nats {
 impl Nats {
     /// `nats-server -js` (unless `jetstream` is false) with `extra` flags.
     async fn start(jetstream: bool, extra: &[&str]) -> Option<Nats> {
+        let store = tempfile::tempdir().expect("temp dir");
+        Self::start_on(free_port(), store, jetstream, extra).await
+    }
+
+    /// Stops this server (kill -9, by PID) and starts a new one on the same
+    /// port and store, as an operator restarting NATS would.
+    async fn restart(mut self) -> Nats {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let port = self.port;
+        let store = std::mem::replace(&mut self._store, tempfile::tempdir().expect("temp dir"));
+        drop(self);
+        Self::start_on(port, store, true, &[])
+            .await
+            .expect("nats-server starts again")
+    }
+
+    async fn start_on(
+        port: u16,
+        store: tempfile::TempDir,
+        jetstream: bool,
+        extra: &[&str],
+    ) -> Option<Nats> {
         if std::process::Command::new("nats-server")
             .arg("--version")
             .output()
@@ -38,8 +61,6 @@ impl Nats {
             eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
             return None;
         }
-        let store = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let port_text = port.to_string();
         let store_text = store.path().to_string_lossy().to_string();
         let mut arguments = vec!["-a", "127.0.0.1", "-p", &port_text, "-sd", &store_text];
@@ -270,6 +291,35 @@ async fn disable_rotate_and_remove_on_the_cli_cut_the_session_on_the_holding_nod
     assert!(matches!(removed, Err(DeviceError::Refused(_))));
     let listed = cluster_cli(&nats, &["device", "list"]).await;
     assert!(listed.is_empty(), "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_their_copy_while_nats_is_down_and_follow_again_after_a_restart() {
+    let Some(nats) = Nats::start(true, &[]).await else {
+        return;
+    };
+    let node = start_node(&nats, "node-1").await;
+    let before = device_string_for(&nats, &node, &["device", "add", "Before"]).await;
+    connect_within(&before, &node, PROPAGATION)
+        .await
+        .expect("connects");
+
+    let nats = nats.restart().await;
+    // Meanwhile the node kept its copy: a known device still connects.
+    connect_within(&before, &node, PROPAGATION)
+        .await
+        .expect("a known device connects while NATS restarts");
+    // Once the node is back on NATS (the client reconnects by itself, with
+    // its own backoff), changes reach it again without restarting it.
+    let after = device_string_for(&nats, &node, &["device", "add", "After"]).await;
+    connect_within(&after, &node, Duration::from_secs(10))
+        .await
+        .expect("a device added after the NATS restart connects to the node");
+    let mut device = connect_within(&before, &node, PROPAGATION)
+        .await
+        .expect("connects");
+    cluster_cli(&nats, &["device", "disable", "Before"]).await;
+    assert_cut(&mut device, "disable after a NATS restart").await;
 }
 
 fn data_dir_of(directory: &Path) -> PathBuf {

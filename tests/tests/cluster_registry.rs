@@ -241,6 +241,59 @@ async fn a_device_added_on_the_cli_connects_to_another_node_within_a_second() {
     );
     let policy = cluster_cli(&nats, &["policy", "show"]).await;
     assert_eq!(policy, first.service_connection_string);
+
+    // A node's data dir holds no registry: a command without --cluster on
+    // it says where the registry is instead of writing one nobody reads.
+    let output = second.cli(&["device", "add", "Lost"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--cluster nats://127.0.0.1:"),
+        "names the cluster to use: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_nats_is_used_with_cluster_ca_and_refused_without_it() {
+    // The relay's own self-signed certificate (SANs localhost, 127.0.0.1)
+    // serves as the NATS server's.
+    let single = Relay::start(&["--no-mqtt"]).await;
+    let certificate = single.ca_text();
+    let key = single
+        .data_dir()
+        .join("tls")
+        .join("key.pem")
+        .to_string_lossy()
+        .to_string();
+    let Some(nats) = Nats::start(
+        true,
+        &["--tls", "--tlscert", &certificate, "--tlskey", &key],
+    )
+    .await
+    else {
+        return;
+    };
+    let url = format!("tls://localhost:{}", nats.port);
+    assert_refused_at_start(
+        &["--cluster", &url, "--node-url", "wss://localhost:1"],
+        "TLS to NATS",
+    )
+    .await;
+    let output = relay_command(&[
+        "device",
+        "add",
+        "Secure",
+        "--cluster",
+        &url,
+        "--cluster-ca",
+        &certificate,
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "with --cluster-ca the CLI reaches NATS over TLS: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

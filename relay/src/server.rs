@@ -87,6 +87,15 @@ enum RegistrySource {
     Cluster(Box<ClusterSource>),
 }
 
+/// Where the identities are kept: a single relay's registry file (opened
+/// before the listeners, as it always was: the order of a process's
+/// descriptors decides which socket the kernel closes first when the relay
+/// is killed, which tests of a killed relay see), or the cluster.
+enum Store {
+    File(crate::registry::SqliteRegistry),
+    Cluster(Arc<Cluster>),
+}
+
 /// Opens the data dir, joins the cluster when configured, binds the
 /// listeners and starts serving.
 pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
@@ -94,25 +103,30 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     // bound, with the one line ClusterError gives. A node's data dir holds
     // only its TLS files, and a mark that sends `relay device …` without
     // --cluster to the cluster instead of to a registry no node reads.
-    let (data_dir, cluster) = match &config.cluster {
+    let (data_dir, store) = match &config.cluster {
         Some(cluster_config) => {
             let data_dir = DataDir::create_without_registry(&config.data_dir)?;
             let cluster = Arc::new(Cluster::connect(cluster_config).await?);
             data_dir.mark_cluster_node(cluster.url())?;
-            (data_dir, Some(cluster))
+            (data_dir, Store::Cluster(cluster))
         }
         None => {
             let data_dir = DataDir::create_or_open(&config.data_dir)?;
             data_dir.clear_cluster_node_mark()?;
-            (data_dir, None)
+            let registry = data_dir.registry()?;
+            (data_dir, Store::File(registry))
         }
     };
-    let secret = match &cluster {
-        Some(cluster) => cluster
+    let cluster = match &store {
+        Store::Cluster(cluster) => Some(cluster.clone()),
+        Store::File(_) => None,
+    };
+    let secret = match &store {
+        Store::Cluster(cluster) => cluster
             .ensure_stream_token_secret()
             .await
             .context("cannot read the cluster's stream-token secret")?,
-        None => data_dir.stream_token_secret()?,
+        Store::File(_) => data_dir.stream_token_secret()?,
     };
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
@@ -154,13 +168,12 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         }
         None => local_address.to_string(),
     };
-    let (host_name, policy) = match &cluster {
-        None => {
-            let registry = data_dir.registry()?;
+    let (host_name, policy) = match &store {
+        Store::File(registry) => {
             registry.set_setting(HOST_NAME_SETTING, &host_name)?;
             (host_name, registry.ensure_policy(SERVICE_POLICY)?)
         }
-        Some(cluster) => {
+        Store::Cluster(cluster) => {
             // The first node records the HostName for connection strings
             // (a node given --public-url, the balancer's name, replaces it).
             cluster
@@ -187,13 +200,13 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     config.mqtt_listen = mqtt_address;
     config.admin_listen = admin_address;
     // Loaded after this process's own writes above, so it holds them.
-    let registry_source = match &cluster {
-        None => {
+    let registry_source = match &store {
+        Store::File(_) => {
             let (source, snapshot) = SqliteSource::open(&data_dir.registry_path())
                 .context("cannot load the registry")?;
             (RegistrySource::File(source), snapshot)
         }
-        Some(cluster) => {
+        Store::Cluster(cluster) => {
             let (source, snapshot) = ClusterSource::load(cluster)
                 .await
                 .context("cannot load the registry from the cluster")?;

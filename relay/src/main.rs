@@ -68,8 +68,8 @@ struct ClusterArgs {
     #[arg(long, global = true, default_value_t = relay::cluster::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=120))]
     cluster_connect_timeout: u64,
-    /// With --cluster: HostName (host:port of the load balancer) in the connection strings printed;
-    /// default: the one the cluster's nodes recorded.
+    /// With --cluster: HostName (host:port of the load balancer) in connection strings. `serve` records it
+    /// for the whole cluster; device and policy commands print it (default: the one the nodes recorded).
     #[arg(long, global = true, value_name = "HOST:PORT")]
     host_name: Option<String>,
 }
@@ -81,6 +81,7 @@ impl ClusterArgs {
         config.credentials_file = self.cluster_creds.clone();
         config.ca_certificate = self.cluster_ca.clone();
         config.connect_timeout = Duration::from_secs(self.cluster_connect_timeout);
+        config.host_name = self.host_name.clone();
         Some(config)
     }
 }

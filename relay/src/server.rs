@@ -174,10 +174,16 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             (host_name, registry.ensure_policy(SERVICE_POLICY)?)
         }
         Store::Cluster(cluster) => {
-            // The first node records the HostName for connection strings
-            // (a node given --public-url, the balancer's name, replaces it).
+            // The first node records the HostName for connection strings;
+            // a node told the balancer's name (--host-name, or --public-url)
+            // replaces it.
+            let told = config
+                .cluster
+                .as_ref()
+                .and_then(|cluster| cluster.host_name.clone());
+            let replace = told.is_some() || config.public_url.is_some();
             cluster
-                .set_host_name(&host_name, config.public_url.is_some())
+                .set_host_name(told.as_deref().unwrap_or(&host_name), replace)
                 .await
                 .context("cannot record the host name in the cluster")?;
             let host_name = cluster.host_name().await?.unwrap_or(host_name);

@@ -115,11 +115,15 @@ fn free_port() -> u16 {
 
 /// A cluster node on its own port, whose `--node-url` names that port.
 async fn start_node(nats: &Nats, name: &str) -> Relay {
+    start_node_with(nats, name, &[]).await
+}
+
+async fn start_node_with(nats: &Nats, name: &str, extra: &[&str]) -> Relay {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let node_url = format!("wss://localhost:{port}");
     let url = nats.url();
-    Relay::start(&[
+    let mut arguments = vec![
         "--listen",
         &listen,
         "--no-mqtt",
@@ -129,8 +133,9 @@ async fn start_node(nats: &Nats, name: &str) -> Relay {
         &node_url,
         "--node-name",
         name,
-    ])
-    .await
+    ];
+    arguments.extend_from_slice(extra);
+    Relay::start(&arguments).await
 }
 
 /// `relay ARGUMENTS` (no data dir); its output.
@@ -579,4 +584,29 @@ async fn a_node_stopped_cleanly_frees_its_name_at_once() {
     // Well within the 15 s a crashed node's name stays taken.
     let again = start_node(&nats, "restarted").await;
     assert!(again.port() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_strings_name_the_host_the_nodes_recorded() {
+    let Some(nats) = Nats::start(true, &[]).await else {
+        return;
+    };
+    let first = start_node(&nats, "node-1").await;
+    let added = cluster_cli(&nats, &["device", "add", "Named"]).await;
+    assert!(
+        added.starts_with(&format!("HostName=localhost:{};", first.port())),
+        "the first node's address by default: {added}"
+    );
+    let told = start_node_with(&nats, "node-2", &["--host-name", "lb.example.com:443"]).await;
+    assert!(
+        told.service_connection_string
+            .starts_with("HostName=lb.example.com:443;"),
+        "{}",
+        told.service_connection_string
+    );
+    let shown = cluster_cli(&nats, &["device", "show", "Named"]).await;
+    assert!(
+        shown.starts_with("HostName=lb.example.com:443;DeviceId=Named;"),
+        "a node told the balancer's address records it for everyone: {shown}"
+    );
 }

@@ -58,6 +58,9 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// The serving node's identity; `None` for CLI commands.
     pub node: Option<NodeIdentity>,
+    /// HostName (`host:port` of the load balancer) for connection strings:
+    /// a node records it for the whole cluster (`--host-name`).
+    pub host_name: Option<String>,
 }
 
 impl ClusterConfig {
@@ -70,6 +73,7 @@ impl ClusterConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             replicas: 1,
             node: None,
+            host_name: None,
         }
     }
 

@@ -51,6 +51,20 @@ enum Command {
     /// Show service policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Look at a cluster of relays (cluster mode, on NATS).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the cluster's nodes: name, node URL, devices held, live streams,
+    /// uptime and last heartbeat; a node silent for three heartbeats is "gone".
+    Status {
+        /// The cluster's NATS server, e.g. nats://nats-1.example.com:4222.
+        #[arg(long, env = "RELAY_CLUSTER")]
+        cluster: String,
+    },
 }
 
 #[derive(Args)]
@@ -93,16 +107,16 @@ struct ServeArgs {
     /// Largest WebSocket message on stream sockets, bytes.
     #[arg(long, default_value_t = Limits::default().max_message_size)]
     max_message_size: usize,
-    /// Concurrent streams on this relay.
+    /// Concurrent streams on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().max_streams)]
     max_streams: usize,
-    /// Concurrent streams of one device.
+    /// Concurrent streams of one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().max_streams_per_device)]
     max_streams_per_device: usize,
-    /// Stream creations per second on this relay.
+    /// Stream creations per second on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().creations_per_second)]
     creations_per_second: u32,
-    /// Stream creations per second for one device.
+    /// Stream creations per second for one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().creations_per_second_per_device)]
     creations_per_second_per_device: u32,
     /// Open connections on the main and MQTT listeners together.
@@ -195,6 +209,7 @@ fn main() -> ExitCode {
         Command::Serve(arguments) => serve(cli.data_dir, *arguments),
         Command::Device(command) => device(&cli.data_dir, command),
         Command::Policy(PolicyCommand::Show { name }) => policy_show(&cli.data_dir, &name),
+        Command::Cluster(ClusterCommand::Status { cluster }) => cluster_status(&cluster),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -488,4 +503,23 @@ mod tests {
             "rate-limited"
         );
     }
+}
+
+/// `relay cluster status`: reads every node's heartbeat from NATS.
+fn cluster_status(cluster_url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster =
+            relay::cluster::Cluster::connect(&relay::cluster::ClusterConfig::new(cluster_url))
+                .await?;
+        let jetstream = cluster.jetstream();
+        let heartbeats = relay::cluster::heartbeat::read_all(jetstream).await?;
+        print!(
+            "{}",
+            relay::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
+        );
+        Ok(())
+    })
 }

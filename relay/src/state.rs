@@ -27,6 +27,8 @@ pub struct RelayState {
     /// Per-address connection caps and authentication-failure slowdown.
     pub sources: Arc<Sources>,
     pub metrics: Metrics,
+    /// Set in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Every task the relay spawns, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
     /// Stop accepting and close control channels (start of a drain).
@@ -57,6 +59,7 @@ impl RelayState {
             admission,
             sources,
             metrics: Metrics::default(),
+            cluster: None,
             tasks,
             stop_accepting,
             stop_streams: CancellationToken::new(),

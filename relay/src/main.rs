@@ -451,6 +451,25 @@ fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `relay cluster status`: reads every node's heartbeat from NATS.
+fn cluster_status(cluster_url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster =
+            relay::cluster::Cluster::connect(&relay::cluster::ClusterConfig::new(cluster_url))
+                .await?;
+        let jetstream = cluster.jetstream();
+        let heartbeats = relay::cluster::heartbeat::read_all(jetstream).await?;
+        print!(
+            "{}",
+            relay::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
+        );
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,23 +522,4 @@ mod tests {
             "rate-limited"
         );
     }
-}
-
-/// `relay cluster status`: reads every node's heartbeat from NATS.
-fn cluster_status(cluster_url: &str) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let cluster =
-            relay::cluster::Cluster::connect(&relay::cluster::ClusterConfig::new(cluster_url))
-                .await?;
-        let jetstream = cluster.jetstream();
-        let heartbeats = relay::cluster::heartbeat::read_all(jetstream).await?;
-        print!(
-            "{}",
-            relay::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
-        );
-        Ok(())
-    })
 }

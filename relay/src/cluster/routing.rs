@@ -35,6 +35,11 @@ use crate::streams_api::{Creation, CreationDeadlines, RemainingBudget};
 /// the device yet (it may be connecting to one right now).
 const NO_RESPONDER_RETRY: Duration = Duration::from_millis(200);
 
+/// Taken off the answer budget sent to the holding node, so that its
+/// answer (a 504 included) crosses NATS back before this node's request
+/// times out.
+const ANSWER_TRANSIT: Duration = Duration::from_millis(250);
+
 /// The largest answer accepted from another node (headers and a short JSON
 /// body; anything larger is not an answer this code produces).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -163,7 +168,11 @@ pub async fn route(
             target: creation.target.clone(),
             half_close: creation.half_close,
             from_node: node_name(cluster).to_string(),
-            budget: deadlines.remaining(now),
+            budget: {
+                let mut budget = deadlines.remaining(now);
+                budget.answer_within = budget.answer_within.saturating_sub(ANSWER_TRANSIT);
+                budget
+            },
         };
         let Ok(payload) = serde_json::to_vec(&request) else {
             return Routed::Answered(error_response(

@@ -410,7 +410,7 @@ async fn connect_client(
                     .decode_utf8_lossy()
                     .into_owned()
             };
-            user_and_password = Some((decode(user), decode(password)));
+            user_and_password = Some((decode(&user), decode(&password)));
         }
         addresses.push(address);
     }

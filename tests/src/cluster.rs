@@ -42,8 +42,20 @@ pub fn require_haproxy() -> bool {
     require_tool(HAPROXY, "haproxy")
 }
 
-fn require_tool(program: &str, package: &str) -> bool {
+/// Where `program` is: on PATH, or in the sbin directories Debian installs
+/// daemons to (not on a normal user's PATH).
+pub fn tool_path(program: &str) -> Option<PathBuf> {
     if which(program) {
+        return Some(PathBuf::from(program));
+    }
+    ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+        .iter()
+        .map(|directory| Path::new(directory).join(program))
+        .find(|path| path.is_file())
+}
+
+fn require_tool(program: &str, package: &str) -> bool {
+    if tool_path(program).is_some() {
         return true;
     }
     if std::env::var("CI").is_ok_and(|value| value == "true") {
@@ -158,7 +170,8 @@ impl NatsServer {
             .append(true)
             .open(&self.log_path)
             .expect("nats-server log file");
-        let mut command = Command::new(NATS_SERVER);
+        let mut command =
+            Command::new(tool_path(NATS_SERVER).unwrap_or_else(|| NATS_SERVER.into()));
         command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-n", &format!("nats-test-{}", self.port)])
@@ -375,7 +388,7 @@ impl Haproxy {
             std::fs::write(&config_path, config).expect("haproxy.cfg");
             let log = std::fs::File::create(&log_path).expect("haproxy log file");
             // -db: stay in the foreground, so the PID we hold is HAProxy's.
-            let mut process = Command::new(HAPROXY)
+            let mut process = Command::new(tool_path(HAPROXY).unwrap_or_else(|| HAPROXY.into()))
                 .arg("-db")
                 .arg("-f")
                 .arg(&config_path)

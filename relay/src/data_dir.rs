@@ -87,6 +87,25 @@ impl DataDir {
         Ok(secret)
     }
 
+    /// The stream-token secret when one was created (export).
+    pub fn existing_stream_token_secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        if !self.path.join(SECRET_FILE).exists() {
+            return Ok(None);
+        }
+        self.stream_token_secret().map(Some)
+    }
+
+    /// Writes `secret` as the stream-token secret unless the data dir has
+    /// one (import); whether it was written.
+    pub fn set_stream_token_secret_if_absent(&self, secret: &[u8]) -> anyhow::Result<bool> {
+        let path = self.path.join(SECRET_FILE);
+        if path.exists() {
+            return Ok(false);
+        }
+        write_private_file(&path, secret)?;
+        Ok(true)
+    }
+
     pub fn certificate_path(&self) -> PathBuf {
         self.path.join(TLS_DIRECTORY).join(CERTIFICATE_FILE)
     }

@@ -17,10 +17,11 @@ use anyhow::Context;
 use framing::stream_token::StreamTokenKey;
 use tokio::net::TcpListener;
 
+use crate::cluster::Cluster;
 use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use crate::listeners::{accept_loop, Endpoint, OpenConnections};
-use crate::registry::{self, SnapshotRegistry, SqliteSource};
+use crate::registry::{self, ClusterSource, SnapshotRegistry, SqliteSource};
 use crate::state::RelayState;
 use crate::{admin, tls};
 
@@ -74,11 +75,30 @@ fn url_authority(url: &str) -> Option<&str> {
         .filter(|authority| !authority.is_empty())
 }
 
-/// Opens the data dir, binds the listener and starts serving.
+/// Where the serving registry's snapshots come from.
+enum RegistrySource {
+    File(SqliteSource),
+    Cluster(ClusterSource),
+}
+
+/// Opens the data dir, joins the cluster when configured, binds the
+/// listeners and starts serving.
 pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let data_dir = DataDir::create_or_open(&config.data_dir)?;
+    // Joined first: a bad cluster configuration fails before anything is
+    // bound, with the one line ClusterError gives.
+    let cluster = match &config.cluster {
+        Some(cluster_config) => Some(Arc::new(Cluster::connect(cluster_config).await?)),
+        None => None,
+    };
     let registry = data_dir.registry()?;
-    let secret = data_dir.stream_token_secret()?;
+    let secret = match &cluster {
+        Some(cluster) => cluster
+            .ensure_stream_token_secret()
+            .await
+            .context("cannot read the cluster's stream-token secret")?,
+        None => data_dir.stream_token_secret()?,
+    };
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "cannot listen on {}: choose another --listen address or stop the program that uses it",
@@ -119,8 +139,26 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         }
         None => local_address.to_string(),
     };
-    registry.set_setting(HOST_NAME_SETTING, &host_name)?;
-    let policy = registry.ensure_policy(SERVICE_POLICY)?;
+    let (host_name, policy) = match &cluster {
+        None => {
+            registry.set_setting(HOST_NAME_SETTING, &host_name)?;
+            (host_name, registry.ensure_policy(SERVICE_POLICY)?)
+        }
+        Some(cluster) => {
+            // The first node records the HostName for connection strings
+            // (a node given --public-url, the balancer's name, replaces it).
+            cluster
+                .set_host_name(&host_name, config.public_url.is_some())
+                .await
+                .context("cannot record the host name in the cluster")?;
+            let host_name = cluster.host_name().await?.unwrap_or(host_name);
+            let policy = cluster
+                .ensure_policy(SERVICE_POLICY)
+                .await
+                .context("cannot read the service policy from the cluster")?;
+            (host_name, policy)
+        }
+    };
     let service_connection_string =
         framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?
             .to_secret_string();
@@ -133,13 +171,26 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     config.mqtt_listen = mqtt_address;
     config.admin_listen = admin_address;
     // Loaded after this process's own writes above, so it holds them.
-    let (registry_source, snapshot) =
-        SqliteSource::open(&data_dir.registry_path()).context("cannot load the registry")?;
+    let registry_source = match &cluster {
+        None => {
+            let (source, snapshot) = SqliteSource::open(&data_dir.registry_path())
+                .context("cannot load the registry")?;
+            (RegistrySource::File(source), snapshot)
+        }
+        Some(cluster) => {
+            let (source, snapshot) = ClusterSource::load(cluster)
+                .await
+                .context("cannot load the registry from the cluster")?;
+            (RegistrySource::Cluster(source), snapshot)
+        }
+    };
+    let (registry_source, snapshot) = registry_source;
     let snapshot_registry = Arc::new(SnapshotRegistry::new(snapshot));
-    let state = RelayState::new(
+    let state = RelayState::new_in_cluster(
         config,
         snapshot_registry.clone(),
         StreamTokenKey::from_secret(&secret),
+        cluster,
     );
     let tls = acceptors.is_some();
     let open_connections = OpenConnections::default();
@@ -175,11 +226,20 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             .tasks
             .spawn(crate::cluster::heartbeat::run(state.clone()));
     }
-    state.tasks.spawn(registry::follow(
-        state.clone(),
-        snapshot_registry,
-        registry_source,
-    ));
+    match registry_source {
+        RegistrySource::File(source) => {
+            state
+                .tasks
+                .spawn(registry::follow(state.clone(), snapshot_registry, source));
+        }
+        RegistrySource::Cluster(source) => {
+            state.tasks.spawn(registry::follow_cluster(
+                state.clone(),
+                snapshot_registry,
+                source,
+            ));
+        }
+    }
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
     Ok(RunningRelay {
         local_address,

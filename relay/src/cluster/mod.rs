@@ -18,7 +18,9 @@
 
 pub mod heartbeat;
 pub mod presence;
+pub mod registry;
 pub mod routing;
+pub mod transfer;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

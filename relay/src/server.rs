@@ -39,6 +39,9 @@ pub struct RunningRelay {
     pub certificate_path: Option<PathBuf>,
     /// Whether the listener speaks TLS.
     pub tls: bool,
+    /// With --cluster: which cluster this node joined and as whom, for
+    /// the start-up lines.
+    pub cluster: Option<String>,
     state: Arc<RelayState>,
 }
 
@@ -193,6 +196,15 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         cluster,
     );
     let tls = acceptors.is_some();
+    let cluster_description = state.cluster.as_ref().map(|cluster| match cluster.node() {
+        Some(node) => format!(
+            "joined {} as node {:?} (node URL {})",
+            cluster.url(),
+            node.name,
+            node.url
+        ),
+        None => format!("joined {}", cluster.url()),
+    });
     let open_connections = OpenConnections::default();
     let (main_acceptor, mqtt_acceptor) = match acceptors {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
@@ -249,6 +261,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         service_connection_string,
         certificate_path,
         tls,
+        cluster: cluster_description,
         state,
     })
 }

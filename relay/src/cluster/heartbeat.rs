@@ -82,21 +82,16 @@ pub async fn run(state: Arc<RelayState>) {
 /// missing.
 async fn recreate(
     jetstream: &async_nats::jetstream::Context,
-) -> Result<async_nats::jetstream::kv::Store, async_nats::Error> {
-    use async_nats::jetstream::{kv, stream::StorageType};
-    if let Ok(store) = jetstream.get_key_value(NODES_BUCKET).await {
-        return Ok(store);
-    }
-    Ok(jetstream
-        .create_key_value(kv::Config {
-            bucket: NODES_BUCKET.to_string(),
-            description: "devstreams: node heartbeats".into(),
-            history: 1,
-            max_age: super::NODES_MAX_AGE,
-            storage: StorageType::Memory,
-            ..Default::default()
-        })
-        .await?)
+) -> Result<async_nats::jetstream::kv::Store, super::ClusterError> {
+    super::open_bucket(
+        jetstream,
+        NODES_BUCKET,
+        "devstreams: node heartbeats",
+        super::NODES_MAX_AGE,
+        async_nats::jetstream::stream::StorageType::Memory,
+        1,
+    )
+    .await
 }
 
 /// Every node's last heartbeat, by name.

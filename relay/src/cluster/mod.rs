@@ -23,6 +23,8 @@ pub mod routing;
 pub mod transfer;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
@@ -174,44 +176,24 @@ impl Cluster {
         let url = config.redacted_url();
         let client = connect_client(config, &url).await?;
         let jetstream = jetstream::new(client.clone());
-        match tokio::time::timeout(JOIN_STEP_TIMEOUT, jetstream.query_account()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                return Err(ClusterError::NoJetStream {
-                    url,
-                    reason: error.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(ClusterError::NoJetStream {
-                    url,
-                    reason: format!("no answer within {JOIN_STEP_TIMEOUT:?}"),
-                })
-            }
-        }
+        check_jetstream(&client, &url).await?;
+        let replicas = config.replicas.max(1);
         let registry = open_bucket(
             &jetstream,
-            kv::Config {
-                bucket: REGISTRY_BUCKET.to_string(),
-                description: "devstreams: devices, policies, stream-token secret".into(),
-                history: 1,
-                num_replicas: config.replicas.max(1),
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            REGISTRY_BUCKET,
+            "devstreams: devices, policies, stream-token secret",
+            Duration::ZERO,
+            jetstream::stream::StorageType::File,
+            replicas,
         )
         .await?;
         let nodes = open_bucket(
             &jetstream,
-            kv::Config {
-                bucket: NODES_BUCKET.to_string(),
-                description: "devstreams: node heartbeats".into(),
-                history: 1,
-                max_age: NODES_MAX_AGE,
-                num_replicas: config.replicas.max(1),
-                storage: jetstream::stream::StorageType::Memory,
-                ..Default::default()
-            },
+            NODES_BUCKET,
+            "devstreams: node heartbeats",
+            NODES_MAX_AGE,
+            jetstream::stream::StorageType::Memory,
+            replicas,
         )
         .await?;
         let cluster = Cluster {
@@ -428,15 +410,24 @@ async fn connect_client(
             Some(node) => format!("devstreams relay {}", node.name),
             None => "devstreams relay CLI".to_string(),
         })
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!(
-                        "lost the connection to NATS; serving from the local copy and reconnecting"
-                    )
+        .event_callback({
+            // The first connection is reported by the caller; later ones
+            // are reconnections after a loss.
+            let lost = Arc::new(AtomicBool::new(false));
+            move |event| {
+                let lost = lost.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            lost.store(true, Ordering::Relaxed);
+                            tracing::warn!("lost the connection to NATS; serving from the local copy and reconnecting");
+                        }
+                        async_nats::Event::Connected if lost.swap(false, Ordering::Relaxed) => {
+                            tracing::info!("connected to NATS again")
+                        }
+                        other => tracing::debug!(event = %other, "NATS event"),
+                    }
                 }
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS event"),
             }
         });
     if let Some((user, password)) = user_and_password {
@@ -493,28 +484,77 @@ async fn connect_client(
     }
 }
 
-/// Opens a bucket, creating it when missing (racing nodes both succeed:
-/// JetStream answers an identical create with the existing bucket).
-async fn open_bucket(
+/// Asks the server for the account's JetStream information (a plain
+/// request: the client's own typed call expects fields nats-server 2.9
+/// does not send). No responder, or an error answer, means no JetStream.
+async fn check_jetstream(client: &async_nats::Client, url: &str) -> Result<(), ClusterError> {
+    let no_jetstream = |reason: String| ClusterError::NoJetStream {
+        url: url.to_string(),
+        reason,
+    };
+    let answer = tokio::time::timeout(
+        JOIN_STEP_TIMEOUT,
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await
+    .map_err(|_| no_jetstream(format!("no answer within {JOIN_STEP_TIMEOUT:?}")))?
+    .map_err(|error| no_jetstream(error.to_string()))?;
+    let body: serde_json::Value = serde_json::from_slice(&answer.payload)
+        .map_err(|error| no_jetstream(format!("unreadable answer: {error}")))?;
+    if let Some(error) = body.get("error") {
+        let description = error
+            .get("description")
+            .and_then(|description| description.as_str())
+            .unwrap_or("refused");
+        return Err(no_jetstream(description.to_string()));
+    }
+    Ok(())
+}
+
+/// Opens a bucket, creating its stream when missing with the settings
+/// JetStream's key-value layer uses (one value per key, roll-ups allowed,
+/// direct gets). Racing nodes both succeed: JetStream answers an identical
+/// create with the existing stream. Made by hand rather than by the
+/// client's `create_key_value`, whose account check fails on nats-server
+/// 2.9.
+pub(crate) async fn open_bucket(
     jetstream: &jetstream::Context,
-    config: kv::Config,
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+    storage: jetstream::stream::StorageType,
+    replicas: usize,
 ) -> Result<kv::Store, ClusterError> {
-    let bucket = config.bucket.clone();
     let failed = |reason: String| ClusterError::Bucket {
-        bucket: bucket.clone(),
+        bucket: bucket.to_string(),
         reason,
     };
     let step = async {
-        match jetstream.get_key_value(bucket.as_str()).await {
+        if let Ok(store) = jetstream.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        let created = jetstream
+            .create_stream(jetstream::stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some(description.to_string()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age,
+                storage,
+                num_replicas: replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await;
+        match jetstream.get_key_value(bucket).await {
             Ok(store) => Ok(store),
-            Err(_) => match jetstream.create_key_value(config).await {
-                Ok(store) => Ok(store),
-                // Created by another node meanwhile, with other settings.
-                Err(error) => jetstream
-                    .get_key_value(bucket.as_str())
-                    .await
-                    .map_err(|_| failed(error.to_string())),
-            },
+            Err(error) => Err(failed(match created {
+                Err(create_error) => create_error.to_string(),
+                Ok(_) => error.to_string(),
+            })),
         }
     };
     tokio::time::timeout(JOIN_STEP_TIMEOUT, step)

@@ -19,8 +19,8 @@ use devstreams_tests::cluster::{
     with_host_name, ClusterNode, TestCluster,
 };
 use devstreams_tests::iothub::{c_sdk_connect, receive, CSdkDevice, Received};
-use framing::mqtt::ConnectReturnCode;
 use devstreams_tests::{start_echo_server, Process};
+use framing::mqtt::ConnectReturnCode;
 use framing::{CreateStreamError, ServiceClient, StreamOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -70,10 +70,10 @@ async fn accepted_stream_url(service: &ServiceClient, device_id: &str) -> String
                 CreateStreamError::DeviceOffline(_)
                 | CreateStreamError::Unexpected { status: 503, .. }
                 | CreateStreamError::Connect(_),
-            ) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
+            ) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(error) => {
+                panic!("no stream to {device_id} within {DEVICE_CONNECT_WITHIN:?}: {error}")
             }
-            Err(error) => panic!("no stream to {device_id} within {DEVICE_CONNECT_WITHIN:?}: {error}"),
         }
     }
 }
@@ -161,11 +161,7 @@ async fn a_device_connected_nowhere_is_answered_404103_after_its_connect_timeout
     let started = Instant::now();
     let answer = cluster
         .service_client()
-        .create_stream(
-            "never-connects",
-            "Probe",
-            &options(Duration::from_secs(2)),
-        )
+        .create_stream("never-connects", "Probe", &options(Duration::from_secs(2)))
         .await;
     let elapsed = started.elapsed();
     assert!(
@@ -222,22 +218,18 @@ async fn a_connect_on_another_node_takes_over_and_a_race_leaves_one_channel() {
     })
     .await;
     assert!(closed.is_ok(), "the older channel on relay-2 was closed");
-    assert!(alive(&mut newer).await, "the newer channel on relay-3 lives");
+    assert!(
+        alive(&mut newer).await,
+        "the newer channel on relay-3 lives"
+    );
     drop(newer);
 
     // A race, several times: exactly one of two simultaneous connects lives.
     // (CONNECT alone makes a channel the identity's; the loser may be closed
     // at any moment after its CONNACK.)
-    let connection = framing::ConnectionString::parse_device(&device_string).expect("device string");
-    let connect = || {
-        c_sdk_connect(
-            connection.host(),
-            "twice",
-            None,
-            connection.key(),
-            60,
-        )
-    };
+    let connection =
+        framing::ConnectionString::parse_device(&device_string).expect("device string");
+    let connect = || c_sdk_connect(connection.host(), "twice", None, connection.key(), 60);
     for round in 0..5 {
         let (first, second) = tokio::join!(
             CSdkDevice::connect_raw(mqtt_port("relay-1"), &tls, connect()),
@@ -257,7 +249,8 @@ async fn a_connect_on_another_node_takes_over_and_a_race_leaves_one_channel() {
     }
 
     // A stream request reaches the one that lives, from any node.
-    let mut device = CSdkDevice::connect(mqtt_port("relay-2"), &tls, &device_string, None, 60).await;
+    let mut device =
+        CSdkDevice::connect(mqtt_port("relay-2"), &tls, &device_string, None, 60).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let service = service_at(&cluster, cluster.node("relay-1"));
     let creation = tokio::spawn(async move {
@@ -340,7 +333,10 @@ async fn a_nats_restart_is_survived_and_meanwhile_cluster_work_is_503() {
         .create_stream("steady", "Probe", &options(Duration::from_secs(20)))
         .await;
     assert!(
-        matches!(answer, Err(CreateStreamError::Unexpected { status: 503, .. })),
+        matches!(
+            answer,
+            Err(CreateStreamError::Unexpected { status: 503, .. })
+        ),
         "a node without NATS answers 503 for a device it does not hold: {answer:?}"
     );
     assert!(
@@ -389,8 +385,7 @@ async fn cluster_status_lists_the_nodes_and_marks_a_killed_one_gone() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let status = cluster_status(&cluster).await;
-        let counted = node_line(&status, "relay-1")
-            .and_then(|line| line.split_whitespace().nth(2))
+        let counted = node_line(&status, "relay-1").and_then(|line| line.split_whitespace().nth(2))
             == Some("1");
         if counted || Instant::now() > deadline {
             break status;
@@ -427,4 +422,27 @@ async fn cluster_status_lists_the_nodes_and_marks_a_killed_one_gone() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test]
+async fn per_device_limits_hold_across_entry_nodes() {
+    if !tools_present() {
+        return;
+    }
+    // One stream at a time per device, on every node.
+    let cluster = TestCluster::start(3, &["--max-streams-per-device", "1"]).await;
+    let device_string = cluster.add_device("limited").await;
+    let holder = cluster.node("relay-2");
+    let (_device_proxy, _echo) = echo_device(&cluster, &device_string, &node_host(holder)).await;
+    // Accepted through relay-1: the stream is pending (nobody connects to
+    // it) and holds the device's one permit until the handshake deadline.
+    accepted_stream_url(&service_at(&cluster, cluster.node("relay-1")), "limited").await;
+    // A second creation arriving at another node meets the same count.
+    let answer = service_at(&cluster, cluster.node("relay-3"))
+        .create_stream("limited", "Second", &options(Duration::from_secs(5)))
+        .await;
+    assert!(
+        matches!(answer, Err(CreateStreamError::Throttled { .. })),
+        "the device's limit counts streams created through every node: {answer:?}"
+    );
 }

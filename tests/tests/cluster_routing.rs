@@ -446,3 +446,50 @@ async fn per_device_limits_hold_across_entry_nodes() {
         "the device's limit counts streams created through every node: {answer:?}"
     );
 }
+
+#[tokio::test]
+async fn a_takeover_during_a_nats_outage_still_ends_with_one_channel() {
+    if !tools_present() {
+        return;
+    }
+    let mut cluster = TestCluster::start(3, &[]).await;
+    let device_string = cluster.add_device("outage").await;
+    let tls = cluster.certificate.client_tls();
+    let mut older = CSdkDevice::connect(
+        cluster.node("relay-2").relay.mqtt_port(),
+        &tls,
+        &device_string,
+        None,
+        60,
+    )
+    .await;
+    cluster.nats.stop().await;
+    // The device comes back on relay-3 while NATS is away: relay-3 serves
+    // it from its registry copy, but cannot tell relay-2 yet.
+    let mut newer = CSdkDevice::connect(
+        cluster.node("relay-3").relay.mqtt_port(),
+        &tls,
+        &device_string,
+        None,
+        60,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.nats.start_again().await;
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Received::Closed = receive(&mut older.mqtt, Duration::from_secs(15)).await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "once NATS is back, the older channel on relay-2 is closed"
+    );
+    assert!(
+        alive(&mut newer).await,
+        "the newer channel on relay-3 lives"
+    );
+}

@@ -12,7 +12,10 @@
 //! older holder closes. Since each node subscribes before it announces, of
 //! two racing connects at least one hears the other, so exactly one channel
 //! stays. Announcements published while NATS is away are sent when it is
-//! back (the client buffers them and re-subscribes by itself).
+//! back: the client buffers them and, on reconnecting, restores its
+//! subscriptions before sending what it buffered, so a takeover that raced
+//! an outage still reaches the older holder (tested in
+//! `tests/tests/cluster_routing.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

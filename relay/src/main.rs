@@ -485,6 +485,7 @@ fn host_name(data_dir: &DataDir) -> anyhow::Result<String> {
 }
 
 fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<()> {
+    DataDir::refuse_if_cluster_node(data_dir)?;
     let data_dir = match command {
         DeviceCommand::Add { .. } => DataDir::create_or_open(data_dir)?,
         _ => DataDir::open_existing(data_dir)?,
@@ -684,6 +685,7 @@ fn registry_command(
     use relay::cluster::transfer;
     match (command, cluster) {
         (RegistryCommand::Export { file }, None) => {
+            DataDir::refuse_if_cluster_node(data_dir)?;
             let export = transfer::export_data_dir(&DataDir::open_existing(data_dir)?)?;
             write_export(&file, &export)
         }
@@ -698,7 +700,10 @@ fn registry_command(
             let export = transfer::RegistryExport::parse(&text)
                 .with_context(|| format!("{}", file.display()))?;
             let summary = match cluster {
-                None => transfer::import_data_dir(&DataDir::create_or_open(data_dir)?, &export)?,
+                None => {
+                    DataDir::refuse_if_cluster_node(data_dir)?;
+                    transfer::import_data_dir(&DataDir::create_or_open(data_dir)?, &export)?
+                }
                 Some(config) => {
                     let mut summary = None;
                     cluster_command(async {
@@ -754,6 +759,7 @@ fn write_export(
 }
 
 fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    DataDir::refuse_if_cluster_node(data_dir)?;
     let data_dir = DataDir::open_existing(data_dir)?;
     let registry = data_dir.registry()?;
     let policy = registry

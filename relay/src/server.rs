@@ -81,20 +81,29 @@ fn url_authority(url: &str) -> Option<&str> {
 /// Where the serving registry's snapshots come from.
 enum RegistrySource {
     File(SqliteSource),
-    Cluster(ClusterSource),
+    Cluster(Box<ClusterSource>),
 }
 
 /// Opens the data dir, joins the cluster when configured, binds the
 /// listeners and starts serving.
 pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
-    let data_dir = DataDir::create_or_open(&config.data_dir)?;
     // Joined first: a bad cluster configuration fails before anything is
-    // bound, with the one line ClusterError gives.
-    let cluster = match &config.cluster {
-        Some(cluster_config) => Some(Arc::new(Cluster::connect(cluster_config).await?)),
-        None => None,
+    // bound, with the one line ClusterError gives. A node's data dir holds
+    // only its TLS files, and a mark that sends `relay device …` without
+    // --cluster to the cluster instead of to a registry no node reads.
+    let (data_dir, cluster) = match &config.cluster {
+        Some(cluster_config) => {
+            let data_dir = DataDir::create_without_registry(&config.data_dir)?;
+            let cluster = Arc::new(Cluster::connect(cluster_config).await?);
+            data_dir.mark_cluster_node(cluster.url())?;
+            (data_dir, Some(cluster))
+        }
+        None => {
+            let data_dir = DataDir::create_or_open(&config.data_dir)?;
+            data_dir.clear_cluster_node_mark()?;
+            (data_dir, None)
+        }
     };
-    let registry = data_dir.registry()?;
     let secret = match &cluster {
         Some(cluster) => cluster
             .ensure_stream_token_secret()
@@ -144,6 +153,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     };
     let (host_name, policy) = match &cluster {
         None => {
+            let registry = data_dir.registry()?;
             registry.set_setting(HOST_NAME_SETTING, &host_name)?;
             (host_name, registry.ensure_policy(SERVICE_POLICY)?)
         }
@@ -184,7 +194,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             let (source, snapshot) = ClusterSource::load(cluster)
                 .await
                 .context("cannot load the registry from the cluster")?;
-            (RegistrySource::Cluster(source), snapshot)
+            (RegistrySource::Cluster(Box::new(source)), snapshot)
         }
     };
     let (registry_source, snapshot) = registry_source;
@@ -248,7 +258,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             state.tasks.spawn(registry::follow_cluster(
                 state.clone(),
                 snapshot_registry,
-                source,
+                *source,
             ));
         }
     }

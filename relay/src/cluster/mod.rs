@@ -394,7 +394,7 @@ async fn connect_client(
                     .decode_utf8_lossy()
                     .into_owned()
             };
-            user_and_password = Some((decode(&user), decode(&password)));
+            user_and_password = Some((decode(user), decode(password)));
         }
         addresses.push(address);
     }
@@ -462,10 +462,15 @@ async fn connect_client(
                 url,
                 reason: error.to_string(),
             },
-            async_nats::ConnectErrorKind::Tls => ClusterError::Tls {
-                url,
-                reason: error.to_string(),
-            },
+            // A refused server certificate comes back as an I/O error.
+            kind if kind == async_nats::ConnectErrorKind::Tls
+                || error.to_string().contains("certificate") =>
+            {
+                ClusterError::Tls {
+                    url,
+                    reason: error.to_string(),
+                }
+            }
             async_nats::ConnectErrorKind::ServerParse => ClusterError::InvalidUrl {
                 url,
                 reason: error.to_string(),

@@ -32,6 +32,9 @@ use crate::state::RelayState;
 pub const INITIAL_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on asking NATS how far the bucket goes (for a refresh).
 const LAST_REVISION_TIMEOUT: Duration = Duration::from_millis(500);
+/// Least time between two questions to NATS asked for by refreshes: a
+/// flood of refused CONNECTs costs NATS at most one request per spacing.
+const MIN_REFRESH_SPACING: Duration = Duration::from_millis(10);
 /// Refreshes waiting for the watch at once (each is also bounded in time
 /// by the caller).
 const MAX_WAITING_REFRESHES: usize = 64;
@@ -190,6 +193,7 @@ pub async fn follow_cluster(
     let mut waiting: Vec<WaitingRefresh> = Vec::new();
     let mut changed = false;
     let mut watch_slot = source.watch.take();
+    let mut last_asked: Option<Instant> = None;
     loop {
         let Some(watch) = watch_slot.as_mut() else {
             tokio::select! {
@@ -228,8 +232,12 @@ pub async fn follow_cluster(
                 }
             },
             _ = registry.refresh_wanted() => {
+                if let Some(last) = last_asked {
+                    tokio::time::sleep_until(last + MIN_REFRESH_SPACING).await;
+                }
                 let covers = registry.check_started();
                 let asked = Instant::now();
+                last_asked = Some(asked);
                 let store = source.store.clone();
                 match tokio::time::timeout(LAST_REVISION_TIMEOUT, last_revision(&store)).await {
                     Ok(Ok(revision)) if revision > source.applied_revision => {

@@ -50,6 +50,15 @@ pub async fn run(state: Arc<RelayState>) {
             _ = state.stop_accepting.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        // After a NATS outage every channel announces itself again: an
+        // announcement written just as the connection broke is lost.
+        state.presence.note_cluster_connects(
+            cluster
+                .client()
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let heartbeat = Heartbeat {
             name: node_name.clone(),
             node_url: super::routing::node_url(&cluster).to_string(),

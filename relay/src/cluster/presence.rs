@@ -11,11 +11,11 @@
 //! own; one that hears of an older channel announces itself again so the
 //! older holder closes. Since each node subscribes before it announces, of
 //! two racing connects at least one hears the other, so exactly one channel
-//! stays. Announcements published while NATS is away are sent when it is
-//! back: the client buffers them and, on reconnecting, restores its
-//! subscriptions before sending what it buffered, so a takeover that raced
-//! an outage still reaches the older holder (tested in
-//! `tests/tests/cluster_routing.rs`).
+//! stays. Announcements published while NATS is away are buffered by the
+//! client, but one written just as the connection broke is lost; so after
+//! each reconnection (noticed by the heartbeat, [`super::heartbeat`]) every
+//! channel announces itself again, and a takeover that raced an outage
+//! still ends with one channel.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -166,10 +166,18 @@ async fn hold(
         _ = stop.cancelled() => return,
         _ = tokio::time::timeout(SUBSCRIBE_CONFIRM_TIMEOUT, client.flush()) => {}
     }
+    let mut reconnects = state.presence.cluster_connects();
+    reconnects.mark_unchanged();
     announce(&client, &takeover_subject, &order).await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
+            changed = reconnects.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                announce(&client, &takeover_subject, &order).await;
+            }
             message = takeovers.next() => {
                 let Some(message) = message else { break };
                 let Ok(heard) = serde_json::from_slice::<Takeover>(&message.payload) else {

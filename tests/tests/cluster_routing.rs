@@ -493,3 +493,86 @@ async fn a_takeover_during_a_nats_outage_still_ends_with_one_channel() {
         "the newer channel on relay-3 lives"
     );
 }
+
+#[tokio::test]
+async fn module_and_device_channels_on_different_nodes_are_each_routed_with_iothub_headers() {
+    use devstreams_tests::iothub::{header, service_token, stream_creation_request};
+    use devstreams_tests::raw_https;
+    if !tools_present() {
+        return;
+    }
+    let cluster = TestCluster::start(3, &[]).await;
+    let device_string = cluster.add_device("MyDevice").await;
+    let tls = cluster.certificate.client_tls();
+    let mut device = CSdkDevice::connect(
+        cluster.node("relay-2").relay.mqtt_port(),
+        &tls,
+        &device_string,
+        None,
+        60,
+    )
+    .await;
+    let mut module = CSdkDevice::connect(
+        cluster.node("relay-3").relay.mqtt_port(),
+        &tls,
+        &device_string,
+        Some("edge"),
+        60,
+    )
+    .await;
+    let entry = cluster.node("relay-1");
+    let token = service_token(&cluster.service_connection_string());
+    let request = |path: &str| {
+        stream_creation_request(
+            &format!("{path}?api-version=2020-09-30"),
+            entry.relay.port(),
+            &token,
+            5,
+            10,
+        )
+    };
+
+    // The module (held by relay-3) accepts: its node's URL, IoT Hub's headers.
+    let module_side = async {
+        let request = tokio::time::timeout(Duration::from_secs(10), module.next_stream_request())
+            .await
+            .expect("the module got the request");
+        module
+            .answer(&request.request_id, 200, framing::mqtt::QoS::AtMostOnce)
+            .await;
+    };
+    let module_request = request("/twins/MyDevice/modules/edge/streams/ModuleStream");
+    let ((status, headers, body), ()) =
+        tokio::join!(raw_https(&entry.relay, &module_request), module_side);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        header(&headers, "iothub-streaming-is-accepted"),
+        Some("True")
+    );
+    let url = header(&headers, "iothub-streaming-url").unwrap_or_default();
+    assert!(
+        url.starts_with(&format!("{}/bridges/", cluster.node("relay-3").node_url)),
+        "the module's stream meets on relay-3: {url}"
+    );
+    assert!(header(&headers, "iothub-streaming-auth-token").is_some_and(|t| !t.is_empty()));
+
+    // The device (held by relay-2) rejects: 200, is-accepted False, a reason.
+    let device_side = async {
+        let request = tokio::time::timeout(Duration::from_secs(10), device.next_stream_request())
+            .await
+            .expect("the device got the request");
+        device
+            .answer(&request.request_id, 400, framing::mqtt::QoS::AtMostOnce)
+            .await;
+    };
+    let device_request = request("/twins/MyDevice/streams/DeviceStream");
+    let ((status, headers, body), ()) =
+        tokio::join!(raw_https(&entry.relay, &device_request), device_side);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        header(&headers, "iothub-streaming-is-accepted"),
+        Some("False")
+    );
+    assert!(header(&headers, "iothub-streaming-url").is_none());
+    assert!(body.contains("rejected"), "{body}");
+}

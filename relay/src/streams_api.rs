@@ -237,7 +237,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     if let Some(cluster) = state.cluster.clone() {
         if state.presence.get(&creation.identity).is_none() {
             if let crate::cluster::routing::Routed::Answered(response) =
-                crate::cluster::routing::route(&state, &cluster, &creation, &deadlines).await
+                crate::cluster::routing::route(&state, &cluster, &creation, peer, &deadlines).await
             {
                 return response;
             }

@@ -78,6 +78,8 @@ pub struct RoutedRequest {
     pub half_close: bool,
     /// The node the REST call arrived at, for the holding node's log.
     pub from_node: String,
+    /// The service's address as the entry node saw it, for the same log.
+    pub service_peer: std::net::SocketAddr,
     pub budget: RemainingBudget,
 }
 
@@ -145,6 +147,7 @@ pub async fn route(
     state: &RelayState,
     cluster: &Arc<Cluster>,
     creation: &Creation,
+    service_peer: std::net::SocketAddr,
     deadlines: &CreationDeadlines,
 ) -> Routed {
     let identity = &creation.identity;
@@ -168,6 +171,7 @@ pub async fn route(
             target: creation.target.clone(),
             half_close: creation.half_close,
             from_node: node_name(cluster).to_string(),
+            service_peer,
             budget: {
                 let mut budget = deadlines.remaining(now);
                 budget.answer_within = budget.answer_within.saturating_sub(ANSWER_TRANSIT);
@@ -257,6 +261,7 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
     let answer = match serde_json::from_slice::<RoutedRequest>(&message.payload) {
         Ok(request) => {
             tracing::info!(device_id = %request.device_id, from_node = %request.from_node, "stream creation routed here");
+            let peer = request.service_peer;
             let deadlines = CreationDeadlines::from_remaining(Instant::now(), request.budget);
             let creation = Creation {
                 identity: Identity {
@@ -268,8 +273,6 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
                 half_close: request.half_close,
                 host: None,
             };
-            // The service's address is not known here; the entry node logged it.
-            let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
             let response =
                 crate::streams_api::create_here(state.clone(), creation, peer, deadlines).await;
             RoutedAnswer::from_response(response).await

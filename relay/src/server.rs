@@ -63,6 +63,9 @@ impl RunningRelay {
             self.state.stop_streams.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.state.tasks.wait()).await;
         }
+        if let Some(cluster) = &self.state.cluster {
+            cluster.leave().await;
+        }
     }
 
     pub fn active_streams(&self) -> usize {

@@ -564,3 +564,19 @@ async fn each_bad_cluster_configuration_stops_serve_with_one_line() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_cleanly_frees_its_name_at_once() {
+    let Some(nats) = Nats::start(true, &[]).await else {
+        return;
+    };
+    let mut node = start_node(&nats, "restarted").await;
+    node.process.signal("TERM");
+    assert_eq!(
+        node.process.wait_exit(Duration::from_secs(20)).await,
+        Some(0)
+    );
+    // Well within the 15 s a crashed node's name stays taken.
+    let again = start_node(&nats, "restarted").await;
+    assert!(again.port() > 0);
+}

@@ -281,6 +281,31 @@ impl Cluster {
         Ok(nodes)
     }
 
+    /// Removes this node's heartbeat, so its name and URL are free at once
+    /// (a restart after a drain, `systemctl restart`) rather than after
+    /// [`NODES_MAX_AGE`]. Called last on a clean shutdown, once nothing of
+    /// the node writes heartbeats any more; bounded, and harmless to skip
+    /// (the entry expires by itself).
+    pub async fn leave(&self) {
+        let Some(node) = &self.node else { return };
+        let key = encode_token(&node.name);
+        let left = tokio::time::timeout(JOIN_STEP_TIMEOUT, async {
+            self.nodes.purge(key.as_str()).await?;
+            self.client.flush().await?;
+            Ok::<(), async_nats::Error>(())
+        })
+        .await;
+        match left {
+            Ok(Ok(())) => tracing::info!(node = node.name, "left the cluster"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot remove this node's heartbeat; it expires by itself")
+            }
+            Err(_) => tracing::warn!(
+                "NATS did not answer in time; this node's heartbeat expires by itself"
+            ),
+        }
+    }
+
     /// Refuses a name or URL a live node uses, then writes this node's
     /// first heartbeat with an atomic create (or an update of a dead
     /// node's stale entry at its exact revision), so two nodes starting

@@ -131,6 +131,9 @@ pub struct RelayConfig {
     /// The hub name in streaming URLs (`/bridges/{hub}/…`).
     pub hub_name: String,
     pub limits: Limits,
+    /// Join a cluster through NATS (`--cluster`); `None` serves alone from
+    /// the SQLite registry in the data dir.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl RelayConfig {
@@ -144,6 +147,7 @@ impl RelayConfig {
             tls: TlsMode::SelfSigned,
             hub_name: "devstreams".into(),
             limits: Limits::default(),
+            cluster: None,
         }
     }
 }

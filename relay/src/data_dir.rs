@@ -24,6 +24,10 @@ pub const SERVICE_POLICY: &str = "service";
 /// Settings key under which `relay serve` records its public host name, so
 /// that `relay device add` prints connection strings that reach it.
 pub const HOST_NAME_SETTING: &str = "host_name";
+/// Written by a cluster node (`relay serve --cluster`) into its data dir,
+/// holding the NATS URL (no password): the registry of that node is in the
+/// cluster, so registry commands on the data dir are sent there.
+pub const CLUSTER_NODE_FILE: &str = "cluster-node";
 
 pub struct DataDir {
     pub path: PathBuf,
@@ -59,6 +63,46 @@ impl DataDir {
         Ok(data_dir)
     }
 
+    /// Opens the data dir, creating the directory but no registry (a
+    /// cluster node's: only its TLS files live here).
+    pub fn create_without_registry(path: &Path) -> anyhow::Result<Self> {
+        create_private_directory(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Records that a cluster node at `cluster_url` uses this data dir.
+    pub fn mark_cluster_node(&self, cluster_url: &str) -> anyhow::Result<()> {
+        write_private_file(&self.path.join(CLUSTER_NODE_FILE), cluster_url.as_bytes())
+    }
+
+    /// Forgets [`Self::mark_cluster_node`] (the dir serves a single relay again).
+    pub fn clear_cluster_node_mark(&self) -> anyhow::Result<()> {
+        let path = self.path.join(CLUSTER_NODE_FILE);
+        match fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(error).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses registry commands without --cluster on a cluster node's
+    /// data dir: its devices are in the cluster.
+    pub fn refuse_if_cluster_node(path: &Path) -> anyhow::Result<()> {
+        match fs::read_to_string(path.join(CLUSTER_NODE_FILE)) {
+            Ok(url) => anyhow::bail!(
+                "{} belongs to a relay of the cluster at {}: its registry is in the cluster; \
+                 add --cluster {} (or set RELAY_CLUSTER)",
+                path.display(),
+                url.trim(),
+                url.trim()
+            ),
+            Err(_) => Ok(()),
+        }
+    }
+
     pub fn registry(&self) -> anyhow::Result<SqliteRegistry> {
         let path = self.registry_path();
         SqliteRegistry::open(&path)
@@ -85,6 +129,25 @@ impl DataDir {
             );
         }
         Ok(secret)
+    }
+
+    /// The stream-token secret when one was created (export).
+    pub fn existing_stream_token_secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        if !self.path.join(SECRET_FILE).exists() {
+            return Ok(None);
+        }
+        self.stream_token_secret().map(Some)
+    }
+
+    /// Writes `secret` as the stream-token secret unless the data dir has
+    /// one (import); whether it was written.
+    pub fn set_stream_token_secret_if_absent(&self, secret: &[u8]) -> anyhow::Result<bool> {
+        let path = self.path.join(SECRET_FILE);
+        if path.exists() {
+            return Ok(false);
+        }
+        write_private_file(&path, secret)?;
+        Ok(true)
     }
 
     pub fn certificate_path(&self) -> PathBuf {

@@ -24,7 +24,14 @@ Examples:
   relay device list
   relay policy show                             # prints the service connection string
 
-Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RUST_LOG (e.g. RUST_LOG=debug)";
+Several relays as one (cluster mode, NATS with JetStream):
+  relay serve --cluster nats://nats.internal:4222 --node-url wss://relay-2.example.com:8443
+  relay device add MyDevice --cluster nats://nats.internal:4222   # from any machine that reaches NATS
+  relay registry export registry.json                              # a single relay's registry (--data-dir) ...
+  relay registry import registry.json --cluster nats://nats.internal:4222   # ... into the cluster
+
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_CLUSTER,
+  RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug)";
 
 #[derive(Parser)]
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
@@ -37,8 +44,45 @@ struct Cli {
         default_value = "./relay-data"
     )]
     data_dir: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach a cluster; every command takes them, and with `--cluster`
+/// acts on the cluster instead of the data dir's registry.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Join (serve) or manage (device, policy, registry) a cluster of relays through NATS with JetStream:
+    /// nats://[USER:PASSWORD@]HOST:PORT, several separated by commas. Without it the data dir's registry is used.
+    #[arg(long, global = true, env = "RELAY_CLUSTER", value_name = "URL")]
+    cluster: Option<String>,
+    /// NATS credentials file (.creds: JWT and NKey seed) for --cluster.
+    #[arg(long, global = true, env = "RELAY_CLUSTER_CREDS", value_name = "FILE")]
+    cluster_creds: Option<PathBuf>,
+    /// PEM CA certificate to trust for TLS to NATS; setting it requires TLS.
+    #[arg(long, global = true, env = "RELAY_CLUSTER_CA", value_name = "PEM")]
+    cluster_ca: Option<PathBuf>,
+    /// Seconds to reach NATS before giving up (at start and for each command).
+    #[arg(long, global = true, default_value_t = relay::cluster::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=120))]
+    cluster_connect_timeout: u64,
+    /// With --cluster: HostName (host:port of the load balancer) in the connection strings printed;
+    /// default: the one the cluster's nodes recorded.
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    host_name: Option<String>,
+}
+
+impl ClusterArgs {
+    fn config(&self) -> Option<relay::cluster::ClusterConfig> {
+        let url = self.cluster.as_ref()?;
+        let mut config = relay::cluster::ClusterConfig::new(url.clone());
+        config.credentials_file = self.cluster_creds.clone();
+        config.ca_certificate = self.cluster_ca.clone();
+        config.connect_timeout = Duration::from_secs(self.cluster_connect_timeout);
+        Some(config)
+    }
 }
 
 #[derive(Subcommand)]
@@ -51,6 +95,30 @@ enum Command {
     /// Show service policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Move a registry between a single relay (--data-dir) and a cluster (--cluster), in either direction.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+    /// Look at a cluster of relays (with --cluster).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the cluster's nodes: name, node URL, devices held, live streams,
+    /// uptime and last heartbeat; a node silent for three heartbeats is "gone".
+    Status,
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Write the registry (devices with keys and state, policies, stream-token secret) to FILE
+    /// (JSON, owner-only): from the cluster with --cluster, else from --data-dir.
+    Export { file: PathBuf },
+    /// Read FILE (from `relay registry export`) into the cluster with --cluster, else into --data-dir:
+    /// its devices and policies replace those of the same name, others are kept; the stream-token
+    /// secret is set only where none exists.
+    Import { file: PathBuf },
 }
 
 #[derive(Args)]
@@ -93,16 +161,16 @@ struct ServeArgs {
     /// Largest WebSocket message on stream sockets, bytes.
     #[arg(long, default_value_t = Limits::default().max_message_size)]
     max_message_size: usize,
-    /// Concurrent streams on this relay.
+    /// Concurrent streams on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().max_streams)]
     max_streams: usize,
-    /// Concurrent streams of one device.
+    /// Concurrent streams of one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().max_streams_per_device)]
     max_streams_per_device: usize,
-    /// Stream creations per second on this relay.
+    /// Stream creations per second on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().creations_per_second)]
     creations_per_second: u32,
-    /// Stream creations per second for one device.
+    /// Stream creations per second for one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().creations_per_second_per_device)]
     creations_per_second_per_device: u32,
     /// Open connections on the main and MQTT listeners together.
@@ -146,6 +214,16 @@ struct ServeArgs {
     /// Streams waiting for their two sides to connect.
     #[arg(long, default_value_t = Limits::default().max_pending_streams)]
     max_pending_streams: usize,
+    /// With --cluster: this node's streaming URL, handed out for streams to devices it holds
+    /// (e.g. wss://relay-2.example.com:8443); unique per node, required with --cluster.
+    #[arg(long, env = "RELAY_NODE_URL", value_name = "URL")]
+    node_url: Option<String>,
+    /// With --cluster: this node's name, unique among live nodes (default: host name and --listen port).
+    #[arg(long, env = "RELAY_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// With --cluster: replicas of the cluster's buckets when this node creates them (at most the NATS cluster's size).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    cluster_replicas: usize,
     /// Seconds between WebSocket pings on stream sockets; a side silent for 3 intervals is dropped (0 = off).
     #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=framing::pump::MAX_PING_INTERVAL.as_secs()))]
     ping_interval: u64,
@@ -190,11 +268,24 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    framing::process::init_logging("info");
-    let result = match cli.command {
-        Command::Serve(arguments) => serve(cli.data_dir, *arguments),
-        Command::Device(command) => device(&cli.data_dir, command),
-        Command::Policy(PolicyCommand::Show { name }) => policy_show(&cli.data_dir, &name),
+    // The NATS client logs every connection attempt by itself; the relay
+    // reports what matters (lost, back) in its own words.
+    framing::process::init_logging("info,async_nats=off");
+    let result = match (cli.command, cli.cluster.config()) {
+        (Command::Serve(arguments), cluster) => serve(cli.data_dir, cluster, *arguments),
+        (Command::Device(command), None) => device(&cli.data_dir, command),
+        (Command::Device(command), Some(cluster)) => {
+            cluster_command(cluster_device(&cluster, &cli.cluster, command))
+        }
+        (Command::Policy(PolicyCommand::Show { name }), None) => policy_show(&cli.data_dir, &name),
+        (Command::Policy(PolicyCommand::Show { name }), Some(cluster)) => {
+            cluster_command(cluster_policy_show(&cluster, &cli.cluster, &name))
+        }
+        (Command::Registry(command), cluster) => registry_command(&cli.data_dir, cluster, command),
+        (Command::Cluster(ClusterCommand::Status), Some(cluster)) => cluster_status(&cluster),
+        (Command::Cluster(ClusterCommand::Status), None) => Err(anyhow::anyhow!(
+            "relay cluster status needs the cluster: add --cluster nats://HOST:PORT (or set RELAY_CLUSTER)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,8 +296,43 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
+fn serve(
+    data_dir: PathBuf,
+    cluster: Option<relay::cluster::ClusterConfig>,
+    arguments: ServeArgs,
+) -> anyhow::Result<()> {
     let mut config = RelayConfig::new(arguments.listen, data_dir);
+    config.cluster = match cluster {
+        None => {
+            if arguments.node_url.is_some() || arguments.node_name.is_some() {
+                anyhow::bail!("--node-url and --node-name only mean something with --cluster: add --cluster nats://HOST:PORT, or drop them");
+            }
+            None
+        }
+        Some(mut cluster) => {
+            let Some(node_url) = arguments.node_url.clone() else {
+                anyhow::bail!(
+                    "--cluster needs --node-url (or RELAY_NODE_URL): the streaming URL this node hands out, \
+                     e.g. --node-url wss://relay-2.example.com:{}",
+                    arguments.listen.port()
+                );
+            };
+            if !(node_url.starts_with("wss://") || node_url.starts_with("ws://")) {
+                anyhow::bail!("--node-url {node_url:?} must start with wss:// (or ws:// behind a TLS-terminating proxy)");
+            }
+            let name = match arguments.node_name.clone() {
+                Some(name) if !name.trim().is_empty() => name,
+                Some(_) => anyhow::bail!("--node-name must not be empty"),
+                None => format!("{}:{}", host_name_of_machine(), arguments.listen.port()),
+            };
+            cluster.replicas = arguments.cluster_replicas;
+            cluster.node = Some(relay::cluster::NodeIdentity {
+                name,
+                url: node_url,
+            });
+            Some(cluster)
+        }
+    };
     config.mqtt_listen = (!arguments.no_mqtt).then_some(arguments.mqtt_listen);
     config.admin_listen = arguments.admin_listen;
     config.public_url = arguments.public_url;
@@ -284,7 +410,12 @@ fn serve(data_dir: PathBuf, arguments: ServeArgs) -> anyhow::Result<()> {
                 absolute.display()
             );
         }
-        println!("Add a device with: relay device add <DeviceId>");
+        if let Some(cluster) = &relay.cluster {
+            println!("Cluster: {cluster}");
+            println!("Add a device with: relay device add <DeviceId> --cluster <URL>");
+        } else {
+            println!("Add a device with: relay device add <DeviceId>");
+        }
         tokio::select! {
             _ = signals.received() => {}
             _ = return_freed_memory(&relay) => {}
@@ -354,6 +485,7 @@ fn host_name(data_dir: &DataDir) -> anyhow::Result<String> {
 }
 
 fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<()> {
+    DataDir::refuse_if_cluster_node(data_dir)?;
     let data_dir = match command {
         DeviceCommand::Add { .. } => DataDir::create_or_open(data_dir)?,
         _ => DataDir::open_existing(data_dir)?,
@@ -422,7 +554,212 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
     }
 }
 
+/// The machine's host name, for the default node name.
+fn host_name_of_machine() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "relay".to_string())
+}
+
+/// Runs one command against the cluster on a runtime of its own.
+fn cluster_command(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(work)
+}
+
+/// The HostName for connection strings printed from the cluster.
+async fn cluster_host_name(
+    cluster: &relay::cluster::Cluster,
+    arguments: &ClusterArgs,
+) -> anyhow::Result<String> {
+    if let Some(host) = &arguments.host_name {
+        return Ok(host.clone());
+    }
+    Ok(match cluster.host_name().await? {
+        Some(host) => host,
+        None => {
+            eprintln!("relay: note: no relay of this cluster has recorded a host name yet; assuming HostName=localhost:8443 (pass --host-name HOST:PORT)");
+            "localhost:8443".to_string()
+        }
+    })
+}
+
+async fn cluster_device(
+    config: &relay::cluster::ClusterConfig,
+    arguments: &ClusterArgs,
+    command: DeviceCommand,
+) -> anyhow::Result<()> {
+    let cluster = relay::cluster::Cluster::connect(config).await?;
+    let print_key =
+        |record: &relay::registry::DeviceRecord, host: &str, key: &str| -> anyhow::Result<()> {
+            let connection = framing::ConnectionString::for_device(host, &record.device_id, key)?;
+            println!("{}", connection.to_secret_string());
+            Ok(())
+        };
+    match command {
+        DeviceCommand::Add { device_id } => {
+            let record = cluster.add_device(&device_id).await?;
+            let host = cluster_host_name(&cluster, arguments).await?;
+            print_key(&record, &host, &record.primary_key)
+        }
+        DeviceCommand::List => {
+            for record in cluster.list_devices().await? {
+                println!(
+                    "{}{}",
+                    record.device_id,
+                    if record.enabled { "" } else { " (disabled)" }
+                );
+            }
+            Ok(())
+        }
+        DeviceCommand::Show { device_id } => {
+            let record = cluster
+                .device(&device_id)
+                .await?
+                .ok_or(relay::registry::RegistryError::NoSuchDevice(device_id))?;
+            let host = cluster_host_name(&cluster, arguments).await?;
+            print_key(&record, &host, &record.primary_key)
+        }
+        DeviceCommand::Remove { device_id } => {
+            cluster.remove_device(&device_id).await?;
+            eprintln!("relay: removed device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::Disable { device_id } => {
+            cluster.set_device_enabled(&device_id, false).await?;
+            eprintln!("relay: disabled device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::Enable { device_id } => {
+            cluster.set_device_enabled(&device_id, true).await?;
+            eprintln!("relay: enabled device {device_id}");
+            Ok(())
+        }
+        DeviceCommand::RotateKey {
+            device_id,
+            secondary,
+        } => {
+            let record = cluster.rotate_device_key(&device_id, secondary).await?;
+            let host = cluster_host_name(&cluster, arguments).await?;
+            let key = if secondary {
+                &record.secondary_key
+            } else {
+                &record.primary_key
+            };
+            print_key(&record, &host, key)
+        }
+    }
+}
+
+async fn cluster_policy_show(
+    config: &relay::cluster::ClusterConfig,
+    arguments: &ClusterArgs,
+    name: &str,
+) -> anyhow::Result<()> {
+    let cluster = relay::cluster::Cluster::connect(config).await?;
+    let policy = cluster
+        .policy(name)
+        .await?
+        .ok_or_else(|| relay::registry::RegistryError::NoSuchPolicy(name.to_string()))?;
+    let host = cluster_host_name(&cluster, arguments).await?;
+    println!(
+        "{}",
+        framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
+    );
+    Ok(())
+}
+
+fn registry_command(
+    data_dir: &std::path::Path,
+    cluster: Option<relay::cluster::ClusterConfig>,
+    command: RegistryCommand,
+) -> anyhow::Result<()> {
+    use relay::cluster::transfer;
+    match (command, cluster) {
+        (RegistryCommand::Export { file }, None) => {
+            DataDir::refuse_if_cluster_node(data_dir)?;
+            let export = transfer::export_data_dir(&DataDir::open_existing(data_dir)?)?;
+            write_export(&file, &export)
+        }
+        (RegistryCommand::Export { file }, Some(config)) => cluster_command(async {
+            let cluster = relay::cluster::Cluster::connect(&config).await?;
+            let export = transfer::export_cluster(&cluster).await?;
+            write_export(&file, &export)
+        }),
+        (RegistryCommand::Import { file }, cluster) => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let export = transfer::RegistryExport::parse(&text)
+                .with_context(|| format!("{}", file.display()))?;
+            let summary = match cluster {
+                None => {
+                    DataDir::refuse_if_cluster_node(data_dir)?;
+                    transfer::import_data_dir(&DataDir::create_or_open(data_dir)?, &export)?
+                }
+                Some(config) => {
+                    let mut summary = None;
+                    cluster_command(async {
+                        let cluster = relay::cluster::Cluster::connect(&config).await?;
+                        summary = Some(transfer::import_cluster(&cluster, &export).await?);
+                        Ok(())
+                    })?;
+                    summary.unwrap_or_default()
+                }
+            };
+            eprintln!(
+                "relay: imported {} devices and {} policies{}",
+                summary.devices,
+                summary.policies,
+                if summary.secret_written {
+                    " and the stream-token secret"
+                } else {
+                    " (the target's stream-token secret was kept)"
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes the export owner-only (it holds every key).
+fn write_export(
+    file: &std::path::Path,
+    export: &relay::cluster::transfer::RegistryExport,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_vec_pretty(export).context("cannot encode the export")?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut output = options
+        .open(file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    output
+        .write_all(&text)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    eprintln!(
+        "relay: exported {} devices and {} policies to {} (it holds their keys: keep it private)",
+        export.devices.len(),
+        export.policies.len(),
+        file.display()
+    );
+    Ok(())
+}
+
 fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    DataDir::refuse_if_cluster_node(data_dir)?;
     let data_dir = DataDir::open_existing(data_dir)?;
     let registry = data_dir.registry()?;
     let policy = registry
@@ -434,6 +771,22 @@ fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
         framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
     );
     Ok(())
+}
+
+/// `relay cluster status`: reads every node's heartbeat from NATS.
+fn cluster_status(config: &relay::cluster::ClusterConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster = relay::cluster::Cluster::connect(config).await?;
+        let heartbeats = relay::cluster::heartbeat::read_all(cluster.jetstream()).await?;
+        print!(
+            "{}",
+            relay::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
+        );
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -17,10 +17,11 @@ use anyhow::Context;
 use framing::stream_token::StreamTokenKey;
 use tokio::net::TcpListener;
 
+use crate::cluster::Cluster;
 use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use crate::listeners::{accept_loop, Endpoint, OpenConnections};
-use crate::registry::{self, SnapshotRegistry, SqliteSource};
+use crate::registry::{self, ClusterSource, SnapshotRegistry, SqliteSource};
 use crate::state::RelayState;
 use crate::{admin, tls};
 
@@ -38,6 +39,9 @@ pub struct RunningRelay {
     pub certificate_path: Option<PathBuf>,
     /// Whether the listener speaks TLS.
     pub tls: bool,
+    /// With --cluster: which cluster this node joined and as whom, for
+    /// the start-up lines.
+    pub cluster: Option<String>,
     state: Arc<RelayState>,
 }
 
@@ -74,11 +78,39 @@ fn url_authority(url: &str) -> Option<&str> {
         .filter(|authority| !authority.is_empty())
 }
 
-/// Opens the data dir, binds the listener and starts serving.
+/// Where the serving registry's snapshots come from.
+enum RegistrySource {
+    File(SqliteSource),
+    Cluster(Box<ClusterSource>),
+}
+
+/// Opens the data dir, joins the cluster when configured, binds the
+/// listeners and starts serving.
 pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
-    let data_dir = DataDir::create_or_open(&config.data_dir)?;
-    let registry = data_dir.registry()?;
-    let secret = data_dir.stream_token_secret()?;
+    // Joined first: a bad cluster configuration fails before anything is
+    // bound, with the one line ClusterError gives. A node's data dir holds
+    // only its TLS files, and a mark that sends `relay device …` without
+    // --cluster to the cluster instead of to a registry no node reads.
+    let (data_dir, cluster) = match &config.cluster {
+        Some(cluster_config) => {
+            let data_dir = DataDir::create_without_registry(&config.data_dir)?;
+            let cluster = Arc::new(Cluster::connect(cluster_config).await?);
+            data_dir.mark_cluster_node(cluster.url())?;
+            (data_dir, Some(cluster))
+        }
+        None => {
+            let data_dir = DataDir::create_or_open(&config.data_dir)?;
+            data_dir.clear_cluster_node_mark()?;
+            (data_dir, None)
+        }
+    };
+    let secret = match &cluster {
+        Some(cluster) => cluster
+            .ensure_stream_token_secret()
+            .await
+            .context("cannot read the cluster's stream-token secret")?,
+        None => data_dir.stream_token_secret()?,
+    };
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "cannot listen on {}: choose another --listen address or stop the program that uses it",
@@ -119,8 +151,27 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         }
         None => local_address.to_string(),
     };
-    registry.set_setting(HOST_NAME_SETTING, &host_name)?;
-    let policy = registry.ensure_policy(SERVICE_POLICY)?;
+    let (host_name, policy) = match &cluster {
+        None => {
+            let registry = data_dir.registry()?;
+            registry.set_setting(HOST_NAME_SETTING, &host_name)?;
+            (host_name, registry.ensure_policy(SERVICE_POLICY)?)
+        }
+        Some(cluster) => {
+            // The first node records the HostName for connection strings
+            // (a node given --public-url, the balancer's name, replaces it).
+            cluster
+                .set_host_name(&host_name, config.public_url.is_some())
+                .await
+                .context("cannot record the host name in the cluster")?;
+            let host_name = cluster.host_name().await?.unwrap_or(host_name);
+            let policy = cluster
+                .ensure_policy(SERVICE_POLICY)
+                .await
+                .context("cannot read the service policy from the cluster")?;
+            (host_name, policy)
+        }
+    };
     let service_connection_string =
         framing::ConnectionString::for_policy(&host_name, SERVICE_POLICY, &policy.primary_key)?
             .to_secret_string();
@@ -133,15 +184,37 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     config.mqtt_listen = mqtt_address;
     config.admin_listen = admin_address;
     // Loaded after this process's own writes above, so it holds them.
-    let (registry_source, snapshot) =
-        SqliteSource::open(&data_dir.registry_path()).context("cannot load the registry")?;
+    let registry_source = match &cluster {
+        None => {
+            let (source, snapshot) = SqliteSource::open(&data_dir.registry_path())
+                .context("cannot load the registry")?;
+            (RegistrySource::File(source), snapshot)
+        }
+        Some(cluster) => {
+            let (source, snapshot) = ClusterSource::load(cluster)
+                .await
+                .context("cannot load the registry from the cluster")?;
+            (RegistrySource::Cluster(Box::new(source)), snapshot)
+        }
+    };
+    let (registry_source, snapshot) = registry_source;
     let snapshot_registry = Arc::new(SnapshotRegistry::new(snapshot));
-    let state = RelayState::new(
+    let state = RelayState::new_in_cluster(
         config,
         snapshot_registry.clone(),
         StreamTokenKey::from_secret(&secret),
+        cluster,
     );
     let tls = acceptors.is_some();
+    let cluster_description = state.cluster.as_ref().map(|cluster| match cluster.node() {
+        Some(node) => format!(
+            "joined {} as node {:?} (node URL {})",
+            cluster.url(),
+            node.name,
+            node.url
+        ),
+        None => format!("joined {}", cluster.url()),
+    });
     let open_connections = OpenConnections::default();
     let (main_acceptor, mqtt_acceptor) = match acceptors {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
@@ -170,11 +243,25 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     }
     // Registry changes (another process's `relay device …`) are followed
     // here; unpaired streams expire by their own timers (crate::pairing).
-    state.tasks.spawn(registry::follow(
-        state.clone(),
-        snapshot_registry,
-        registry_source,
-    ));
+    if state.cluster.is_some() {
+        state
+            .tasks
+            .spawn(crate::cluster::heartbeat::run(state.clone()));
+    }
+    match registry_source {
+        RegistrySource::File(source) => {
+            state
+                .tasks
+                .spawn(registry::follow(state.clone(), snapshot_registry, source));
+        }
+        RegistrySource::Cluster(source) => {
+            state.tasks.spawn(registry::follow_cluster(
+                state.clone(),
+                snapshot_registry,
+                *source,
+            ));
+        }
+    }
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
     Ok(RunningRelay {
         local_address,
@@ -184,6 +271,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         service_connection_string,
         certificate_path,
         tls,
+        cluster: cluster_description,
         state,
     })
 }

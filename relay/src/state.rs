@@ -9,6 +9,7 @@ use framing::stream_token::StreamTokenKey;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{RelayConfig, TlsMode};
 use crate::limits::Admission;
 use crate::metrics::Metrics;
@@ -27,6 +28,9 @@ pub struct RelayState {
     /// Per-address connection caps and authentication-failure slowdown.
     pub sources: Arc<Sources>,
     pub metrics: Metrics,
+    /// The cluster this node belongs to (`relay serve --cluster`); `None`
+    /// for a single relay.
+    pub cluster: Option<Arc<Cluster>>,
     /// Every task the relay spawns, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
     /// Stop accepting and close control channels (start of a drain).
@@ -41,6 +45,16 @@ impl RelayState {
         config: RelayConfig,
         registry: Arc<dyn Registry>,
         token_key: StreamTokenKey,
+    ) -> Arc<Self> {
+        Self::new_in_cluster(config, registry, token_key, None)
+    }
+
+    /// A node of a cluster (or a single relay when `cluster` is `None`).
+    pub fn new_in_cluster(
+        config: RelayConfig,
+        registry: Arc<dyn Registry>,
+        token_key: StreamTokenKey,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
         let admission = Admission::new(config.limits.clone());
         let max_pending = config.limits.max_pending_streams;
@@ -57,6 +71,7 @@ impl RelayState {
             admission,
             sources,
             metrics: Metrics::default(),
+            cluster,
             tasks,
             stop_accepting,
             stop_streams: CancellationToken::new(),

@@ -135,7 +135,7 @@ pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, sou
 
 /// Ends the control channels (the device's and its modules') and the live
 /// streams of devices that lost access.
-fn cut(state: &RelayState, revoked: &[String]) {
+pub(super) fn cut(state: &RelayState, revoked: &[String]) {
     for device_id in revoked {
         tracing::info!(
             device_id,

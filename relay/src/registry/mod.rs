@@ -10,11 +10,12 @@
 //! access (removed, disabled, keys rotated); their channels and streams are
 //! cut at once.
 //!
-//! [`Registry`] is the seam the hot path reads through: a cluster keeps the
-//! same in-memory snapshot, fed by a watch on a shared key-value store
-//! instead of by the file.
+//! [`Registry`] is the seam the hot path reads through: a cluster node
+//! keeps the same in-memory snapshot, fed by a watch on the cluster's
+//! key-value bucket instead of by the file ([`follow_cluster`]).
 
 mod follow;
+pub mod follow_cluster;
 mod snapshot;
 mod sqlite;
 
@@ -25,6 +26,7 @@ use base64::Engine;
 use rand::RngCore;
 
 pub use follow::{follow, SqliteSource, POLL_INTERVAL};
+pub use follow_cluster::{follow_cluster, ClusterSource};
 pub use snapshot::REFRESH_TIMEOUT;
 pub use snapshot::{Snapshot, SnapshotRegistry};
 pub use sqlite::SqliteRegistry;
@@ -42,6 +44,8 @@ pub enum RegistryError {
     NoSuchDevice(String),
     #[error("policy {0:?} does not exist; the relay creates the `service` policy on first start")]
     NoSuchPolicy(String),
+    #[error("cluster registry: {0}")]
+    Cluster(String),
     #[error("invalid device id {id:?}: {reason}")]
     InvalidDeviceId {
         id: String,

@@ -138,6 +138,47 @@ impl SqliteRegistry {
         })
     }
 
+    /// Writes a device whole (import), replacing any record of that id.
+    pub fn put_device(&self, record: &DeviceRecord) -> Result<(), RegistryError> {
+        validate_device_id(&record.device_id)?;
+        self.with(|connection| {
+            connection.execute(
+                "INSERT INTO devices (device_id, primary_key, secondary_key, enabled) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(device_id) DO UPDATE SET primary_key = excluded.primary_key,
+                     secondary_key = excluded.secondary_key, enabled = excluded.enabled",
+                params![
+                    record.device_id,
+                    record.primary_key,
+                    record.secondary_key,
+                    record.enabled as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Writes a policy whole (import), replacing any policy of that name.
+    pub fn put_policy(&self, record: &PolicyRecord) -> Result<(), RegistryError> {
+        self.with(|connection| {
+            connection.execute(
+                "INSERT INTO policies (name, primary_key, secondary_key) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET primary_key = excluded.primary_key,
+                     secondary_key = excluded.secondary_key",
+                params![record.name, record.primary_key, record.secondary_key],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
+        self.with(|connection| {
+            let mut statement = connection
+                .prepare("SELECT name, primary_key, secondary_key FROM policies ORDER BY name")?;
+            let rows = statement.query_map([], policy_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Creates the policy with fresh keys unless it exists.
     pub fn ensure_policy(&self, name: &str) -> Result<PolicyRecord, RegistryError> {
         self.with(|connection| {

@@ -576,3 +576,49 @@ async fn module_and_device_channels_on_different_nodes_are_each_routed_with_ioth
     assert!(header(&headers, "iothub-streaming-url").is_none());
     assert!(body.contains("rejected"), "{body}");
 }
+
+#[tokio::test]
+async fn a_creation_waits_for_a_device_that_connects_to_another_node_within_its_connect_timeout() {
+    if !tools_present() {
+        return;
+    }
+    let cluster = TestCluster::start(3, &[]).await;
+    let device_string = cluster.add_device("late").await;
+    let service = service_at(&cluster, cluster.node("relay-1"));
+    let started = Instant::now();
+    let creation = tokio::spawn(async move {
+        service
+            .create_stream("late", "Probe", &options(Duration::from_secs(10)))
+            .await
+    });
+    // Nobody holds the device yet: the entry node keeps asking.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut device = CSdkDevice::connect(
+        cluster.node("relay-2").relay.mqtt_port(),
+        &cluster.certificate.client_tls(),
+        &device_string,
+        None,
+        60,
+    )
+    .await;
+    let request = tokio::time::timeout(Duration::from_secs(10), device.next_stream_request())
+        .await
+        .expect("the request reached the device once it connected");
+    device
+        .answer(&request.request_id, 200, framing::mqtt::QoS::AtMostOnce)
+        .await;
+    let invitation = creation.await.expect("join").expect("accepted");
+    assert!(invitation.is_accepted);
+    assert!(
+        invitation
+            .url
+            .starts_with(&cluster.node("relay-2").node_url),
+        "{}",
+        invitation.url
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered once the device connected, not at the timeout: {:?}",
+        started.elapsed()
+    );
+}

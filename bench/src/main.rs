@@ -8,12 +8,9 @@
 
 mod binaries;
 mod chart;
-mod child;
-mod file_limit;
 mod machine;
 mod machine_load;
 mod plan;
-mod process_stats;
 mod report;
 mod run;
 mod statistics;
@@ -26,6 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bench::{child, file_limit, process_stats};
 use clap::{Parser, ValueEnum};
 
 use crate::plan::Plan;

@@ -258,6 +258,14 @@ pub async fn run_session<T: PacketTransport>(
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
         // Replaces (and closes) the identity's previous channel right away, as IoT Hub does.
         state.presence.connect(&session.identity, handle);
+        // In a cluster: answer this identity's stream creations and close
+        // its channel on any other node (ends when the session does).
+        let _cluster_membership = crate::cluster::presence::join(
+            &state,
+            &session.identity,
+            session.session_id,
+            session.cancel.clone(),
+        );
         // A registry change that revoked these credentials after they were
         // checked found no session to cut; now that it can be found, check again.
         if authenticate(&state, &connect).is_err() {

@@ -99,6 +99,16 @@ enum Command {
     /// Move a registry between a single relay (--data-dir) and a cluster (--cluster), in either direction.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// Look at a cluster of relays (with --cluster).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the cluster's nodes: name, node URL, devices held, live streams,
+    /// uptime and last heartbeat; a node silent for three heartbeats is "gone".
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -152,16 +162,16 @@ struct ServeArgs {
     /// Largest WebSocket message on stream sockets, bytes.
     #[arg(long, default_value_t = Limits::default().max_message_size)]
     max_message_size: usize,
-    /// Concurrent streams on this relay.
+    /// Concurrent streams on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().max_streams)]
     max_streams: usize,
-    /// Concurrent streams of one device.
+    /// Concurrent streams of one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().max_streams_per_device)]
     max_streams_per_device: usize,
-    /// Stream creations per second on this relay.
+    /// Stream creations per second on this relay (in a cluster: on this node, counted where devices are held).
     #[arg(long, default_value_t = Limits::default().creations_per_second)]
     creations_per_second: u32,
-    /// Stream creations per second for one device.
+    /// Stream creations per second for one device (in a cluster: enforced on the node holding it, so cluster-wide).
     #[arg(long, default_value_t = Limits::default().creations_per_second_per_device)]
     creations_per_second_per_device: u32,
     /// Open connections on the main and MQTT listeners together.
@@ -273,6 +283,10 @@ fn main() -> ExitCode {
             cluster_command(cluster_policy_show(&cluster, &cli.cluster, &name))
         }
         (Command::Registry(command), cluster) => registry_command(&cli.data_dir, cluster, command),
+        (Command::Cluster(ClusterCommand::Status), Some(cluster)) => cluster_status(&cluster),
+        (Command::Cluster(ClusterCommand::Status), None) => Err(anyhow::anyhow!(
+            "relay cluster status needs the cluster: add --cluster nats://HOST:PORT (or set RELAY_CLUSTER)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -758,6 +772,22 @@ fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
         framing::ConnectionString::for_policy(&host, name, &policy.primary_key)?.to_secret_string()
     );
     Ok(())
+}
+
+/// `relay cluster status`: reads every node's heartbeat from NATS.
+fn cluster_status(config: &relay::cluster::ClusterConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster = relay::cluster::Cluster::connect(config).await?;
+        let heartbeats = relay::cluster::heartbeat::read_all(cluster.jetstream()).await?;
+        print!(
+            "{}",
+            relay::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
+        );
+        Ok(())
+    })
 }
 
 #[cfg(test)]

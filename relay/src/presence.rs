@@ -80,6 +80,10 @@ struct Entry {
 pub struct Presence {
     sessions: Mutex<HashMap<Identity, Entry>>,
     changes: watch::Sender<u64>,
+    /// In cluster mode: how many times this node has (re)connected to NATS,
+    /// so each channel announces itself again after an outage
+    /// ([`crate::cluster::presence`]).
+    cluster_connects: watch::Sender<u64>,
     pub(crate) next_session_id: AtomicU64,
 }
 
@@ -88,6 +92,7 @@ impl Default for Presence {
         Self {
             sessions: Mutex::new(HashMap::new()),
             changes: watch::Sender::new(0),
+            cluster_connects: watch::Sender::new(0),
             next_session_id: AtomicU64::new(1),
         }
     }
@@ -115,6 +120,21 @@ impl Presence {
             old.handle.cancel.cancel();
         }
         self.changes.send_modify(|version| *version += 1);
+    }
+
+    /// Records the NATS client's connection count; a change wakes every
+    /// [`Self::cluster_connects`] receiver.
+    pub(crate) fn note_cluster_connects(&self, connects: u64) {
+        self.cluster_connects.send_if_modified(|known| {
+            let changed = *known != connects;
+            *known = connects;
+            changed
+        });
+    }
+
+    /// Changes when this node reconnects to NATS.
+    pub(crate) fn cluster_connects(&self) -> watch::Receiver<u64> {
+        self.cluster_connects.subscribe()
     }
 
     /// The session subscribed to stream requests.

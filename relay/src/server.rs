@@ -265,6 +265,11 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     }
     // Registry changes (another process's `relay device …`) are followed
     // here; unpaired streams expire by their own timers (crate::pairing).
+    if state.cluster.is_some() {
+        state
+            .tasks
+            .spawn(crate::cluster::heartbeat::run(state.clone()));
+    }
     match registry_source {
         RegistrySource::File(source) => {
             state

@@ -131,6 +131,44 @@ impl CreationDeadlines {
     pub fn device_answer_by(&self, asked: Instant) -> Instant {
         (asked + self.response_timeout).min(self.answer_by)
     }
+
+    /// When the stream tokens expire: at the end of the handshake budget.
+    pub fn token_expiry(&self) -> SystemTime {
+        SystemTime::now() + self.handshake_by.saturating_duration_since(Instant::now())
+    }
+
+    /// What is left of each phase at `now`, to send to another node (clocks
+    /// of two machines are not comparable; durations are).
+    pub fn remaining(&self, now: Instant) -> RemainingBudget {
+        RemainingBudget {
+            online_within: self.online_by.saturating_duration_since(now),
+            answer_within: self.answer_by.saturating_duration_since(now),
+            handshake_within: self.handshake_by.saturating_duration_since(now),
+            response_timeout: self.response_timeout,
+        }
+    }
+
+    /// The deadlines of a creation received from another node at `now`.
+    pub fn from_remaining(now: Instant, budget: RemainingBudget) -> Self {
+        let handshake_by = now + budget.handshake_within;
+        let answer_by = (now + budget.answer_within).min(handshake_by);
+        Self {
+            online_by: (now + budget.online_within).min(answer_by),
+            answer_by,
+            handshake_by,
+            arrived: now,
+            response_timeout: budget.response_timeout,
+        }
+    }
+}
+
+/// The rest of one creation's budget, as sent between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemainingBudget {
+    pub online_within: Duration,
+    pub answer_within: Duration,
+    pub handshake_within: Duration,
+    pub response_timeout: Duration,
 }
 
 pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<Body> {
@@ -165,7 +203,6 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         );
     }
     let handshake_limit = state.config.limits.handshake_timeout;
-    let expiry = SystemTime::now() + handshake_limit - arrived.elapsed();
     let (connect_timeout, response_timeout) = match (
         timeout_header(&headers, headers::CONNECT_TIMEOUT, handshake_limit),
         timeout_header(&headers, headers::RESPONSE_TIMEOUT, handshake_limit),
@@ -179,33 +216,95 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
             )
         }
     };
-    match crate::registry::usable_device(state.registry.as_ref(), &device_id).await {
-        Ok(Some(record)) if record.enabled => {}
-        Ok(Some(_)) => {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                DEVICE_NOT_FOUND,
-                &format!("device {device_id} is disabled"),
-            )
+    if let Err(refusal) = check_device(&state, &device_id).await {
+        return refusal;
+    }
+    let deadlines =
+        CreationDeadlines::new(arrived, connect_timeout, response_timeout, handshake_limit);
+    let creation = Creation {
+        identity: Identity {
+            device_id,
+            module_id,
+        },
+        stream_name,
+        target: header(&headers, headers::TARGET).map(str::to_string),
+        half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
+        host: header(&headers, "host").map(str::to_string),
+    };
+    // In a cluster the device's channel may be held by another node: that
+    // node answers (and its own URL goes into the answer), unless the device
+    // is, or comes, online here.
+    if let Some(cluster) = state.cluster.clone() {
+        if state.presence.get(&creation.identity).is_none() {
+            if let crate::cluster::routing::Routed::Answered(response) =
+                crate::cluster::routing::route(&state, &cluster, &creation, peer, &deadlines).await
+            {
+                return response;
+            }
         }
-        Ok(None) => {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                DEVICE_NOT_FOUND,
-                &format!(
+    }
+    create_here(state, creation, peer, deadlines).await
+}
+
+/// What a creation asks, apart from the credentials already checked: all a
+/// node holding the device needs to serve it (also when sent over NATS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creation {
+    pub identity: Identity,
+    pub stream_name: String,
+    /// The devstreams target header, if the service named one.
+    pub target: Option<String>,
+    /// The service asked for the half-close signal.
+    pub half_close: bool,
+    /// The `Host` the service used (for the streaming URL outside a cluster).
+    pub host: Option<String>,
+}
+
+/// The device must be registered and enabled (read from this node's copy).
+async fn check_device(state: &RelayState, device_id: &str) -> Result<(), Response<Body>> {
+    match crate::registry::usable_device(state.registry.as_ref(), device_id).await {
+        Ok(Some(record)) if record.enabled => Ok(()),
+        Ok(Some(_)) => Err(error_response(
+            StatusCode::NOT_FOUND,
+            DEVICE_NOT_FOUND,
+            &format!("device {device_id} is disabled"),
+        )),
+        Ok(None) => Err(error_response(
+            StatusCode::NOT_FOUND,
+            DEVICE_NOT_FOUND,
+            &format!(
                 "device {device_id} is not registered: add it with `relay device add {device_id}`"
             ),
-            )
-        }
+        )),
         Err(error) => {
             tracing::error!(%error, "registry lookup failed");
-            return error_response(
+            Err(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 503001,
                 "the relay's registry is unavailable; retry later",
-            );
+            ))
         }
     }
+}
+
+/// Serves a creation on this node: the per-device limits (enforced where
+/// the device's channel is, so they hold cluster-wide), the device's
+/// answer, and the pending pair. A request routed from another node of the
+/// cluster comes in here too, on the node holding the device.
+pub async fn create_here(
+    state: Arc<RelayState>,
+    creation: Creation,
+    peer: std::net::SocketAddr,
+    deadlines: CreationDeadlines,
+) -> Response<Body> {
+    if state.cluster.is_some() {
+        // On the holding node the registry copy is checked again: the
+        // device may have been disabled since the entry node looked.
+        if let Err(refusal) = check_device(&state, &creation.identity.device_id).await {
+            return refusal;
+        }
+    }
+    let device_id = creation.identity.device_id.clone();
     let permit = match state.admission.admit(&device_id) {
         Ok(permit) => permit,
         Err(error) => {
@@ -219,44 +318,43 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         }
     };
     let stream_id = new_stream_id();
-    let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, stream_name = %stream_name);
-    negotiate(
-        state,
-        device_id,
-        module_id,
-        stream_name,
-        headers,
-        peer,
-        stream_id,
-        permit,
-        CreationDeadlines::new(arrived, connect_timeout, response_timeout, handshake_limit),
-        expiry,
-    )
-    .instrument(span)
-    .await
+    let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, stream_name = %creation.stream_name);
+    negotiate(state, creation, peer, stream_id, permit, deadlines)
+        .instrument(span)
+        .await
+}
+
+/// The base of streaming URLs this node hands out: in a cluster its own
+/// `--node-url`, so both sides meet on the node that holds the device.
+fn streaming_base(state: &RelayState, host: Option<&str>) -> String {
+    match &state.cluster {
+        Some(cluster) => crate::cluster::routing::node_url(cluster).to_string(),
+        None => state.streaming_base(host),
+    }
 }
 
 /// Reaches the device and waits for its decision, inside the stream's span.
-#[allow(clippy::too_many_arguments)]
 async fn negotiate(
     state: Arc<RelayState>,
-    device_id: String,
-    module_id: Option<String>,
-    stream_name: String,
-    headers: HeaderMap,
+    creation: Creation,
     peer: std::net::SocketAddr,
     stream_id: String,
     permit: crate::limits::StreamPermit,
     deadlines: CreationDeadlines,
-    expiry: SystemTime,
 ) -> Response<Body> {
+    let Creation {
+        identity,
+        stream_name,
+        target,
+        half_close: half_close_asked,
+        host,
+    } = creation;
+    let device_id = identity.device_id.clone();
+    let module_id = identity.module_id.clone();
+    let expiry = deadlines.token_expiry();
     Metrics::add(&state.metrics.streams_requested, 1);
     tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
 
-    let identity = Identity {
-        device_id: device_id.clone(),
-        module_id: module_id.clone(),
-    };
     let connect_wait = deadlines
         .online_by
         .saturating_duration_since(Instant::now());
@@ -291,8 +389,8 @@ async fn negotiate(
         utf8_percent_encode(&device_id, framing::sas::COMPONENT),
         stream_id
     );
-    let service_url = format!("{}{path}", state.streaming_base(header(&headers, "host")));
-    let device_url = format!("{}{path}", state.streaming_base(session.host.as_deref()));
+    let service_url = format!("{}{path}", streaming_base(&state, host.as_deref()));
+    let device_url = format!("{}{path}", streaming_base(&state, session.host.as_deref()));
     let stream_request = StreamRequest {
         stream_name: stream_name.clone(),
         request_id: state.next_request_id(),
@@ -300,8 +398,8 @@ async fn negotiate(
         authorization_token: state
             .token_key
             .issue(&stream_id, &device_id, Side::Device, expiry),
-        target: header(&headers, headers::TARGET).map(str::to_string),
-        half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
+        target: target.clone(),
+        half_close: half_close_asked,
     };
     let Ok(answer) = session.send_request(stream_request) else {
         return throttled(
@@ -338,7 +436,7 @@ async fn negotiate(
     };
     if response.status != 200 {
         Metrics::add(&state.metrics.streams_rejected, 1);
-        let target = header(&headers, headers::TARGET);
+        let target = target.as_deref();
         tracing::info!(
             status = response.status,
             target,
@@ -364,7 +462,7 @@ async fn negotiate(
     let service_token = state
         .token_key
         .issue(&stream_id, &device_id, Side::Service, expiry);
-    let half_close = response.half_close && header(&headers, headers::HALF_CLOSE) == Some("True");
+    let half_close = response.half_close && half_close_asked;
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(headers::IS_ACCEPTED, "True")
@@ -445,6 +543,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_budget_sent_to_another_node_keeps_every_deadline() {
+        let arrived = Instant::now();
+        let deadlines = CreationDeadlines::new(arrived, 10 * SECOND, 5 * SECOND, 60 * SECOND);
+        let sent = arrived + 2 * SECOND;
+        let budget = deadlines.remaining(sent);
+        assert_eq!(budget.online_within, 8 * SECOND);
+        // Received later, on another machine's clock: each phase ends as
+        // long after receipt as it had left when sent.
+        let received = Instant::now() + 100 * SECOND;
+        let there = CreationDeadlines::from_remaining(received, budget);
+        assert_eq!(there.online_by, received + 8 * SECOND);
+        assert_eq!(there.answer_by, received + 13 * SECOND);
+        assert_eq!(there.handshake_by, received + 58 * SECOND);
+        assert_eq!(
+            there.device_answer_by(received + SECOND),
+            received + 6 * SECOND
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! `cargo test --workspace` (each binary package has its own CLI test, which
 //! makes cargo build it before any test runs).
 
+pub mod cluster;
 pub mod iothub;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,16 @@ impl Process {
 
     /// Reads stdout until a line starting with `prefix`; returns the rest.
     pub async fn wait_for_line(&mut self, prefix: &str) -> String {
+        match self.try_wait_for_line(prefix).await {
+            Some(rest) => rest,
+            None => panic!("process never printed {prefix:?}; its log:\n{}", self.log()),
+        }
+    }
+
+    /// Like [`Self::wait_for_line`], but `None` when the process ended (or
+    /// stayed silent for [`STARTUP_TIMEOUT`]) first, for a caller that
+    /// retries, e.g. on a port another test took.
+    pub async fn try_wait_for_line(&mut self, prefix: &str) -> Option<String> {
         let lines = self.stdout.as_mut().expect("stdout is piped");
         let found = tokio::time::timeout(STARTUP_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -88,10 +99,7 @@ impl Process {
             None
         })
         .await;
-        match found {
-            Ok(Some(rest)) => rest,
-            _ => panic!("process never printed {prefix:?}; its log:\n{}", self.log()),
-        }
+        found.ok().flatten()
     }
 
     pub fn log(&self) -> String {

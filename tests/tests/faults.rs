@@ -101,7 +101,7 @@ async fn time_until_broken(client: &mut TcpStream, limit: Duration) -> Duration 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
-    let tunnel = tunnel(&[]).await;
+    let mut tunnel = tunnel(&[]).await;
     let mut client = echo_round_trip(tunnel.local_port, b"before the crash")
         .await
         .expect("tunnel works");
@@ -117,6 +117,14 @@ async fn killed_relay_breaks_streams_promptly_and_a_restart_restores_service() {
         "the client noticed after {waited:?}"
     );
 
+    // A killed process's listening socket closes only once the kernel has
+    // torn the process down (a larger process takes longer): the outage
+    // starts then.
+    tunnel
+        .relay
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await;
     // While the relay is down, service-proxy keeps listening and turns each
     // new connection away at once, with a line that says why.
     let mut refused = TcpStream::connect(("127.0.0.1", tunnel.local_port))

@@ -16,7 +16,10 @@
 //! that keys refuse; [`encode_token`] maps any id to one subject token and
 //! key segment, injectively.
 
+pub mod heartbeat;
+pub mod presence;
 pub mod registry;
+pub mod routing;
 pub mod transfer;
 
 use std::path::PathBuf;
@@ -548,7 +551,7 @@ async fn check_jetstream(client: &async_nats::Client, url: &str) -> Result<(), C
 /// create with the existing stream. Made by hand rather than by the
 /// client's `create_key_value`, whose account check fails on nats-server
 /// 2.9.
-async fn open_bucket(
+pub(crate) async fn open_bucket(
     jetstream: &jetstream::Context,
     bucket: &str,
     description: &str,

@@ -45,9 +45,10 @@ impl RunReport {
     }
 }
 
-pub const COLUMNS: [SystemKind; 4] = [
+pub const COLUMNS: [SystemKind; 5] = [
     SystemKind::Direct,
     SystemKind::Devstreams,
+    SystemKind::DevstreamsCluster,
     SystemKind::Rathole,
     SystemKind::Bore,
 ];

@@ -133,6 +133,14 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
     );
     let _ = writeln!(
         out,
+        "- **devstreams 3-node cluster (TLS)**: the same programs and limits, but three `relay serve --cluster` nodes \
+         on one `nats-server -js` (one certificate for all, each its own `--node-url`). The device is held by node 1; \
+         `service-proxy` sends its REST calls to node 2, which routes each creation to node 1 over NATS; both stream \
+         WebSockets meet on node 1. Its per-process CPU and memory figures are node 1's; node 2, node 3 and NATS run \
+         alongside unwatched. Skipped when nats-server is not installed."
+    );
+    let _ = writeln!(
+        out,
         "- **rathole (TLS)**: client → rathole server (plain TCP, as rathole has no operator-side proxy) → TLS \
          (native-tls / OpenSSL) → rathole client → server. One TLS leg where devstreams has two; rathole also keeps \
          a small pool of pre-opened data channels, so its set-up skips a TLS handshake."

@@ -107,6 +107,8 @@ struct Arguments {
 enum Choice {
     Direct,
     Devstreams,
+    /// Three relays on NATS (needs nats-server), REST on a node not holding the device
+    DevstreamsCluster,
     Rathole,
     Bore,
 }
@@ -116,6 +118,7 @@ impl Choice {
         match self {
             Choice::Direct => SystemKind::Direct,
             Choice::Devstreams => SystemKind::Devstreams,
+            Choice::DevstreamsCluster => SystemKind::DevstreamsCluster,
             Choice::Rathole => SystemKind::Rathole,
             Choice::Bore => SystemKind::Bore,
         }
@@ -250,6 +253,9 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
         let started_system = match kind {
             SystemKind::Direct => Ok(System::direct(target.address)),
             SystemKind::Devstreams => systems::devstreams::start(&programs, target.address).await,
+            SystemKind::DevstreamsCluster => {
+                systems::devstreams_cluster::start(&programs, target.address).await
+            }
             SystemKind::Rathole => systems::rathole::start(&programs, target.address).await,
             SystemKind::Bore => systems::bore::start(&programs, target.address).await,
         };

@@ -214,10 +214,9 @@ async fn haproxy_health_checks_take_a_killed_node_out_and_keep_forwarding() {
     }
 }
 
-/// Needs cluster-core's `--cluster/--node-url/--node-name` and
-/// `relay device add --cluster`; run with `--ignored` once they are merged.
+/// The whole harness at once: NATS, three `relay serve --cluster` nodes and
+/// HAProxy in front; a device and a service that know only the balancer.
 #[tokio::test]
-#[ignore = "needs relay serve --cluster (cluster-core) in this branch"]
 async fn three_nodes_join_one_nats_behind_haproxy() {
     if !require_nats_server() || !require_haproxy() {
         return;

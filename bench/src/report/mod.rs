@@ -45,9 +45,10 @@ impl RunReport {
     }
 }
 
-pub const COLUMNS: [SystemKind; 4] = [
+pub const COLUMNS: [SystemKind; 5] = [
     SystemKind::Direct,
     SystemKind::Devstreams,
+    SystemKind::DevstreamsCluster,
     SystemKind::Rathole,
     SystemKind::Bore,
 ];
@@ -129,6 +130,14 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
          --creations-per-second-per-device 1000000 --max-connections 60000 --max-connections-per-source 60000`, \
          and `--no-mqtt`: devices use MQTT over WebSocket) and the proxies with `--max-connections 20000` / \
          `--max-streams 20000`, so the figures show capacity rather than the production limiter."
+    );
+    let _ = writeln!(
+        out,
+        "- **devstreams 3-node cluster (TLS)**: the same programs and limits, but three `relay serve --cluster` nodes \
+         on one `nats-server -js` (one certificate for all, each its own `--node-url`). The device is held by node 1; \
+         `service-proxy` sends its REST calls to node 2, which routes each creation to node 1 over NATS; both stream \
+         WebSockets meet on node 1. Its per-process CPU and memory figures are node 1's; node 2, node 3 and NATS run \
+         alongside unwatched. Skipped when nats-server is not installed."
     );
     let _ = writeln!(
         out,

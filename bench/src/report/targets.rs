@@ -1,4 +1,4 @@
-//! The targets of issue 6, each checked against this run's figures: met or
+//! The targets of issues 6 and 10 (the cluster), each checked against this run's figures: met or
 //! missed, and by how much. A target whose figures are missing (a peer not
 //! installed, a workload not run) is "not measured", never met.
 
@@ -209,6 +209,62 @@ pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
             None => unmeasured("device-proxy idle RSS ≤ 4 MiB"),
         },
     );
+    verdicts.extend(cluster_targets(report));
+    verdicts
+}
+
+/// Issue 10's targets for the 3-node cluster, each against the single
+/// relay of the same run: set-up p50 at most 0.5 ms more, creation rate at
+/// least 70 % of the single relay's.
+fn cluster_targets(report: &RunReport) -> Vec<TargetVerdict> {
+    let single = report.system(SystemKind::Devstreams);
+    let cluster = report.system(SystemKind::DevstreamsCluster);
+    let mut verdicts = Vec::new();
+    const SETUP_TARGET: &str = "cluster: set-up p50 ≤ single relay + 0.5 ms (REST on another node)";
+    let setup = |system: Option<&SystemReport>| system.and_then(|s| latency_of_setup(s, true));
+    verdicts.push(match (setup(cluster), setup(single)) {
+        (Some(ours), Some(base)) => {
+            let added = ours - base;
+            TargetVerdict {
+                target: SETUP_TARGET,
+                measured: format!("{ours:.2} ms vs {base:.2} ms = +{added:.2} ms"),
+                met: Some(added <= 0.5),
+                margin: format!(
+                    "{:.2} ms {}",
+                    (0.5 - added).abs(),
+                    if added <= 0.5 { "to spare" } else { "over" }
+                ),
+            }
+        }
+        _ => unmeasured(SETUP_TARGET),
+    });
+    const RATE_TARGET: &str = "cluster: ≥ 70 % of the single relay's creations/s";
+    let rate = |system: Option<&SystemReport>| {
+        system
+            .and_then(|s| s.creations.as_ref())
+            .map(|c| c.per_second())
+    };
+    verdicts.push(match (rate(cluster), rate(single)) {
+        (Some(ours), Some(base)) if base > 0.0 => {
+            let share = ours / base;
+            TargetVerdict {
+                target: RATE_TARGET,
+                measured: format!(
+                    "{}/s vs {}/s = {:.0} %",
+                    thousands(ours),
+                    thousands(base),
+                    share * 100.0
+                ),
+                met: Some(share >= 0.7),
+                margin: format!(
+                    "{:.0} points {}",
+                    ((share - 0.7) * 100.0).abs(),
+                    if share >= 0.7 { "to spare" } else { "short" }
+                ),
+            }
+        }
+        _ => unmeasured(RATE_TARGET),
+    });
     verdicts
 }
 

@@ -18,17 +18,17 @@ use super::{Programs, Role, System, SystemKind, READY_TIMEOUT};
 use crate::child::{run_to_completion, ChildProcess, Stdout};
 
 /// The device id registered for the run.
-const DEVICE_ID: &str = "bench-device";
+pub(super) const DEVICE_ID: &str = "bench-device";
 
 /// Concurrent streams allowed on every hop (above the 10,000 idle streams).
-const STREAM_CAPACITY: &str = "20000";
+pub(super) const STREAM_CAPACITY: &str = "20000";
 
 /// Creations per second allowed by the relay, global and per device.
-const CREATION_RATE_CAPACITY: &str = "1000000";
+pub(super) const CREATION_RATE_CAPACITY: &str = "1000000";
 
 /// Connections the relay accepts, in all and from one address: every
 /// connection of the run comes from 127.0.0.1, two per held stream.
-const CONNECTION_CAPACITY: &str = "60000";
+pub(super) const CONNECTION_CAPACITY: &str = "60000";
 
 pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<System> {
     let directory = tempfile::Builder::new()

@@ -9,6 +9,7 @@
 
 pub mod bore;
 pub mod devstreams;
+pub mod devstreams_cluster;
 pub mod rathole;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub struct WatchedProcess {
 pub enum SystemKind {
     Direct,
     Devstreams,
+    /// Three relays on NATS; the service's REST call lands on a node that
+    /// does not hold the device.
+    DevstreamsCluster,
     Rathole,
     Bore,
 }
@@ -58,6 +62,7 @@ impl SystemKind {
         match self {
             SystemKind::Direct => "direct TCP",
             SystemKind::Devstreams => "devstreams (TLS)",
+            SystemKind::DevstreamsCluster => "devstreams 3-node cluster (TLS)",
             SystemKind::Rathole => "rathole (TLS)",
             SystemKind::Bore => "bore (plain TCP)",
         }
@@ -70,6 +75,9 @@ pub struct System {
     pub entry: SocketAddr,
     pub processes: Vec<WatchedProcess>,
     children: Vec<ChildProcess>,
+    /// Processes the system needs but the bench does not measure (a
+    /// cluster's other nodes and NATS); stopped by PID with the rest.
+    unwatched: Vec<ChildProcess>,
     /// Data dirs, configs and logs; held so they are removed with the system.
     _work_directory: Option<tempfile::TempDir>,
 }
@@ -97,6 +105,7 @@ impl System {
             entry: target,
             processes: Vec::new(),
             children: Vec::new(),
+            unwatched: Vec::new(),
             _work_directory: None,
         }
     }
@@ -121,6 +130,7 @@ impl System {
             entry,
             processes,
             children,
+            unwatched: Vec::new(),
             _work_directory: Some(work_directory),
         }
     }
@@ -155,7 +165,7 @@ impl System {
     /// Names of children that died while the system was in use.
     pub fn exited_children(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
-        for child in self.children.iter_mut() {
+        for child in self.children.iter_mut().chain(self.unwatched.iter_mut()) {
             if child.has_exited() {
                 exited.push(child.name().to_string());
             }
@@ -163,9 +173,15 @@ impl System {
         exited
     }
 
+    /// Keeps `children` running with the system, unmeasured, and checks
+    /// they stay up like the measured ones.
+    pub fn keep_unwatched(&mut self, children: Vec<ChildProcess>) {
+        self.unwatched.extend(children);
+    }
+
     /// Kills every child by PID and removes the work directory.
     pub async fn stop(mut self) {
-        for child in self.children.drain(..) {
+        for child in self.children.drain(..).chain(self.unwatched.drain(..)) {
             child.stop().await;
         }
     }

@@ -427,23 +427,25 @@ fn serve(
     })
 }
 
-/// How often the live stream count is sampled: often enough to see the
-/// peak of a burst that moves enough data to matter, cheap (one lock).
+/// How often the live streams and control channels are counted: often
+/// enough to see the peak of a burst that moves enough data to matter,
+/// cheap (two locks).
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// At least this long between two trims, so a relay whose streams come and
 /// go all the time walks its heap at most this often.
 const MIN_TRIM_SPACING: Duration = Duration::from_secs(2);
 
-/// Whether the heap should be trimmed now: the live streams fell to half
-/// the peak seen since the last trim (to zero after a single stream), and
-/// the last trim is long enough ago.
+/// Whether the heap should be trimmed now: the live connections (streams
+/// and control channels) fell to half the peak seen since the last trim (to
+/// zero after a single one), and the last trim is long enough ago.
 fn trim_is_due(peak: usize, active: usize, since_last_trim: Option<Duration>) -> bool {
     peak > 0 && active <= peak / 2 && since_last_trim.is_none_or(|since| since >= MIN_TRIM_SPACING)
 }
 
-/// glibc keeps the memory of closed streams for reuse instead of returning
-/// it: after a burst of large streams the relay would hold several times
-/// its idle size for good (BENCHMARKS.md). Whenever the live streams fall
+/// glibc keeps the memory of closed streams and control channels for reuse
+/// instead of returning it: after a burst of large streams, or a fleet that
+/// reconnected elsewhere, the relay would hold several times its idle size
+/// for good (BENCHMARKS.md, SCALING.md). Whenever the live connections fall
 /// by half from their peak, whatever its size, the free pages go back.
 async fn return_freed_memory(relay: &relay::RunningRelay) {
     let mut peak = 0usize;
@@ -452,7 +454,7 @@ async fn return_freed_memory(relay: &relay::RunningRelay) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let active = relay.active_streams();
+        let active = relay.active_streams() + relay.connected_devices();
         peak = peak.max(active);
         if trim_is_due(peak, active, last_trim.map(|at| at.elapsed())) {
             trim_heap();

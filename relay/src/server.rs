@@ -71,6 +71,11 @@ impl RunningRelay {
     pub fn active_streams(&self) -> usize {
         self.state.admission.active_streams()
     }
+
+    /// Control channels (devices and modules) connected to this relay.
+    pub fn connected_devices(&self) -> usize {
+        self.state.presence.connected_count()
+    }
 }
 
 /// `host` of a `wss://host:port/...` URL.

@@ -528,3 +528,69 @@ async fn relay_memory_returns_near_its_baseline_after_a_moderate_burst() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A fleet that leaves (reconnects elsewhere, or the network blinks) must
+/// not leave the relay at the size of the fleet: control channels count
+/// toward the heap trim like streams do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_memory_returns_after_many_control_channels_close() {
+    let relay = Relay::start(&[
+        "--device-connects-per-second",
+        "10000",
+        "--device-connects-per-second-per-source",
+        "10000",
+    ])
+    .await;
+    let relay_pid = relay.process.pid();
+    let device = framing::ConnectionString::parse_device(&relay.add_device("Fleet").await)
+        .expect("device string");
+    let tls = relay.tls();
+    let options = framing::DeviceOptions::default();
+    // One channel first, so what the TLS and MQTT code allocate once is in
+    // the baseline.
+    let mut warm_up = device.clone();
+    warm_up.module_id = Some("warm-up".into());
+    let warm_up = framing::DeviceClient::connect(&warm_up, &tls, &options)
+        .await
+        .expect("a module connects");
+    let baseline = resident_kib(relay_pid);
+
+    let channels = 600;
+    let mut clients = Vec::with_capacity(channels);
+    for batch in 0..channels / 50 {
+        let connects: Vec<_> = (0..50)
+            .map(|index| {
+                let mut module = device.clone();
+                module.module_id = Some(format!("module-{batch}-{index}"));
+                let (tls, options) = (tls.clone(), options.clone());
+                tokio::spawn(async move {
+                    framing::DeviceClient::connect(&module, &tls, &options).await
+                })
+            })
+            .collect();
+        for connect in connects {
+            clients.push(connect.await.expect("task").expect("a module connects"));
+        }
+    }
+    let peak = resident_kib(relay_pid);
+    assert!(
+        peak > baseline + 4 * 1024,
+        "{channels} channels should cost the relay megabytes: baseline {baseline} KiB, with them {peak} KiB"
+    );
+    drop(clients);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let memory = resident_kib(relay_pid);
+        if memory <= baseline + (peak - baseline) / 2 {
+            eprintln!("relay memory: baseline {baseline} KiB, with {channels} channels {peak} KiB, after {memory} KiB");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay memory stays at {memory} KiB after {channels} channels closed (baseline {baseline} KiB, with them {peak} KiB)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(warm_up);
+}

@@ -122,3 +122,62 @@ async fn ssh_reaches_a_device_held_by_another_node_and_again_after_that_node_die
     );
     ssh_echo(&sshd, local_port, "after-the-node-died").await;
 }
+
+/// SIGTERM on the node that holds a device: it drains as a single relay
+/// does (the device is told to go away, the node exits 0) and the device
+/// moves through the balancer to another node, where streams work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_holding_node_moves_its_device_to_another_node() {
+    let tools = require_nats_server() & require_haproxy() & require_sshd();
+    if !tools {
+        return;
+    }
+    let sshd = Sshd::start().await;
+    let mut cluster = TestCluster::start(3, &["--drain-timeout", "5"]).await;
+    let device_string = cluster.add_device("drained-device").await;
+    let log_directory = cluster.nodes[0].relay.directory.path().to_path_buf();
+    let _device_proxy = start_cluster_device_proxy(
+        &cluster.certificate,
+        &log_directory,
+        &device_string,
+        sshd.port,
+        &[],
+    )
+    .await;
+    let first_holder = holder_index(&cluster, &cluster.service_client(), "drained-device").await;
+    let entry = (first_holder + 1) % cluster.nodes.len();
+    let entry_service = service_at(&cluster, &cluster.nodes[entry]);
+
+    let stopping = Instant::now();
+    cluster.nodes[first_holder].relay.process.signal("TERM");
+    let exit = cluster.nodes[first_holder]
+        .relay
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await;
+    assert_eq!(exit, Some(0), "a drained node exits 0");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "the drain took {:?}",
+        stopping.elapsed()
+    );
+    let second_holder = holder_index(&cluster, &entry_service, "drained-device").await;
+    assert_ne!(
+        second_holder, first_holder,
+        "the device moved to a live node"
+    );
+
+    let entry_connection = with_host_name(
+        &cluster.service_connection_string(),
+        &format!("localhost:{}", cluster.nodes[entry].relay.port()),
+    );
+    let (_service_proxy, local_port) = start_cluster_service_proxy(
+        &cluster.certificate,
+        &log_directory,
+        &entry_connection,
+        "drained-device",
+        &[],
+    )
+    .await;
+    ssh_echo(&sshd, local_port, "after-the-drain").await;
+}

@@ -76,6 +76,11 @@ pub fn upgrade(
         Err(error) => return unauthorized(&error.to_string()),
     };
     let side = claims.side;
+    // Our proxies say so when the stream carries a resumable session: a
+    // draining relay then tells them to move at once instead of waiting.
+    let resumable = headers
+        .get(framing::headers::RESUME)
+        .is_some_and(|value| value.as_bytes() == b"1");
     let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, side = side.as_str());
     let task_state = state.clone();
     state.tasks.spawn(
@@ -94,7 +99,7 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, connection, side).await;
+            settle(task_state, claim, socket, connection, side, resumable).await;
         }
         .instrument(span),
     );
@@ -129,6 +134,7 @@ async fn settle(
     socket: ServerWebSocket,
     connection: Arc<ConnectionGuard>,
     side: Side,
+    resumable: bool,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
@@ -196,7 +202,16 @@ async fn settle(
             }
             match waited {
                 Waited::Paired(arrival) => {
-                    copy_stream(&state, socket, *arrival, early, side, stream_name).await
+                    copy_stream(
+                        &state,
+                        socket,
+                        *arrival,
+                        early,
+                        side,
+                        stream_name,
+                        resumable,
+                    )
+                    .await
                 }
                 Waited::Expired => {
                     Metrics::add(&state.metrics.streams_expired, 1);
@@ -250,6 +265,7 @@ async fn copy_stream(
     early: Option<Message>,
     my_side: Side,
     stream_name: String,
+    resumable: bool,
 ) {
     let Arrival {
         socket: mut theirs,
@@ -273,7 +289,16 @@ async fn copy_stream(
                 tracing::debug!(%error, "the joining side failed at once");
             }
         }
-        copy::relay(mine, theirs, state.config.limits.ping_interval).await
+        // A drain moves a resumable session at once (4012); other streams
+        // keep their drain deadline.
+        let move_now = async {
+            if resumable {
+                state.stop_accepting.cancelled().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        copy::relay_until_moved(mine, theirs, state.config.limits.ping_interval, move_now).await
     };
     let report = tokio::select! {
         mut report = relay => {
@@ -308,6 +333,10 @@ async fn copy_stream(
             "the {} side disconnected without closing",
             side_of(first_lost)
         ),
+        RelayEnd::Moved => {
+            Metrics::add(&state.metrics.streams_moved, 1);
+            "moved: the relay is draining and the session resumes elsewhere (4012)".to_string()
+        }
         RelayEnd::MessageTooBig { from_first } => {
             format!(
                 "the {} side sent a message over --max-message-size",

@@ -302,6 +302,7 @@ async fn negotiate(
             .issue(&stream_id, &device_id, Side::Device, expiry),
         target: header(&headers, headers::TARGET).map(str::to_string),
         half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
+        resume: header(&headers, headers::RESUME).and_then(framing::topics::ResumeAsk::parse),
     };
     let Ok(answer) = session.send_request(stream_request) else {
         return throttled(
@@ -372,6 +373,9 @@ async fn negotiate(
         .header(headers::AUTH_TOKEN, service_token);
     if half_close {
         builder = builder.header(headers::HALF_CLOSE, "True");
+    }
+    if response.resume && header(&headers, headers::RESUME).is_some() {
+        builder = builder.header(headers::RESUME, "True");
     }
     // The service has its answer (a client that hung up just now loses the
     // stream to the deadline, like one that never connects).

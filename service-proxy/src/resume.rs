@@ -52,7 +52,7 @@ pub async fn carry_session(
         .send(keys.hello().to_message())
         .await
         .map_err(|error| format!("cannot start the session: {error}"))?;
-    tracing::Span::current().record("session_id", keys.id.as_str());
+    tracing::Span::current().record("session_id", tracing::field::display(&keys.id));
     info!("session started");
     let (offers, offers_received) = mpsc::channel(1);
     let (losses, mut losses_received) = mpsc::channel(1);

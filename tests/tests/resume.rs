@@ -196,7 +196,6 @@ async fn an_interactive_ssh_session_survives_a_relay_restart() {
     let _relay = start_relay_again(directory, &address).await;
     assert_eq!(run("echo after").await, "after");
     assert_eq!(run("echo $((6 * 7))").await, "42");
-    drop(run);
     stdin.write_all(b"exit\n").await.expect("write exit");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

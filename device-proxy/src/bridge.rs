@@ -329,11 +329,11 @@ async fn continue_session(request: &StreamRequest, responder: &Responder, contex
         }
     };
     info!(session_id, peer_received, "resume accepted");
-    let offer = Offer::Carrier(Carrier {
+    let offer = Offer::Carrier(Box::new(Carrier {
         websocket,
         peer_received,
         answer_resumed: true,
-    });
+    }));
     if offers.send(offer).await.is_err() {
         info!(session_id, "resume came as the session ended");
     }

@@ -86,7 +86,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -263,7 +263,7 @@ pub struct Carrier<S> {
 
 /// What the proxy hands the session.
 pub enum Offer<S> {
-    Carrier(Carrier<S>),
+    Carrier(Box<Carrier<S>>),
     /// No carrier will come; the reason is logged and the session reset.
     GiveUp(String),
 }
@@ -468,7 +468,14 @@ where
                     ))
                 } else {
                     if resumes > 0 {
-                        bytes_replayed += ledger.read_total.saturating_sub(peer_received);
+                        let resend = ledger.read_total.saturating_sub(peer_received);
+                        bytes_replayed += resend;
+                        tracing::info!(
+                            received = ledger.received,
+                            peer_received,
+                            bytes_to_resend = resend,
+                            "session resumed on a new stream"
+                        );
                     }
                     Ok(ledger.received)
                 }
@@ -522,7 +529,7 @@ where
                     // A newer stream replaces this one (the other side saw
                     // it break first); its counts were taken just now.
                     tracing::info!("session moved to a new stream");
-                    carrier = Some(next);
+                    carrier = Some(*next);
                     resumes += 1;
                     continue 'session;
                 }
@@ -628,7 +635,7 @@ where
     let deadline = Instant::now() + resume_timeout;
     tokio::select! {
         offer = offers.recv() => match offer {
-            Some(Offer::Carrier(next)) => Ok(next),
+            Some(Offer::Carrier(next)) => Ok(*next),
             Some(Offer::GiveUp(reason)) => Err(SessionEnd::Abandoned(reason)),
             None => Err(SessionEnd::Abandoned("the proxy dropped the session".into())),
         },
@@ -1112,22 +1119,22 @@ mod tests {
         };
         let (mut service_ws, device_ws, _forwarder) = carrier_pair().await;
         device_offers
-            .send(Offer::Carrier(Carrier {
+            .send(Offer::Carrier(Box::new(Carrier {
                 websocket: device_ws,
                 peer_received: loss.received,
                 answer_resumed: true,
-            }))
+            })))
             .await
             .unwrap();
         let Ok(Control::Resumed { received }) = read_control(&mut service_ws).await else {
             panic!("the device side answers with its count")
         };
         service_offers
-            .send(Offer::Carrier(Carrier {
+            .send(Offer::Carrier(Box::new(Carrier {
                 websocket: service_ws,
                 peer_received: received,
                 answer_resumed: false,
-            }))
+            })))
             .await
             .unwrap();
         let at_device = tokio::time::timeout(Duration::from_secs(30), device_side)

@@ -118,6 +118,9 @@ enum Waited {
     Cancelled,
     Expired,
     ShuttingDown,
+    /// The relay is draining and the waiting side carries a resumable
+    /// session: it is told to resume elsewhere (4012).
+    Moved,
     /// The waiting side sent Close.
     ClosedByPeer,
     /// The waiting side vanished or broke the protocol.
@@ -173,6 +176,8 @@ async fn settle(
                     },
                     _ = tokio::time::sleep_until(deadline) => break Waited::Expired,
                     _ = state.stop_streams.cancelled() => break Waited::ShuttingDown,
+                    // A resumable side need not wait out the drain: it moves.
+                    _ = state.stop_accepting.cancelled(), if resumable => break Waited::Moved,
                     message = socket.next(), if early.is_none() => match message {
                         Some(Ok(Message::Close(_))) => break Waited::ClosedByPeer,
                         Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
@@ -233,6 +238,15 @@ async fn settle(
                 }
                 Waited::ShuttingDown => {
                     close_with(socket, pump::CLOSE_GOING_AWAY, "the relay is shutting down").await
+                }
+                Waited::Moved => {
+                    Metrics::add(&state.metrics.streams_moved, 1);
+                    close_with(
+                        socket,
+                        pump::CLOSE_MOVE,
+                        "the relay is draining: resume elsewhere",
+                    )
+                    .await
                 }
                 Waited::ClosedByPeer => {
                     tracing::info!(

@@ -117,7 +117,7 @@ async fn resume(
                     device_received = carrier.peer_received,
                     "session resumed"
                 );
-                return Offer::Carrier(carrier);
+                return Offer::Carrier(Box::new(carrier));
             }
             Ok(Err(AttemptError::Fatal(reason))) => {
                 info!(attempt, reason, "resume failed; giving up");

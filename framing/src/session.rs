@@ -509,6 +509,9 @@ where
                 }
             }
             shared.ledger().ack_sent = received;
+            // The peer's count may have freed the whole replay buffer with
+            // no ack to come: the local reader must hear of the room.
+            shared.room.notify_one();
             shared.work.notify_one();
             let (mut sink, mut stream) = websocket.split();
             let outcome = {
@@ -1146,7 +1149,7 @@ mod tests {
             Err(_) => panic!(
                 "service side stuck at {} bytes; device session: {:?}; service session finished: {}",
                 service_progress.load(std::sync::atomic::Ordering::Relaxed),
-                device.await.unwrap(),
+                tokio::time::timeout(Duration::from_secs(5), device).await,
                 service.is_finished()
             ),
         };
@@ -1162,8 +1165,17 @@ mod tests {
             at_service.len(),
             down.len()
         );
-        let service_report = service.await.unwrap();
-        let device_report = device.await.unwrap();
+        let service_report = match tokio::time::timeout(Duration::from_secs(30), service).await {
+            Ok(report) => report.unwrap(),
+            Err(_) => panic!(
+                "the service session did not end; device session finished: {}",
+                device.is_finished()
+            ),
+        };
+        let device_report = tokio::time::timeout(Duration::from_secs(30), device)
+            .await
+            .expect("the device session ends")
+            .unwrap();
         assert_eq!(
             service_report.end,
             SessionEnd::Completed,

@@ -12,12 +12,15 @@ use std::time::{Duration, Instant};
 
 use framing::device_client::Responder;
 use framing::pump::{self, PumpEnd, PumpOptions};
+use framing::session::{self, Carrier, Control, Offer, SessionEnd, SessionOptions};
+use framing::topics::ResumeAsk;
 use framing::StreamRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::sessions::{Check, SessionTable};
 use crate::targets::{ExposedTargets, Target};
 
 /// How long sending an accept or reject over the control channel may take.
@@ -34,6 +37,19 @@ pub struct StreamContext {
     pub max_streams: usize,
     /// WebSocket pings on stream sockets; `None` turns them off.
     pub ping_interval: Option<Duration>,
+    /// Resumable sessions, when not turned off (`--no-resume`).
+    pub resume: Option<ResumeSettings>,
+    /// Live resumable sessions.
+    pub sessions: SessionTable,
+}
+
+/// How resumable sessions behave on this device.
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeSettings {
+    /// Unacknowledged bytes kept per session (`--resume-buffer`).
+    pub replay_buffer: usize,
+    /// How long a session waits for the service to resume it (`--resume-timeout`).
+    pub resume_timeout: Duration,
 }
 
 /// Handles one stream request until the stream ends or `shutdown` fires.
@@ -64,8 +80,24 @@ async fn bridge(request: &StreamRequest, responder: &Responder, context: &Stream
     info!(
         requested_target = request.target.as_deref().unwrap_or("(default)"),
         half_close = request.half_close,
+        resume = request.resume.map(ResumeAsk::as_str),
         "stream requested"
     );
+    let resume = context.resume.filter(|_| request.resume.is_some());
+    if request.resume == Some(ResumeAsk::Continue) {
+        match resume {
+            Some(_) => continue_session(request, responder, context).await,
+            None => {
+                reject(
+                    request,
+                    responder,
+                    "resumable sessions are off (--no-resume)",
+                )
+                .await
+            }
+        }
+        return;
+    }
     let Ok(_permit) = context.stream_permits.clone().try_acquire_owned() else {
         let reason = format!(
             "{} streams are already open, the --max-streams limit; raise it if this device should carry more",
@@ -88,7 +120,12 @@ async fn bridge(request: &StreamRequest, responder: &Responder, context: &Stream
             return;
         }
     };
-    match tokio::time::timeout(ANSWER_TIMEOUT, responder.accept(request)).await {
+    match tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        responder.accept_with(request, resume.is_some()),
+    )
+    .await
+    {
         Ok(Ok(())) => info!(target = %target, "stream accepted"),
         Ok(Err(error)) => {
             warn!(%error, "stream dropped: could not send the accept to the relay");
@@ -102,17 +139,25 @@ async fn bridge(request: &StreamRequest, responder: &Responder, context: &Stream
             return;
         }
     }
-    let websocket =
-        match framing::connect_stream(&request.url, &request.authorization_token, &context.tls)
-            .await
-        {
-            Ok(websocket) => websocket,
-            Err(error) => {
-                warn!(%error, "stream closed before it was established: cannot open its WebSocket");
-                return;
-            }
-        };
+    let websocket = match framing::connect_stream_with(
+        &request.url,
+        &request.authorization_token,
+        resume.is_some(),
+        &context.tls,
+    )
+    .await
+    {
+        Ok(websocket) => websocket,
+        Err(error) => {
+            warn!(%error, "stream closed before it was established: cannot open its WebSocket");
+            return;
+        }
+    };
     info!(target = %target, "stream established");
+    if let Some(settings) = resume {
+        run_session(tcp, websocket, settings, context).await;
+        return;
+    }
     let started = Instant::now();
     let options = PumpOptions {
         half_close: request.half_close,
@@ -127,6 +172,200 @@ async fn bridge(request: &StreamRequest, responder: &Responder, context: &Stream
         end = %describe_end(&report.end),
         "stream closed"
     );
+}
+
+/// A new resumable session: reads the service's hello, registers the
+/// session, and carries it until it ends.
+async fn run_session(
+    tcp: TcpStream,
+    mut websocket: framing::websocket::ClientWebSocket,
+    settings: ResumeSettings,
+    context: &StreamContext,
+) {
+    let keys = match session::read_control(&mut websocket).await {
+        Ok(Control::Hello { session, secret }) => {
+            framing::session::SessionKeys::from_hello(&session, &secret)
+        }
+        Ok(_) => None,
+        Err(reason) => {
+            warn!(
+                reason,
+                "stream closed: no session hello from the service side"
+            );
+            return;
+        }
+    };
+    let Some(keys) = keys else {
+        warn!("stream closed: the service side opened with something other than a valid session hello");
+        return;
+    };
+    let session_id = keys.id.clone();
+    let (offers, offers_received) = tokio::sync::mpsc::channel(1);
+    if !context.sessions.insert(keys, offers) {
+        warn!(
+            session_id,
+            "stream closed: a session with this id already exists"
+        );
+        return;
+    }
+    info!(session_id, "session started");
+    let started = Instant::now();
+    let report = session::run_session(
+        tcp,
+        Carrier {
+            websocket,
+            peer_received: 0,
+            answer_resumed: false,
+        },
+        SessionOptions {
+            replay_buffer: settings.replay_buffer,
+            resume_timeout: settings.resume_timeout,
+            ping_interval: context.ping_interval,
+            ..SessionOptions::default()
+        },
+        offers_received,
+        None,
+    )
+    .await;
+    context.sessions.remove(&session_id);
+    let end = describe_session_end(&report.end);
+    let fields = (
+        report.bytes_received,
+        report.bytes_sent,
+        report.resumes,
+        report.bytes_replayed,
+        started.elapsed().as_millis() as u64,
+    );
+    match report.end {
+        SessionEnd::Completed | SessionEnd::PeerReset(_) | SessionEnd::LocalFailed(_) => info!(
+            session_id,
+            bytes_to_target = fields.0,
+            bytes_to_service = fields.1,
+            resumes = fields.2,
+            bytes_replayed = fields.3,
+            duration_ms = fields.4,
+            end,
+            "session closed"
+        ),
+        _ => warn!(
+            session_id,
+            bytes_to_target = fields.0,
+            bytes_to_service = fields.1,
+            resumes = fields.2,
+            bytes_replayed = fields.3,
+            duration_ms = fields.4,
+            end,
+            "session closed; the target connection was reset"
+        ),
+    }
+}
+
+/// A stream that continues a session: checks the service's proof and hands
+/// the stream to the session, which answers with its count.
+async fn continue_session(request: &StreamRequest, responder: &Responder, context: &StreamContext) {
+    match tokio::time::timeout(ANSWER_TIMEOUT, responder.accept_with(request, true)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            warn!(%error, "resume dropped: could not send the accept to the relay");
+            return;
+        }
+        Err(_) => {
+            warn!("resume dropped: sending the accept to the relay timed out");
+            return;
+        }
+    }
+    let mut websocket = match framing::connect_stream_with(
+        &request.url,
+        &request.authorization_token,
+        true,
+        &context.tls,
+    )
+    .await
+    {
+        Ok(websocket) => websocket,
+        Err(error) => {
+            warn!(%error, "resume failed: cannot open the stream's WebSocket");
+            return;
+        }
+    };
+    let (session_id, nonce, proof, peer_received) =
+        match session::read_control(&mut websocket).await {
+            Ok(Control::Resume {
+                session,
+                nonce,
+                proof,
+                received,
+            }) => (session, nonce, proof, received),
+            Ok(_) => {
+                warn!("resume refused: the stream did not open with a resume request");
+                refuse(websocket, Control::Refused).await;
+                return;
+            }
+            Err(reason) => {
+                warn!(
+                    reason,
+                    "resume failed: no resume request from the service side"
+                );
+                return;
+            }
+        };
+    let offers = match context.sessions.check(&session_id, &nonce, &proof) {
+        Check::Accepted(offers) => offers,
+        Check::Unknown => {
+            info!(
+                session_id,
+                "resume refused: no such session here (unknown or ended)"
+            );
+            refuse(websocket, Control::UnknownSession).await;
+            return;
+        }
+        Check::Refused(reason) => {
+            warn!(
+                session_id,
+                reason, "resume refused: the proof does not check; the session is untouched"
+            );
+            refuse(websocket, Control::Refused).await;
+            return;
+        }
+    };
+    info!(session_id, peer_received, "resume accepted");
+    let offer = Offer::Carrier(Box::new(Carrier {
+        websocket,
+        peer_received,
+        answer_resumed: true,
+    }));
+    if offers.send(offer).await.is_err() {
+        info!(session_id, "resume came as the session ended");
+    }
+}
+
+/// Answers a resume that cannot proceed, then closes the stream.
+async fn refuse(mut websocket: framing::websocket::ClientWebSocket, answer: Control) {
+    use futures_util::SinkExt;
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        websocket.send(answer.to_message()).await?;
+        websocket
+            .send(pump::close_message(pump::CLOSE_NORMAL, ""))
+            .await
+    })
+    .await;
+}
+
+/// A few words on how a session ended, for its "closed" log line.
+pub fn describe_session_end(end: &SessionEnd) -> String {
+    match end {
+        SessionEnd::Completed => "completed".into(),
+        SessionEnd::PeerReset(reason) => {
+            format!("the service side's connection was reset ({reason})")
+        }
+        SessionEnd::LocalFailed(reason) => format!("target connection failed: {reason}"),
+        SessionEnd::Expired(window) => format!(
+            "the service side did not resume within {} s (--resume-timeout)",
+            window.as_secs_f32()
+        ),
+        SessionEnd::Abandoned(reason) => format!("abandoned: {reason}"),
+        SessionEnd::ProtocolError(reason) => format!("session protocol error: {reason}"),
+    }
 }
 
 /// Dials the local target; the error is the reason logged with the rejection.

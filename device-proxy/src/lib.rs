@@ -9,12 +9,14 @@
 //! - [`control`]: the control channel's dial / re-dial loop;
 //! - [`backoff`]: how long to wait between dials;
 //! - [`bridge`]: one stream, from decision to last byte;
+//! - [`sessions`]: the live resumable sessions and the check a resume passes;
 //! - process plumbing (signals, logs) comes from `framing::process`.
 #![forbid(unsafe_code)]
 
-pub mod backoff;
+pub use framing::backoff;
 pub mod bridge;
 pub mod control;
+pub mod sessions;
 pub mod targets;
 
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bridge::StreamContext;
+use crate::bridge::{ResumeSettings, StreamContext};
 use crate::targets::{ExposedTargets, Target};
 
 /// How long live streams get to wind down at shutdown.
@@ -55,6 +57,8 @@ pub struct Settings {
     /// WebSocket pings on stream sockets; a relay silent for three
     /// intervals ends the stream. `None` turns them off.
     pub ping_interval: Option<Duration>,
+    /// Resumable sessions; `None` turns them off (`--no-resume`).
+    pub resume: Option<ResumeSettings>,
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down cleanly.
@@ -98,6 +102,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         stream_permits: Arc::new(Semaphore::new(settings.max_streams)),
         max_streams: settings.max_streams,
         ping_interval: settings.ping_interval,
+        resume: settings.resume,
+        sessions: Default::default(),
     });
     let tracker = TaskTracker::new();
     control::run(

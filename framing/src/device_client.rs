@@ -273,12 +273,24 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// Accepts; carries half-close when the service asked for it.
+    /// Accepts; carries half-close when the service asked for it. Never
+    /// agrees to a resumable session (see [`Responder::accept_with`]).
     pub async fn accept(&self, request: &StreamRequest) -> Result<(), DeviceError> {
+        self.accept_with(request, false).await
+    }
+
+    /// Accepts, agreeing to a resumable session when the service asked for
+    /// one and `resume` is true.
+    pub async fn accept_with(
+        &self,
+        request: &StreamRequest,
+        resume: bool,
+    ) -> Result<(), DeviceError> {
         self.answer(StreamResponse {
             request_id: request.request_id.clone(),
             status: 200,
             half_close: request.half_close,
+            resume: resume && request.resume.is_some(),
         })
         .await
     }
@@ -289,6 +301,7 @@ impl Responder {
             request_id: request.request_id.clone(),
             status: 400,
             half_close: false,
+            resume: false,
         })
         .await
     }
@@ -367,7 +380,7 @@ async fn run_session(
                         };
                         if let Err(mpsc::error::TrySendError::Full(request)) = requests.try_send(request) {
                             tracing::warn!(request_id = %request.request_id, limit = requests.max_capacity(), "too many stream requests waiting; rejecting");
-                            let response = StreamResponse { request_id: request.request_id, status: 400, half_close: false };
+                            let response = StreamResponse { request_id: request.request_id, status: 400, half_close: false, resume: false };
                             write_within(&mut mqtt, &Packet::Publish(Publish::new(response.to_topic(), QoS::AtMostOnce, Vec::new())), write_timeout).await?;
                         }
                     }

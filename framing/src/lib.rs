@@ -5,6 +5,7 @@
 //! this crate only defines *how*.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod connection_string;
 pub mod device_client;
 pub mod headers;
@@ -14,6 +15,7 @@ pub mod process;
 pub mod pump;
 pub mod sas;
 pub mod service_client;
+pub mod session;
 pub mod stream_token;
 pub mod tls;
 pub mod topics;
@@ -41,8 +43,25 @@ pub async fn connect_stream(
     authorization_token: &str,
     tls: &std::sync::Arc<rustls::ClientConfig>,
 ) -> Result<websocket::ClientWebSocket, websocket::WebSocketConnectError> {
+    connect_stream_with(url, authorization_token, false, tls).await
+}
+
+/// [`connect_stream`]; `resumable` tells the relay (header
+/// [`headers::RESUME`]) that this stream carries a resumable session, so a
+/// draining relay closes it at once with [`pump::CLOSE_MOVE`].
+pub async fn connect_stream_with(
+    url: &str,
+    authorization_token: &str,
+    resumable: bool,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<websocket::ClientWebSocket, websocket::WebSocketConnectError> {
     let bearer = format!("Bearer {authorization_token}");
-    websocket::connect(
+    let extra: &[(&'static str, &str)] = if resumable {
+        &[(headers::RESUME, "1")]
+    } else {
+        &[]
+    };
+    websocket::connect_with_headers(
         websocket::WebSocketRequest {
             url,
             authorization: Some(&bearer),
@@ -50,6 +69,7 @@ pub async fn connect_stream(
             max_message_size: websocket::DEFAULT_MAX_MESSAGE_SIZE,
             timeout: transport::DEFAULT_CONNECT_TIMEOUT,
         },
+        extra,
         tls,
     )
     .await

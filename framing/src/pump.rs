@@ -42,6 +42,9 @@ pub const CLOSE_PEER_LOST: u16 = 1011;
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// devstreams: the sender's TCP connection was reset or failed.
 pub const CLOSE_TCP_RESET: u16 = 4000;
+/// devstreams: "move: resume elsewhere". A draining relay closes streams
+/// that carry resumable sessions with it; the proxies resume at once.
+pub const CLOSE_MOVE: u16 = 4012;
 /// devstreams: the stream was not paired before the handshake deadline.
 pub const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4008;
 

@@ -86,6 +86,8 @@ pub struct StreamInvitation {
     pub authorization_token: String,
     /// Both ends agreed to carry half-closes.
     pub half_close: bool,
+    /// Both ends agreed to a resumable session.
+    pub resume: bool,
     /// Why the device said no, when rejected.
     pub rejection_reason: Option<String>,
 }
@@ -140,7 +142,21 @@ impl ServiceClient {
         stream_name: &str,
         options: &StreamOptions,
     ) -> Result<StreamInvitation, CreateStreamError> {
-        self.exchange(device_id, stream_name, options).await
+        self.exchange(device_id, stream_name, options, None).await
+    }
+
+    /// [`ServiceClient::create_stream`], also asking for a resumable
+    /// session (devstreams' own proxies only; PROTOCOL.md "Resumable
+    /// streams"). The invitation says whether the device agreed.
+    pub async fn create_resumable_stream(
+        &self,
+        device_id: &str,
+        stream_name: &str,
+        options: &StreamOptions,
+        resume: crate::topics::ResumeAsk,
+    ) -> Result<StreamInvitation, CreateStreamError> {
+        self.exchange(device_id, stream_name, options, Some(resume))
+            .await
     }
 
     async fn exchange(
@@ -148,6 +164,7 @@ impl ServiceClient {
         device_id: &str,
         stream_name: &str,
         options: &StreamOptions,
+        resume: Option<crate::topics::ResumeAsk>,
     ) -> Result<StreamInvitation, CreateStreamError> {
         let stream = transport::connect(
             self.connection.host(),
@@ -186,6 +203,9 @@ impl ServiceClient {
         if options.half_close {
             request = request.header(headers::HALF_CLOSE, "True");
         }
+        if let Some(resume) = resume {
+            request = request.header(headers::RESUME, resume.as_str());
+        }
         let request = request.body(Empty::<Bytes>::new()).map_err(|e| {
             CreateStreamError::Http(format!(
                 "cannot build the request (bad device id or stream name?): {e}"
@@ -211,6 +231,7 @@ impl ServiceClient {
         let url = header(headers::URL).unwrap_or_default();
         let authorization_token = header(headers::AUTH_TOKEN).unwrap_or_default();
         let half_close = header(headers::HALF_CLOSE).as_deref() == Some("True");
+        let resume = resume.is_some() && header(headers::RESUME).as_deref() == Some("True");
         let retry_after_seconds = header("retry-after")
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
@@ -248,6 +269,7 @@ impl ServiceClient {
                     url,
                     authorization_token,
                     half_close: is_accepted && half_close,
+                    resume: is_accepted && resume,
                     rejection_reason: (!is_accepted).then_some(message),
                 })
             }

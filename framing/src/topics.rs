@@ -60,6 +60,40 @@ pub struct StreamRequest {
     pub target: Option<String>,
     /// devstreams: the service side can carry a TCP half-close.
     pub half_close: bool,
+    /// devstreams: the service side asks for a resumable session, new or
+    /// continued (`$resume=new` / `$resume=continue`).
+    pub resume: Option<ResumeAsk>,
+}
+
+/// What a service asks for about resumable sessions (PROTOCOL.md,
+/// "Resumable streams"). Which session, and the proof, travel inside the
+/// stream; the topic only says whether the stream starts or continues one,
+/// so the device knows whether to dial its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeAsk {
+    /// Start a new resumable session.
+    New,
+    /// Carry an existing session; the stream opens with its proof.
+    Continue,
+}
+
+impl ResumeAsk {
+    /// The value of the `$resume` key and of the creation request's header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeAsk::New => "new",
+            ResumeAsk::Continue => "continue",
+        }
+    }
+
+    /// Reads a `$resume` key or header value; anything else is no ask.
+    pub fn parse(value: &str) -> Option<ResumeAsk> {
+        match value {
+            "new" => Some(ResumeAsk::New),
+            "continue" => Some(ResumeAsk::Continue),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for StreamRequest {
@@ -71,6 +105,7 @@ impl std::fmt::Debug for StreamRequest {
             .field("url", &self.url)
             .field("target", &self.target)
             .field("half_close", &self.half_close)
+            .field("resume", &self.resume)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +126,10 @@ impl StreamRequest {
         if self.half_close {
             topic.push_str("&$halfclose=1");
         }
+        if let Some(resume) = self.resume {
+            topic.push_str("&$resume=");
+            topic.push_str(resume.as_str());
+        }
         topic
     }
 
@@ -109,6 +148,7 @@ impl StreamRequest {
             authorization_token: String::new(),
             target: None,
             half_close: false,
+            resume: None,
         };
         for (name, value) in query_pairs(query) {
             match name {
@@ -117,6 +157,7 @@ impl StreamRequest {
                 "$auth" => request.authorization_token = value.to_string(),
                 "$target" => request.target = Some(decode(value)?),
                 "$halfclose" => request.half_close = value == "1",
+                "$resume" => request.resume = ResumeAsk::parse(value),
                 _ => {}
             }
         }
@@ -140,6 +181,8 @@ pub struct StreamResponse {
     pub status: u16,
     /// devstreams: the device will carry a TCP half-close.
     pub half_close: bool,
+    /// devstreams: the device agrees to a resumable session.
+    pub resume: bool,
 }
 
 impl StreamResponse {
@@ -147,6 +190,9 @@ impl StreamResponse {
         let mut topic = format!("{RESPONSE_PREFIX}{}/?$rid={}", self.status, self.request_id);
         if self.half_close {
             topic.push_str("&$halfclose=1");
+        }
+        if self.resume {
+            topic.push_str("&$resume=1");
         }
         topic
     }
@@ -163,10 +209,12 @@ impl StreamResponse {
             .map_err(|_| TopicError::Malformed("status is not a number"))?;
         let mut request_id = None;
         let mut half_close = false;
+        let mut resume = false;
         for (name, value) in query_pairs(query) {
             match name {
                 "$rid" => request_id = Some(value.to_string()),
                 "$halfclose" => half_close = value == "1",
+                "$resume" => resume = value == "1",
                 _ => {}
             }
         }
@@ -177,6 +225,7 @@ impl StreamResponse {
             request_id,
             status,
             half_close,
+            resume,
         })
     }
 }
@@ -204,6 +253,7 @@ mod tests {
             authorization_token: "eyJhbGciOiJIUzI1NiJ9.eyJzIjoxfQ.c2lnbmF0dXJl_-".into(),
             target: Some("localhost:22".into()),
             half_close: true,
+            resume: Some(ResumeAsk::Continue),
         }
     }
 
@@ -238,6 +288,20 @@ mod tests {
     }
 
     #[test]
+    fn a_request_without_resume_keys_asks_for_no_resume() {
+        let plain = StreamRequest {
+            resume: None,
+            ..request()
+        };
+        assert!(!plain.to_topic().contains("$resume"));
+        assert_eq!(StreamRequest::from_topic(&plain.to_topic()).unwrap(), plain);
+        let odd = request()
+            .to_topic()
+            .replace("$resume=continue", "$resume=maybe");
+        assert_eq!(StreamRequest::from_topic(&odd).unwrap().resume, None);
+    }
+
+    #[test]
     fn request_without_required_keys_is_refused() {
         assert!(StreamRequest::from_topic("$iothub/streams/POST/x/?$rid=1").is_err());
         assert!(StreamRequest::from_topic("$iothub/streams/POST/x").is_err());
@@ -253,8 +317,17 @@ mod tests {
             request_id: "5".into(),
             status: 200,
             half_close: false,
+            resume: false,
         };
         assert_eq!(accepted.to_topic(), "$iothub/streams/res/200/?$rid=5");
+        let resumable = StreamResponse {
+            resume: true,
+            ..accepted.clone()
+        };
+        assert_eq!(
+            StreamResponse::from_topic(&resumable.to_topic()).unwrap(),
+            resumable
+        );
         assert_eq!(
             StreamResponse::from_topic(&accepted.to_topic()).unwrap(),
             accepted

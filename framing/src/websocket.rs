@@ -68,6 +68,16 @@ pub async fn connect(
     request: WebSocketRequest<'_>,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<ClientWebSocket, WebSocketConnectError> {
+    connect_with_headers(request, &[], tls).await
+}
+
+/// [`connect`], with extra request headers (devstreams' own, such as
+/// [`crate::headers::RESUME`]).
+pub async fn connect_with_headers(
+    request: WebSocketRequest<'_>,
+    extra_headers: &[(&'static str, &str)],
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<ClientWebSocket, WebSocketConnectError> {
     let bad_url = || WebSocketConnectError::BadUrl(request.url.to_string());
     let (secure, rest) = if let Some(rest) = request.url.strip_prefix("wss://") {
         (true, rest)
@@ -89,6 +99,12 @@ pub async fn connect(
             WebSocketConnectError::Handshake("authorization is not a valid header value".into())
         })?;
         headers.insert("authorization", value);
+    }
+    for (name, value) in extra_headers {
+        let value = HeaderValue::from_str(value).map_err(|_| {
+            WebSocketConnectError::Handshake(format!("{name} is not a valid header value"))
+        })?;
+        headers.insert(*name, value);
     }
     if let Some(subprotocol) = request.subprotocol {
         headers.insert(

@@ -93,6 +93,11 @@ fn check_generated_request(input: &mut Unstructured) -> Result<()> {
         authorization_token,
         target: input.arbitrary()?,
         half_close: input.arbitrary()?,
+        resume: match input.int_in_range(0..=2u8)? {
+            0 => None,
+            1 => Some(framing::topics::ResumeAsk::New),
+            _ => Some(framing::topics::ResumeAsk::Continue),
+        },
     };
     let topic = request.to_topic();
     assert_eq!(
@@ -119,6 +124,7 @@ fn check_generated_response(input: &mut Unstructured) -> Result<()> {
         request_id,
         status: input.arbitrary()?,
         half_close: input.arbitrary()?,
+        resume: input.arbitrary()?,
     };
     let topic = response.to_topic();
     assert_eq!(

@@ -599,6 +599,7 @@ mod tests {
             authorization_token: "token".into(),
             target: None,
             half_close: false,
+            resume: None,
         }
     }
 

@@ -16,7 +16,9 @@
 
 use std::time::Duration;
 
-use framing::pump::{close_frame, CLOSE_MESSAGE_TOO_BIG, CLOSE_PEER_LOST, SILENT_INTERVALS};
+use framing::pump::{
+    close_frame, CLOSE_MESSAGE_TOO_BIG, CLOSE_MOVE, CLOSE_PEER_LOST, SILENT_INTERVALS,
+};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -41,6 +43,9 @@ pub enum RelayEnd {
     /// One side sent a message over the size limit: it was closed with
     /// 1009, the other side with 1011.
     MessageTooBig { from_first: bool },
+    /// The relay told both sides to move (Close 4012): it is draining and
+    /// the stream carries a resumable session.
+    Moved,
 }
 
 /// Byte counts and outcome of one relayed stream.
@@ -93,6 +98,21 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    relay_until_moved(first, second, ping_interval, std::future::pending()).await
+}
+
+/// [`relay`], until `move_now` completes: then both sides get Close 4012
+/// ("move: resume elsewhere"), for streams whose proxies resume sessions.
+pub async fn relay_until_moved<A, B>(
+    first: WebSocketStream<A>,
+    second: WebSocketStream<B>,
+    ping_interval: Option<Duration>,
+    move_now: impl std::future::Future<Output = ()>,
+) -> RelayReport
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let (mut first_sink, mut first_stream) = first.split();
     let (mut second_sink, mut second_stream) = second.split();
     let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
@@ -110,9 +130,22 @@ where
             ping_interval,
         );
         tokio::select! {
-            end = forward_first => (true, end),
-            end = forward_second => (false, end),
+            end = forward_first => (true, Some(end)),
+            end = forward_second => (false, Some(end)),
+            _ = move_now => (true, None),
         }
+    };
+    let Some(direction_end) = direction_end else {
+        let move_frame = || close_frame(CLOSE_MOVE, "the relay is draining: resume elsewhere");
+        tokio::join!(
+            end_socket(first_sink, first_stream, Ending::SendClose(move_frame())),
+            end_socket(second_sink, second_stream, Ending::SendClose(move_frame())),
+        );
+        return RelayReport {
+            bytes_first_to_second,
+            bytes_second_to_first,
+            end: RelayEnd::Moved,
+        };
     };
     let (end, source_ending, destination_ending) = match direction_end {
         DirectionEnd::Closed(frame) => {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub streams_established: Counter,
     pub streams_closed: Counter,
     pub streams_expired: Counter,
+    /// Resumable streams told to move (Close 4012) by a drain.
+    pub streams_moved: Counter,
     pub stream_creations_refused: Counter,
     pub authentication_failures: Counter,
     pub bytes_device_to_service: Counter,
@@ -55,6 +57,7 @@ impl Default for Metrics {
             streams_established: Counter::default(),
             streams_closed: Counter::default(),
             streams_expired: Counter::default(),
+            streams_moved: Counter::default(),
             stream_creations_refused: Counter::default(),
             authentication_failures: Counter::default(),
             bytes_device_to_service: Counter::default(),
@@ -98,6 +101,11 @@ impl Default for Metrics {
                 "devstreams_streams_expired",
                 "Streams not paired before the handshake deadline",
                 &metrics.streams_expired,
+            ),
+            (
+                "devstreams_streams_moved",
+                "Resumable streams told to resume elsewhere (Close 4012) by a drain",
+                &metrics.streams_moved,
             ),
             (
                 "devstreams_stream_creations_refused",

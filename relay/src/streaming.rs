@@ -76,6 +76,11 @@ pub fn upgrade(
         Err(error) => return unauthorized(&error.to_string()),
     };
     let side = claims.side;
+    // Our proxies say so when the stream carries a resumable session: a
+    // draining relay then tells them to move at once instead of waiting.
+    let resumable = headers
+        .get(framing::headers::RESUME)
+        .is_some_and(|value| value.as_bytes() == b"1");
     let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, side = side.as_str());
     let task_state = state.clone();
     state.tasks.spawn(
@@ -94,7 +99,7 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, connection, side).await;
+            settle(task_state, claim, socket, connection, side, resumable).await;
         }
         .instrument(span),
     );
@@ -113,6 +118,9 @@ enum Waited {
     Cancelled,
     Expired,
     ShuttingDown,
+    /// The relay is draining and the waiting side carries a resumable
+    /// session: it is told to resume elsewhere (4012).
+    Moved,
     /// The waiting side sent Close.
     ClosedByPeer,
     /// The waiting side vanished or broke the protocol.
@@ -129,6 +137,7 @@ async fn settle(
     socket: ServerWebSocket,
     connection: Arc<ConnectionGuard>,
     side: Side,
+    resumable: bool,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
@@ -167,6 +176,8 @@ async fn settle(
                     },
                     _ = tokio::time::sleep_until(deadline) => break Waited::Expired,
                     _ = state.stop_streams.cancelled() => break Waited::ShuttingDown,
+                    // A resumable side need not wait out the drain: it moves.
+                    _ = state.stop_accepting.cancelled(), if resumable => break Waited::Moved,
                     message = socket.next(), if early.is_none() => match message {
                         Some(Ok(Message::Close(_))) => break Waited::ClosedByPeer,
                         Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
@@ -196,7 +207,16 @@ async fn settle(
             }
             match waited {
                 Waited::Paired(arrival) => {
-                    copy_stream(&state, socket, *arrival, early, side, stream_name).await
+                    copy_stream(
+                        &state,
+                        socket,
+                        *arrival,
+                        early,
+                        side,
+                        stream_name,
+                        resumable,
+                    )
+                    .await
                 }
                 Waited::Expired => {
                     Metrics::add(&state.metrics.streams_expired, 1);
@@ -218,6 +238,15 @@ async fn settle(
                 }
                 Waited::ShuttingDown => {
                     close_with(socket, pump::CLOSE_GOING_AWAY, "the relay is shutting down").await
+                }
+                Waited::Moved => {
+                    Metrics::add(&state.metrics.streams_moved, 1);
+                    close_with(
+                        socket,
+                        pump::CLOSE_MOVE,
+                        "the relay is draining: resume elsewhere",
+                    )
+                    .await
                 }
                 Waited::ClosedByPeer => {
                     tracing::info!(
@@ -250,6 +279,7 @@ async fn copy_stream(
     early: Option<Message>,
     my_side: Side,
     stream_name: String,
+    resumable: bool,
 ) {
     let Arrival {
         socket: mut theirs,
@@ -273,7 +303,16 @@ async fn copy_stream(
                 tracing::debug!(%error, "the joining side failed at once");
             }
         }
-        copy::relay(mine, theirs, state.config.limits.ping_interval).await
+        // A drain moves a resumable session at once (4012); other streams
+        // keep their drain deadline.
+        let move_now = async {
+            if resumable {
+                state.stop_accepting.cancelled().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        copy::relay_until_moved(mine, theirs, state.config.limits.ping_interval, move_now).await
     };
     let report = tokio::select! {
         mut report = relay => {
@@ -308,6 +347,10 @@ async fn copy_stream(
             "the {} side disconnected without closing",
             side_of(first_lost)
         ),
+        RelayEnd::Moved => {
+            Metrics::add(&state.metrics.streams_moved, 1);
+            "moved: the relay is draining and the session resumes elsewhere (4012)".to_string()
+        }
         RelayEnd::MessageTooBig { from_first } => {
             format!(
                 "the {} side sent a message over --max-message-size",

@@ -7,6 +7,7 @@
 //! distinct status with a message that says what to do, because a service
 //! program can only react to what it is told.
 
+use framing::topics::ResumeAsk;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -229,6 +230,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         stream_name,
         target: header(&headers, headers::TARGET).map(str::to_string),
         half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
+        resume: header(&headers, headers::RESUME).and_then(ResumeAsk::parse),
         host: header(&headers, "host").map(str::to_string),
     };
     // In a cluster the device's channel may be held by another node: that
@@ -256,6 +258,8 @@ pub struct Creation {
     pub target: Option<String>,
     /// The service asked for the half-close signal.
     pub half_close: bool,
+    /// The service asked to start (or continue) a resumable session.
+    pub resume: Option<ResumeAsk>,
     /// The `Host` the service used (for the streaming URL outside a cluster).
     pub host: Option<String>,
 }
@@ -347,6 +351,7 @@ async fn negotiate(
         stream_name,
         target,
         half_close: half_close_asked,
+        resume: resume_asked,
         host,
     } = creation;
     let device_id = identity.device_id.clone();
@@ -400,6 +405,7 @@ async fn negotiate(
             .issue(&stream_id, &device_id, Side::Device, expiry),
         target: target.clone(),
         half_close: half_close_asked,
+        resume: resume_asked,
     };
     let Ok(answer) = session.send_request(stream_request) else {
         return throttled(
@@ -470,6 +476,9 @@ async fn negotiate(
         .header(headers::AUTH_TOKEN, service_token);
     if half_close {
         builder = builder.header(headers::HALF_CLOSE, "True");
+    }
+    if response.resume && resume_asked.is_some() {
+        builder = builder.header(headers::RESUME, "True");
     }
     // The service has its answer (a client that hung up just now loses the
     // stream to the deadline, like one that never connects).

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use framing::pump::{self, PumpEnd, PumpOptions};
+use framing::session::SessionEnd;
+use framing::topics::ResumeAsk;
 use framing::{ServiceClient, StreamOptions};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, Instrument};
 
 use crate::failures::{describe_failure, describe_rejection};
+use crate::resume::{self, ResumeSettings};
 
 /// What every connection task shares.
 pub struct ConnectionContext {
@@ -31,6 +34,8 @@ pub struct ConnectionContext {
     pub stream_options: StreamOptions,
     /// WebSocket pings on stream sockets; `None` turns them off.
     pub ping_interval: Option<std::time::Duration>,
+    /// Resumable sessions, when not turned off (`--no-resume`).
+    pub resume: Option<ResumeSettings>,
 }
 
 /// Serves one local connection until its stream ends or `shutdown` fires;
@@ -50,6 +55,7 @@ pub async fn serve(
         peer = %peer,
         stream_name = %context.stream_name,
         stream_id = tracing::field::Empty,
+        session_id = tracing::field::Empty,
     );
     async move {
         tokio::select! {
@@ -70,13 +76,29 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
             .as_deref()
             .unwrap_or("(device default)"),
         half_close = context.stream_options.half_close,
+        resume = context.resume.is_some(),
         "stream requested"
     );
     // On every early return, dropping `tcp` closes the local connection at once.
-    let creation = context
-        .client
-        .create_stream(device_id, &context.stream_name, &context.stream_options)
-        .await;
+    let creation = match context.resume {
+        Some(_) => {
+            context
+                .client
+                .create_resumable_stream(
+                    device_id,
+                    &context.stream_name,
+                    &context.stream_options,
+                    ResumeAsk::New,
+                )
+                .await
+        }
+        None => {
+            context
+                .client
+                .create_stream(device_id, &context.stream_name, &context.stream_options)
+                .await
+        }
+    };
     let invitation = match creation {
         Ok(invitation) => invitation,
         Err(failure) => {
@@ -95,10 +117,15 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
         "stream_id",
         tracing::field::display(framing::stream_id_from_url(&invitation.url)),
     );
-    info!(half_close = invitation.half_close, "stream accepted");
-    let websocket = match framing::connect_stream(
+    info!(
+        half_close = invitation.half_close,
+        resume = invitation.resume,
+        "stream accepted"
+    );
+    let websocket = match framing::connect_stream_with(
         &invitation.url,
         &invitation.authorization_token,
+        invitation.resume,
         &context.tls,
     )
     .await
@@ -111,6 +138,35 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
     };
     info!("stream established");
     let started = Instant::now();
+    if let Some(settings) = context.resume.filter(|_| invitation.resume) {
+        match resume::carry_session(tcp, websocket, settings, context).await {
+            Ok((_keys, report)) => {
+                let end = describe_session_end(&report.end);
+                let duration_ms = duration_ms(started.elapsed());
+                match report.end {
+                    SessionEnd::Completed => info!(
+                        bytes_to_device = report.bytes_sent,
+                        bytes_from_device = report.bytes_received,
+                        resumes = report.resumes,
+                        bytes_replayed = report.bytes_replayed,
+                        duration_ms,
+                        end,
+                        "session closed"
+                    ),
+                    _ => error!(
+                        bytes_to_device = report.bytes_sent,
+                        bytes_from_device = report.bytes_received,
+                        resumes = report.resumes,
+                        bytes_replayed = report.bytes_replayed,
+                        duration_ms,
+                        "session to {device_id} closed, the local connection was reset: {end}"
+                    ),
+                }
+            }
+            Err(reason) => error!("session to {device_id} could not start: {reason}"),
+        }
+        return;
+    }
     let options = PumpOptions {
         half_close: invitation.half_close,
         ping_interval: context.ping_interval,
@@ -128,6 +184,23 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A few words on how a session ended, for its "closed" log line.
+pub fn describe_session_end(end: &SessionEnd) -> String {
+    match end {
+        SessionEnd::Completed => "completed".into(),
+        SessionEnd::PeerReset(reason) => {
+            format!("the device side's connection was reset ({reason})")
+        }
+        SessionEnd::LocalFailed(reason) => format!("local connection failed: {reason}"),
+        SessionEnd::Expired(window) => format!(
+            "the session was not resumed within {} s (--resume-timeout)",
+            window.as_secs_f32()
+        ),
+        SessionEnd::Abandoned(reason) => reason.clone(),
+        SessionEnd::ProtocolError(reason) => format!("session protocol error: {reason}"),
+    }
 }
 
 /// A few words on how a stream ended, for its "closed" log line.

@@ -8,12 +8,14 @@
 //! - [`listener`]: the local port and its accept loop;
 //! - [`connection`]: one local connection, one stream;
 //! - [`failures`]: the one line that says why a stream failed;
+//! - [`resume`]: a resumable session's start and its resumes;
 //! - process plumbing (signals, logs) comes from `framing::process`.
 #![forbid(unsafe_code)]
 
 pub mod connection;
 pub mod failures;
 pub mod listener;
+pub mod resume;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +59,8 @@ pub struct Settings {
     /// WebSocket pings on stream sockets; a relay silent for three
     /// intervals ends the stream. `None` turns them off.
     pub ping_interval: Option<Duration>,
+    /// Resumable sessions; `None` turns them off (`--no-resume`).
+    pub resume: Option<resume::ResumeSettings>,
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down cleanly.
@@ -113,6 +117,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             half_close: settings.half_close,
         },
         ping_interval: settings.ping_interval,
+        resume: settings.resume,
     });
     let tracker = TaskTracker::new();
     listener::accept_loop(

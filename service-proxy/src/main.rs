@@ -88,6 +88,18 @@ struct Arguments {
     /// Seconds between WebSocket pings on stream sockets; a relay silent for 3 intervals ends the stream (0 = off)
     #[arg(long, value_name = "SECONDS", default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=framing::pump::MAX_PING_INTERVAL.as_secs()))]
     ping_interval: u64,
+
+    /// Do not ask for resumable sessions (a connection then ends with its stream)
+    #[arg(long)]
+    no_resume: bool,
+
+    /// Unacknowledged bytes kept per session and direction for a resume, in KiB; when full, reading the local connection pauses
+    #[arg(long, value_name = "KIB", default_value_t = (framing::session::DEFAULT_REPLAY_BUFFER / 1024) as u64, value_parser = clap::value_parser!(u64).range(16..=1024 * 1024))]
+    resume_buffer: u64,
+
+    /// How long a session whose stream broke keeps trying to resume, in seconds; then the local connection is reset
+    #[arg(long, value_name = "SECONDS", default_value_t = framing::session::DEFAULT_RESUME_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86400))]
+    resume_timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +133,10 @@ fn main() -> ExitCode {
         max_connections: arguments.max_connections as usize,
         ping_interval: (arguments.ping_interval > 0)
             .then(|| std::time::Duration::from_secs(arguments.ping_interval)),
+        resume: (!arguments.no_resume).then(|| service_proxy::resume::ResumeSettings {
+            replay_buffer: (arguments.resume_buffer * 1024) as usize,
+            resume_timeout: Duration::from_secs(arguments.resume_timeout),
+        }),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -44,6 +44,8 @@ impl Tunnel {
     }
 }
 
+/// A tunnel whose streams are not resumable (`--no-resume`): these tests
+/// check how a plain stream ends; resumable sessions are tests/resume.rs.
 async fn tunnel(relay_arguments: &[&str]) -> Tunnel {
     let relay = Relay::start(relay_arguments).await;
     let (echo_port, echo) = start_echo_server().await;
@@ -52,11 +54,12 @@ async fn tunnel(relay_arguments: &[&str]) -> Tunnel {
         &relay,
         &connection_string,
         echo_port,
-        &["--max-backoff", "1"],
+        &["--max-backoff", "1", "--no-resume"],
     )
     .await;
     wait_until_device_connected(&relay, "MyDevice").await;
-    let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
+    let (service_proxy, local_port) =
+        start_service_proxy(&relay, "MyDevice", &["--no-resume"]).await;
     Tunnel {
         relay,
         device_proxy,

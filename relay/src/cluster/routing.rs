@@ -76,6 +76,9 @@ pub struct RoutedRequest {
     pub stream_name: String,
     pub target: Option<String>,
     pub half_close: bool,
+    /// The resumable-session ask (`new` / `continue`), when there is one.
+    #[serde(default)]
+    pub resume: Option<String>,
     /// The node the REST call arrived at, for the holding node's log.
     pub from_node: String,
     /// The service's address as the entry node saw it, for the same log.
@@ -170,6 +173,7 @@ pub async fn route(
             stream_name: creation.stream_name.clone(),
             target: creation.target.clone(),
             half_close: creation.half_close,
+            resume: creation.resume.map(|ask| ask.as_str().to_string()),
             from_node: node_name(cluster).to_string(),
             service_peer,
             budget: {
@@ -271,6 +275,10 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
                 stream_name: request.stream_name,
                 target: request.target,
                 half_close: request.half_close,
+                resume: request
+                    .resume
+                    .as_deref()
+                    .and_then(framing::topics::ResumeAsk::parse),
                 host: None,
             };
             let response =

@@ -1,4 +1,5 @@
-//! How long to wait before re-dialing the relay.
+//! How long to wait before re-dialing the relay: the device-proxy's control
+//! channel, and the service-proxy's attempts to resume a session.
 //!
 //! Exponential backoff with *full jitter*: each wait is drawn uniformly from
 //! zero up to a ceiling that doubles with every consecutive failure and is

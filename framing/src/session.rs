@@ -1,0 +1,1231 @@
+//! Resumable sessions: one local TCP connection carried by a succession of
+//! stream WebSockets (PROTOCOL.md, "Resumable streams").
+//!
+//! A session outlives the WebSocket that carries it. Each side counts the
+//! bytes it has received and tells the other (an *ack*, a text message: data
+//! stays in binary messages, so acks are told apart without looking at
+//! application bytes). What was read from the local socket but not yet acked
+//! stays in a bounded replay buffer; when the buffer is full the session
+//! stops reading its local socket, which is TCP's own backpressure, so
+//! nothing is ever dropped. When a carrier breaks, the local socket stays
+//! open; the next carrier starts with both counts, and each side resends
+//! exactly what the other has not received.
+//!
+//! A TCP half-close (FIN) always travels in-band as an empty binary message,
+//! and takes one position in the byte count, so a FIN lost with a carrier is
+//! resent like data. The session ends cleanly once both FINs are delivered
+//! and acknowledged (then Close 1000), and abortively on a local reset or
+//! the peer's Close 4000.
+//!
+//! The I/O loop is [`run_session`]; the messages of the handshake and the
+//! proof are [`Control`] and [`SessionKeys`]. Who finds the next carrier is
+//! policy and lives in the proxies: they hand carriers in as [`Offer`]s.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::pump::{
+    close_message, CLOSE_NORMAL, CLOSE_TCP_RESET, DEFAULT_READ_CHUNK, SILENT_INTERVALS,
+};
+
+/// Unacknowledged bytes kept per direction by default.
+pub const DEFAULT_REPLAY_BUFFER: usize = 4 * 1024 * 1024;
+/// How long a session waits for a new carrier by default.
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the first message of a stream (hello, resume, the answer to a
+/// resume) may take to arrive.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Received bytes are acknowledged at most this long after they arrived, so
+/// an interactive session's replay buffers hold almost nothing.
+pub const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Bulk transfers are acknowledged at least every this many bytes (or an
+/// eighth of the replay buffer, when that is smaller).
+pub const ACK_EVERY: u64 = 256 * 1024;
+/// Largest text (control) message a session accepts.
+const MAX_CONTROL_MESSAGE: usize = 1024;
+/// How long to wait for a final Close frame to be written.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The session id and the per-session secret, agreed inside the first
+/// stream. Not `Debug`/`Display` beyond the id: the secret is never logged.
+#[derive(Clone)]
+pub struct SessionKeys {
+    pub id: String,
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SessionKeys")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok())
+        .collect()
+}
+
+impl SessionKeys {
+    /// A fresh session: random 128-bit id, random 256-bit secret.
+    pub fn generate() -> Self {
+        let id: [u8; 16] = rand::random();
+        Self {
+            id: hex(&id),
+            secret: rand::random(),
+        }
+    }
+
+    /// The hello that starts a session, carrying both.
+    pub fn hello(&self) -> Control {
+        Control::Hello {
+            session: self.id.clone(),
+            secret: hex(&self.secret),
+        }
+    }
+
+    /// The keys a hello carries; `None` when it is malformed.
+    pub fn from_hello(session: &str, secret: &str) -> Option<Self> {
+        let secret: [u8; 32] = unhex(secret)?.try_into().ok()?;
+        (session.len() == 32 && unhex(session).is_some()).then(|| Self {
+            id: session.to_string(),
+            secret,
+        })
+    }
+
+    fn mac(&self, nonce: &str) -> HmacSha256 {
+        let mut mac =
+            HmacSha256::new_from_slice(&self.secret).expect("HMAC accepts keys of any length");
+        mac.update(b"devstreams-resume\n");
+        mac.update(self.id.as_bytes());
+        mac.update(b"\n");
+        mac.update(nonce.as_bytes());
+        mac
+    }
+
+    /// A resume request with a fresh nonce and its proof.
+    pub fn resume(&self, received: u64) -> Control {
+        let nonce = hex(&rand::random::<[u8; 16]>());
+        let proof = hex(&self.mac(&nonce).finalize().into_bytes());
+        Control::Resume {
+            session: self.id.clone(),
+            nonce,
+            proof,
+            received,
+        }
+    }
+
+    /// Checks a proof in constant time.
+    pub fn check(&self, nonce: &str, proof: &str) -> bool {
+        match unhex(proof) {
+            Some(proof) => self.mac(nonce).verify_slice(&proof).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// The session's control messages, sent as WebSocket text messages (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Service → device, first message of a new session.
+    Hello { session: String, secret: String },
+    /// Service → device, first message of a stream that continues a session.
+    Resume {
+        session: String,
+        nonce: String,
+        proof: String,
+        received: u64,
+    },
+    /// Device → service: the resume is accepted; the device's count.
+    Resumed { received: u64 },
+    /// Device → service: no such session here (its process restarted, or
+    /// the window passed).
+    UnknownSession,
+    /// Device → service: the proof did not check.
+    Refused,
+    /// Either way: bytes received so far (a FIN counts as one).
+    Ack { received: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control message is longer than {MAX_CONTROL_MESSAGE} bytes")]
+    TooLong,
+    #[error("control message is not understood: {0}")]
+    Malformed(String),
+}
+
+impl Control {
+    pub fn to_message(&self) -> Message {
+        let text = serde_json::to_string(self).expect("control messages always serialize");
+        Message::Text(text.into())
+    }
+
+    pub fn parse(text: &str) -> Result<Control, ControlError> {
+        if text.len() > MAX_CONTROL_MESSAGE {
+            return Err(ControlError::TooLong);
+        }
+        serde_json::from_str(text).map_err(|error| ControlError::Malformed(error.to_string()))
+    }
+}
+
+/// Reads the first control message of a stream (pings skipped), within
+/// [`HANDSHAKE_TIMEOUT`].
+pub async fn read_control<S>(websocket: &mut WebSocketStream<S>) -> Result<Control, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let read = async {
+        loop {
+            match websocket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return Control::parse(text.as_str()).map_err(|error| error.to_string())
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(match frame {
+                        Some(frame) => format!("the stream was closed (code {})", frame.code),
+                        None => "the stream was closed".into(),
+                    })
+                }
+                Some(Ok(_)) => return Err("the stream did not open with a control message".into()),
+                Some(Err(error)) => return Err(error.to_string()),
+                None => return Err("the stream ended".into()),
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read)
+        .await
+        .map_err(|_| format!("no control message within {HANDSHAKE_TIMEOUT:?}"))?
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// Most unacknowledged bytes kept; reading the local socket stops there.
+    pub replay_buffer: usize,
+    /// How long to wait for a new carrier after one is lost.
+    pub resume_timeout: Duration,
+    /// Ping the relay this often; `None` turns dead-peer detection off.
+    pub ping_interval: Option<Duration>,
+    /// Bytes read from the local socket per message.
+    pub read_chunk: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            replay_buffer: DEFAULT_REPLAY_BUFFER,
+            resume_timeout: DEFAULT_RESUME_TIMEOUT,
+            ping_interval: Some(crate::pump::DEFAULT_PING_INTERVAL),
+            read_chunk: DEFAULT_READ_CHUNK,
+        }
+    }
+}
+
+/// A WebSocket that is to carry the session, with the peer's count.
+pub struct Carrier<S> {
+    pub websocket: WebSocketStream<S>,
+    /// Bytes the peer has received; sending restarts there.
+    pub peer_received: u64,
+    /// Send [`Control::Resumed`] with our count first (the device side).
+    pub answer_resumed: bool,
+}
+
+/// What the proxy hands the session.
+pub enum Offer<S> {
+    Carrier(Box<Carrier<S>>),
+    /// No carrier will come; the reason is logged and the session reset.
+    GiveUp(String),
+}
+
+/// Told to the proxy when a carrier is lost: what the session has received,
+/// for its resume request.
+#[derive(Debug, Clone)]
+pub struct Loss {
+    pub received: u64,
+    pub reason: String,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Both directions finished and were acknowledged, or the peer closed
+    /// with 1000.
+    Completed,
+    /// The peer's local connection failed (Close 4000).
+    PeerReset(String),
+    /// Our local connection failed or was reset.
+    LocalFailed(String),
+    /// No new carrier came within the resume window.
+    Expired(Duration),
+    /// The proxy gave up resuming (unknown session, refused proof, …).
+    Abandoned(String),
+    /// The peer broke the session protocol.
+    ProtocolError(String),
+}
+
+/// Counts and outcome of one session.
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub resumes: u32,
+    pub bytes_replayed: u64,
+    pub end: SessionEnd,
+}
+
+/// What both directions of a session share. Both run in one task; the lock
+/// is held only for bookkeeping, never across an await.
+struct Ledger {
+    /// Read from the local socket, not yet acknowledged, starting at `acked`.
+    replay: VecDeque<Bytes>,
+    replay_bytes: usize,
+    acked: u64,
+    /// Data bytes read from the local socket.
+    read_total: u64,
+    local_fin: bool,
+    /// Positions received from the peer (data bytes, plus one for its FIN).
+    received: u64,
+    remote_fin: bool,
+    ack_sent: u64,
+    unacked_since: Option<Instant>,
+}
+
+impl Ledger {
+    /// The end of our sequence: data, plus one for the FIN once read.
+    fn sequence_end(&self) -> u64 {
+        self.read_total + u64::from(self.local_fin)
+    }
+
+    /// Frees everything below `count`; false when `count` is beyond what we
+    /// ever sent.
+    fn acknowledge(&mut self, count: u64) -> bool {
+        if count > self.sequence_end() {
+            return false;
+        }
+        while count > self.acked {
+            let Some(front) = self.replay.front_mut() else {
+                // Only the FIN is left to acknowledge.
+                self.acked = count;
+                break;
+            };
+            let drop_bytes = (count - self.acked).min(front.len() as u64) as usize;
+            if drop_bytes == front.len() {
+                self.replay.pop_front();
+            } else {
+                *front = front.slice(drop_bytes..);
+            }
+            self.replay_bytes -= drop_bytes;
+            self.acked += drop_bytes as u64;
+            if drop_bytes == 0 {
+                self.acked = count;
+            }
+        }
+        true
+    }
+
+    /// Up to `limit` bytes starting at `offset`, from the replay buffer.
+    fn data_from(&self, offset: u64, limit: usize) -> Option<Bytes> {
+        if offset < self.acked || offset >= self.read_total {
+            return None;
+        }
+        let mut position = self.acked;
+        for chunk in &self.replay {
+            let end = position + chunk.len() as u64;
+            if offset < end {
+                let start = (offset - position) as usize;
+                let stop = chunk.len().min(start + limit);
+                return Some(chunk.slice(start..stop));
+            }
+            position = end;
+        }
+        None
+    }
+
+    fn complete(&self) -> bool {
+        self.local_fin
+            && self.acked > self.read_total
+            && self.remote_fin
+            && self.ack_sent >= self.received
+    }
+}
+
+/// The session's shared state and its wake-ups.
+struct Shared {
+    ledger: Mutex<Ledger>,
+    /// The local reader waits here for room in the replay buffer.
+    room: Notify,
+    /// The sender waits here for data, a FIN, something to ack or to end.
+    work: Notify,
+    capacity: usize,
+    ack_every: u64,
+}
+
+impl Shared {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // A panic while holding the lock would already have ended the task.
+        self.ledger
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How one carrier stopped.
+enum CarrierEnd {
+    Lost(String),
+    Completed,
+    PeerClosedNormally,
+    PeerReset(String),
+    LocalFailed(String),
+    ProtocolError(String),
+}
+
+/// Moves bytes between `tcp` and successive carriers until the session
+/// ends. Carriers after the first come from `offers`; each loss is told to
+/// `losses` (the service side uses it to start a resume).
+pub async fn run_session<S>(
+    tcp: TcpStream,
+    first: Carrier<S>,
+    options: SessionOptions,
+    mut offers: mpsc::Receiver<Offer<S>>,
+    losses: Option<mpsc::Sender<Loss>>,
+) -> SessionReport
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    crate::transport::configure_socket(&tcp);
+    let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
+    let capacity = options.replay_buffer.max(1);
+    let shared = Shared {
+        ledger: Mutex::new(Ledger {
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            acked: 0,
+            read_total: 0,
+            local_fin: false,
+            received: 0,
+            remote_fin: false,
+            ack_sent: 0,
+            unacked_since: None,
+        }),
+        room: Notify::new(),
+        work: Notify::new(),
+        capacity,
+        ack_every: ACK_EVERY.min((capacity as u64 / 8).max(1)),
+    };
+    let mut resumes = 0u32;
+    let mut bytes_replayed = 0u64;
+    let mut carrier = Some(first);
+    let end = {
+        let local = read_local(&mut tcp_reader, &shared, options.read_chunk);
+        tokio::pin!(local);
+        'session: loop {
+            let Some(Carrier {
+                mut websocket,
+                peer_received,
+                answer_resumed,
+            }) = carrier.take()
+            else {
+                unreachable!("every turn starts with a carrier");
+            };
+            let attach = {
+                let mut ledger = shared.ledger();
+                if peer_received < ledger.acked || !ledger.acknowledge(peer_received) {
+                    Err(format!(
+                        "the peer's count {peer_received} is outside what was sent ({}..={})",
+                        ledger.acked,
+                        ledger.sequence_end()
+                    ))
+                } else {
+                    if resumes > 0 {
+                        let resend = ledger.read_total.saturating_sub(peer_received);
+                        bytes_replayed += resend;
+                        tracing::info!(
+                            received = ledger.received,
+                            peer_received,
+                            bytes_to_resend = resend,
+                            "session resumed on a new stream"
+                        );
+                    }
+                    Ok(ledger.received)
+                }
+            };
+            let received = match attach {
+                Ok(received) => received,
+                Err(reason) => break 'session SessionEnd::ProtocolError(reason),
+            };
+            if answer_resumed {
+                let answer = Control::Resumed { received }.to_message();
+                if let Err(error) = websocket.send(answer).await {
+                    // The new carrier failed at once: wait for another.
+                    let lost = format!("the new stream failed: {error}");
+                    match wait_for_carrier(
+                        &mut local,
+                        &mut offers,
+                        losses.as_ref(),
+                        &shared,
+                        options.resume_timeout,
+                        lost,
+                    )
+                    .await
+                    {
+                        Ok(next) => {
+                            carrier = Some(next);
+                            resumes += 1;
+                            continue 'session;
+                        }
+                        Err(end) => break 'session end,
+                    }
+                }
+            }
+            shared.ledger().ack_sent = received;
+            // The peer's count may have freed the whole replay buffer with
+            // no ack to come: the local reader must hear of the room.
+            shared.room.notify_one();
+            shared.work.notify_one();
+            let (mut sink, mut stream) = websocket.split();
+            let outcome = {
+                let sending = send_loop(&mut sink, &shared, peer_received, options.ping_interval);
+                let receiving =
+                    receive_loop(&mut stream, &mut tcp_writer, &shared, options.ping_interval);
+                tokio::pin!(sending, receiving);
+                tokio::select! {
+                    end = &mut sending => Ok(end),
+                    end = &mut receiving => Ok(end),
+                    failed = &mut local => Ok(CarrierEnd::LocalFailed(failed.to_string())),
+                    offer = offers.recv() => Err(offer),
+                }
+            };
+            let carrier_end = match outcome {
+                Ok(end) => end,
+                Err(Some(Offer::Carrier(next))) => {
+                    // A newer stream replaces this one (the other side saw
+                    // it break first); its counts were taken just now.
+                    tracing::info!("session moved to a new stream");
+                    carrier = Some(*next);
+                    resumes += 1;
+                    continue 'session;
+                }
+                Err(Some(Offer::GiveUp(reason))) => {
+                    close_sink(&mut sink, CLOSE_TCP_RESET, &reason).await;
+                    break 'session SessionEnd::Abandoned(reason);
+                }
+                Err(None) => {
+                    close_sink(&mut sink, CLOSE_TCP_RESET, "the session was dropped").await;
+                    break 'session SessionEnd::Abandoned("the proxy dropped the session".into());
+                }
+            };
+            match carrier_end {
+                CarrierEnd::Completed => {
+                    close_sink(&mut sink, CLOSE_NORMAL, "").await;
+                    break 'session SessionEnd::Completed;
+                }
+                CarrierEnd::PeerClosedNormally => break 'session SessionEnd::Completed,
+                CarrierEnd::PeerReset(reason) => break 'session SessionEnd::PeerReset(reason),
+                CarrierEnd::LocalFailed(reason) => {
+                    close_sink(
+                        &mut sink,
+                        CLOSE_TCP_RESET,
+                        "the TCP connection on the other end failed",
+                    )
+                    .await;
+                    break 'session SessionEnd::LocalFailed(reason);
+                }
+                CarrierEnd::ProtocolError(reason) => {
+                    close_sink(&mut sink, CLOSE_TCP_RESET, "session protocol error").await;
+                    break 'session SessionEnd::ProtocolError(reason);
+                }
+                CarrierEnd::Lost(reason) => {
+                    drop((sink, stream));
+                    match wait_for_carrier(
+                        &mut local,
+                        &mut offers,
+                        losses.as_ref(),
+                        &shared,
+                        options.resume_timeout,
+                        reason,
+                    )
+                    .await
+                    {
+                        Ok(next) => {
+                            carrier = Some(next);
+                            resumes += 1;
+                        }
+                        Err(end) => break 'session end,
+                    }
+                }
+            }
+        }
+    };
+    let (bytes_sent, bytes_received) = {
+        let ledger = shared.ledger();
+        let fin = u64::from(ledger.remote_fin);
+        (ledger.read_total, ledger.received - fin)
+    };
+    match &end {
+        SessionEnd::Completed => {
+            let _ = tcp_writer.shutdown().await;
+        }
+        _ => {
+            // Dropping a write half sends FIN; reunite first so the socket
+            // is reset instead, and the local client sees an error.
+            if let Ok(tcp) = tcp_reader.reunite(tcp_writer) {
+                let _ = tcp.set_zero_linger();
+            }
+        }
+    }
+    SessionReport {
+        bytes_sent,
+        bytes_received,
+        resumes,
+        bytes_replayed,
+        end,
+    }
+}
+
+/// Waits for the next carrier within the resume window, reading the local
+/// socket into the replay buffer meanwhile (until it is full).
+async fn wait_for_carrier<S, F>(
+    local: &mut std::pin::Pin<&mut F>,
+    offers: &mut mpsc::Receiver<Offer<S>>,
+    losses: Option<&mpsc::Sender<Loss>>,
+    shared: &Shared,
+    resume_timeout: Duration,
+    reason: String,
+) -> Result<Carrier<S>, SessionEnd>
+where
+    F: std::future::Future<Output = io::Error>,
+{
+    let received = shared.ledger().received;
+    tracing::info!(%reason, received, "session stream lost; waiting to resume");
+    if let Some(losses) = losses {
+        if losses.try_send(Loss { received, reason }).is_err() {
+            return Err(SessionEnd::Abandoned(
+                "the proxy is no longer resuming this session".into(),
+            ));
+        }
+    }
+    let deadline = Instant::now() + resume_timeout;
+    tokio::select! {
+        offer = offers.recv() => match offer {
+            Some(Offer::Carrier(next)) => Ok(*next),
+            Some(Offer::GiveUp(reason)) => Err(SessionEnd::Abandoned(reason)),
+            None => Err(SessionEnd::Abandoned("the proxy dropped the session".into())),
+        },
+        failed = local.as_mut() => Err(SessionEnd::LocalFailed(failed.to_string())),
+        _ = tokio::time::sleep_until(deadline) => Err(SessionEnd::Expired(resume_timeout)),
+    }
+}
+
+async fn close_sink<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, code: u16, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, reason))).await;
+}
+
+/// Reads the local socket into the replay buffer while it has room, for the
+/// whole session; returns only when the socket fails.
+async fn read_local(reader: &mut OwnedReadHalf, shared: &Shared, read_chunk: usize) -> io::Error {
+    loop {
+        let room = {
+            let ledger = shared.ledger();
+            if ledger.local_fin {
+                None
+            } else {
+                Some(shared.capacity.saturating_sub(ledger.replay_bytes))
+            }
+        };
+        match room {
+            None => std::future::pending::<()>().await,
+            Some(0) => {
+                shared.room.notified().await;
+                continue;
+            }
+            Some(_) => {}
+        }
+        if let Err(error) = reader.readable().await {
+            return error;
+        }
+        let room = room.unwrap_or_default();
+        let mut buffer = BytesMut::with_capacity(read_chunk.min(room).max(1));
+        match reader.try_read_buf(&mut buffer) {
+            Ok(0) => {
+                shared.ledger().local_fin = true;
+                shared.work.notify_one();
+            }
+            Ok(count) => {
+                let mut ledger = shared.ledger();
+                ledger.read_total += count as u64;
+                ledger.replay_bytes += count;
+                ledger.replay.push_back(buffer.freeze());
+                drop(ledger);
+                shared.work.notify_one();
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return error,
+        }
+    }
+}
+
+/// What the sender does next.
+enum Step {
+    Data(Bytes),
+    Fin,
+    Ack(u64),
+    Complete,
+    Idle(Option<Instant>),
+}
+
+/// Sends data from `next` on, the FIN, acks and pings on one carrier.
+async fn send_loop<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    shared: &Shared,
+    mut next: u64,
+    ping_interval: Option<Duration>,
+) -> CarrierEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut next_ping = ping_interval.map(|interval| Instant::now() + interval);
+    let lost = |error: tokio_tungstenite::tungstenite::Error| CarrierEnd::Lost(error.to_string());
+    loop {
+        let step = {
+            let ledger = shared.ledger();
+            let ack_due = ledger.received > ledger.ack_sent
+                && (ledger.received - ledger.ack_sent >= shared.ack_every
+                    || ledger.remote_fin
+                    || ledger
+                        .unacked_since
+                        .is_some_and(|since| since + ACK_DELAY <= Instant::now()));
+            if ack_due {
+                Step::Ack(ledger.received)
+            } else if let Some(data) = ledger.data_from(next, DEFAULT_READ_CHUNK) {
+                Step::Data(data)
+            } else if ledger.local_fin && next == ledger.read_total {
+                Step::Fin
+            } else if ledger.complete() {
+                Step::Complete
+            } else {
+                let ack_at = (ledger.received > ledger.ack_sent)
+                    .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
+                    .flatten();
+                Step::Idle(ack_at)
+            }
+        };
+        match step {
+            Step::Ack(received) => {
+                {
+                    let mut ledger = shared.ledger();
+                    ledger.ack_sent = received;
+                    ledger.unacked_since = None;
+                }
+                if let Err(error) = sink.send(Control::Ack { received }.to_message()).await {
+                    return lost(error);
+                }
+            }
+            Step::Data(data) => {
+                next += data.len() as u64;
+                if let Err(error) = sink.send(Message::Binary(data)).await {
+                    return lost(error);
+                }
+            }
+            Step::Fin => {
+                next += 1;
+                if let Err(error) = sink.send(Message::Binary(Bytes::new())).await {
+                    return lost(error);
+                }
+            }
+            Step::Complete => return CarrierEnd::Completed,
+            Step::Idle(ack_at) => {
+                tokio::select! {
+                    _ = shared.work.notified() => {}
+                    _ = sleep_until_optional(ack_at) => {}
+                    _ = sleep_until_optional(next_ping) => {
+                        if let Err(error) = sink.send(Message::Ping(Bytes::new())).await {
+                            return lost(error);
+                        }
+                        next_ping = ping_interval.map(|interval| Instant::now() + interval);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_optional(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one carrier: data to the local socket, acks into the ledger.
+///
+/// With pings on, a relay that sends nothing (not even a pong) for
+/// [`SILENT_INTERVALS`] ping intervals has lost the carrier.
+async fn receive_loop<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    writer: &mut OwnedWriteHalf,
+    shared: &Shared,
+    ping_interval: Option<Duration>,
+) -> CarrierEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let silence_limit = ping_interval.map(|interval| interval * SILENT_INTERVALS);
+    loop {
+        let next = match silence_limit {
+            Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    return CarrierEnd::Lost(format!(
+                        "the relay sent nothing for {limit:?} ({SILENT_INTERVALS} ping intervals)"
+                    ))
+                }
+            },
+            None => stream.next().await,
+        };
+        let data = match next {
+            None => return CarrierEnd::Lost("the relay connection ended without a Close".into()),
+            Some(Err(error)) => return CarrierEnd::Lost(error.to_string()),
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame
+                    .map(|frame| (u16::from(frame.code), frame.reason.to_string()))
+                    .unwrap_or((CLOSE_NORMAL, String::new()));
+                return match code {
+                    CLOSE_NORMAL => CarrierEnd::PeerClosedNormally,
+                    CLOSE_TCP_RESET => CarrierEnd::PeerReset(reason),
+                    // 4012 (move), 1001, 1011 and anything else: the carrier
+                    // is gone, the session is not.
+                    code => {
+                        CarrierEnd::Lost(format!("the stream was closed with code {code} {reason}"))
+                    }
+                };
+            }
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(Message::Text(text))) => {
+                match Control::parse(text.as_str()) {
+                    Ok(Control::Ack { received }) => {
+                        let valid = shared.ledger().acknowledge(received);
+                        if !valid {
+                            return CarrierEnd::ProtocolError(format!(
+                                "the peer acknowledged {received} bytes, more than were sent"
+                            ));
+                        }
+                        shared.room.notify_one();
+                        shared.work.notify_one();
+                    }
+                    Ok(other) => tracing::debug!(?other, "ignoring a control message mid-stream"),
+                    Err(error) => return CarrierEnd::ProtocolError(error.to_string()),
+                }
+                continue;
+            }
+            Some(Ok(_)) => continue,
+        };
+        if data.is_empty() {
+            {
+                let ledger = shared.ledger();
+                if ledger.remote_fin {
+                    return CarrierEnd::ProtocolError("a second FIN from the peer".into());
+                }
+            }
+            if let Err(error) = writer.shutdown().await {
+                return CarrierEnd::LocalFailed(error.to_string());
+            }
+            let mut ledger = shared.ledger();
+            ledger.remote_fin = true;
+            ledger.received += 1;
+            drop(ledger);
+            shared.work.notify_one();
+            continue;
+        }
+        if shared.ledger().remote_fin {
+            return CarrierEnd::ProtocolError("data after the peer's FIN".into());
+        }
+        // Counted write by write, so a carrier dropped mid-message (a newer
+        // one replaced it) leaves an exact count behind.
+        let mut written = 0;
+        while written < data.len() {
+            match writer.write(&data[written..]).await {
+                Ok(0) => {
+                    return CarrierEnd::LocalFailed(
+                        "the local connection took no more bytes".into(),
+                    )
+                }
+                Ok(count) => {
+                    written += count;
+                    let mut ledger = shared.ledger();
+                    ledger.received += count as u64;
+                    if ledger.unacked_since.is_none() {
+                        ledger.unacked_since = Some(Instant::now());
+                    }
+                    let due = ledger.received - ledger.ack_sent >= shared.ack_every;
+                    drop(ledger);
+                    // Wake the sender for the first unacked byte (to arm its
+                    // timer) and whenever an ack is due at once.
+                    if due || written == count {
+                        shared.work.notify_one();
+                    }
+                }
+                Err(error) => return CarrierEnd::LocalFailed(error.to_string()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ledger's arithmetic on its own, and two whole sessions over
+    //! loopback TCP joined by in-memory WebSockets through a forwarder the
+    //! test can cut, standing in for the relay.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    fn ledger() -> Ledger {
+        Ledger {
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            acked: 0,
+            read_total: 0,
+            local_fin: false,
+            received: 0,
+            remote_fin: false,
+            ack_sent: 0,
+            unacked_since: None,
+        }
+    }
+
+    fn push(ledger: &mut Ledger, data: &'static [u8]) {
+        ledger.read_total += data.len() as u64;
+        ledger.replay_bytes += data.len();
+        ledger.replay.push_back(Bytes::from_static(data));
+    }
+
+    #[test]
+    fn acks_free_the_replay_buffer_and_data_is_found_by_offset() {
+        let mut ledger = ledger();
+        push(&mut ledger, b"hello ");
+        push(&mut ledger, b"world");
+        assert_eq!(ledger.data_from(3, 100).as_deref(), Some(&b"lo "[..]));
+        assert_eq!(ledger.data_from(6, 2).as_deref(), Some(&b"wo"[..]));
+        assert!(ledger.acknowledge(8));
+        assert_eq!(ledger.acked, 8);
+        assert_eq!(ledger.replay_bytes, 3);
+        assert_eq!(ledger.data_from(8, 100).as_deref(), Some(&b"rld"[..]));
+        assert_eq!(
+            ledger.data_from(7, 100),
+            None,
+            "acknowledged bytes are gone"
+        );
+        assert!(!ledger.acknowledge(12), "beyond what was sent");
+        ledger.local_fin = true;
+        assert!(ledger.acknowledge(12), "the FIN takes one position");
+        assert_eq!(ledger.replay_bytes, 0);
+        assert!(!ledger.complete(), "the peer's FIN has not come");
+        ledger.remote_fin = true;
+        ledger.received = 1;
+        assert!(!ledger.complete(), "its FIN is not acknowledged yet");
+        ledger.ack_sent = 1;
+        assert!(ledger.complete());
+    }
+
+    #[test]
+    fn only_the_secret_makes_a_proof() {
+        let keys = SessionKeys::generate();
+        let Control::Resume { nonce, proof, .. } = keys.resume(7) else {
+            panic!("a resume")
+        };
+        assert!(keys.check(&nonce, &proof));
+        assert!(!keys.check("other nonce", &proof));
+        assert!(!keys.check(&nonce, "00"));
+        let Control::Hello { session, secret } = keys.hello() else {
+            panic!("a hello")
+        };
+        let copy = SessionKeys::from_hello(&session, &secret).expect("valid hello");
+        assert!(copy.check(&nonce, &proof));
+        assert!(!SessionKeys::generate().check(&nonce, &proof));
+        assert!(
+            !format!("{keys:?}").contains(&secret),
+            "Debug hides the secret"
+        );
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_garbage_is_an_error() {
+        let ack = Control::Ack { received: 42 };
+        let Message::Text(text) = ack.to_message() else {
+            panic!("text")
+        };
+        assert_eq!(Control::parse(text.as_str()).unwrap(), ack);
+        assert!(Control::parse("{\"type\":\"nonsense\"}").is_err());
+        assert!(Control::parse(&"x".repeat(5000)).is_err());
+    }
+
+    type Pipe = WebSocketStream<DuplexStream>;
+
+    /// Two WebSocket ends joined through a byte forwarder task; aborting
+    /// the task cuts both like a vanished relay.
+    async fn carrier_pair() -> (Pipe, Pipe, tokio::task::JoinHandle<()>) {
+        let (a, mut a_relay) = tokio::io::duplex(64 * 1024);
+        let (b, mut b_relay) = tokio::io::duplex(64 * 1024);
+        let forwarder = tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut a_relay, &mut b_relay).await;
+        });
+        let a = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (a, b, forwarder)
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (application, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (application.unwrap(), accepted.unwrap().0)
+    }
+
+    fn pattern(size: usize, seed: u8) -> Vec<u8> {
+        (0..size)
+            .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Writes `data` then FIN, and reads everything until FIN, counting
+    /// what it has read in `progress`.
+    async fn exchange(
+        mut application: TcpStream,
+        data: Vec<u8>,
+        progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Vec<u8> {
+        let (mut reader, mut writer) = application.split();
+        let write = async {
+            writer.write_all(&data).await.unwrap();
+            writer.shutdown().await.unwrap();
+        };
+        let read = async {
+            let mut received = Vec::new();
+            let mut buffer = vec![0u8; 16 * 1024];
+            loop {
+                let count = reader.read(&mut buffer).await.unwrap();
+                if count == 0 {
+                    break received;
+                }
+                received.extend_from_slice(&buffer[..count]);
+                progress.store(received.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let ((), received) = tokio::join!(write, read);
+        received
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_a_cut_carrier_once_and_in_order_and_the_session_ends_cleanly() {
+        let options = SessionOptions {
+            replay_buffer: 256 * 1024,
+            resume_timeout: Duration::from_secs(20),
+            ping_interval: None,
+            read_chunk: 16 * 1024,
+        };
+        let (service_application, service_tcp) = tcp_pair().await;
+        let (device_application, device_tcp) = tcp_pair().await;
+        let (service_ws, device_ws, forwarder) = carrier_pair().await;
+        let (service_offers, service_offers_received) = mpsc::channel(1);
+        let (device_offers, device_offers_received) = mpsc::channel(1);
+        let (losses, mut losses_received) = mpsc::channel(1);
+        let service = tokio::spawn(run_session(
+            service_tcp,
+            Carrier {
+                websocket: service_ws,
+                peer_received: 0,
+                answer_resumed: false,
+            },
+            options,
+            service_offers_received,
+            Some(losses),
+        ));
+        let device = tokio::spawn(run_session(
+            device_tcp,
+            Carrier {
+                websocket: device_ws,
+                peer_received: 0,
+                answer_resumed: false,
+            },
+            options,
+            device_offers_received,
+            None,
+        ));
+        let up = pattern(8 * 1024 * 1024, 1);
+        let down = pattern(6 * 1024 * 1024 + 17, 2);
+        let device_progress = std::sync::Arc::default();
+        let service_progress = std::sync::Arc::<std::sync::atomic::AtomicUsize>::default();
+        let service_side = tokio::spawn(exchange(
+            service_application,
+            up.clone(),
+            std::sync::Arc::clone(&service_progress),
+        ));
+        let device_side = tokio::spawn(exchange(
+            device_application,
+            down.clone(),
+            std::sync::Arc::clone(&device_progress),
+        ));
+        // Cut the carrier mid-transfer, then resume as the proxies do.
+        let started = Instant::now();
+        while device_progress.load(std::sync::atomic::Ordering::Relaxed) < 1024 * 1024 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "stalled before the cut: device {} service {}",
+                device_progress.load(std::sync::atomic::Ordering::Relaxed),
+                service_progress.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        forwarder.abort();
+        let loss = tokio::time::timeout(Duration::from_secs(10), losses_received.recv())
+            .await
+            .expect("the service side notices");
+        let Some(loss) = loss else {
+            panic!("no loss; the session ended: {:?}", service.await.unwrap());
+        };
+        let (mut service_ws, device_ws, _forwarder) = carrier_pair().await;
+        device_offers
+            .send(Offer::Carrier(Box::new(Carrier {
+                websocket: device_ws,
+                peer_received: loss.received,
+                answer_resumed: true,
+            })))
+            .await
+            .unwrap();
+        let Ok(Control::Resumed { received }) = read_control(&mut service_ws).await else {
+            panic!("the device side answers with its count")
+        };
+        service_offers
+            .send(Offer::Carrier(Box::new(Carrier {
+                websocket: service_ws,
+                peer_received: received,
+                answer_resumed: false,
+            })))
+            .await
+            .unwrap();
+        let at_device = tokio::time::timeout(Duration::from_secs(30), device_side)
+            .await
+            .unwrap()
+            .unwrap();
+        let at_service = match tokio::time::timeout(Duration::from_secs(30), service_side).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => panic!(
+                "service side stuck at {} bytes; device session: {:?}; service session finished: {}",
+                service_progress.load(std::sync::atomic::Ordering::Relaxed),
+                tokio::time::timeout(Duration::from_secs(5), device).await,
+                service.is_finished()
+            ),
+        };
+        assert!(
+            at_device == up,
+            "upload intact ({} of {} bytes)",
+            at_device.len(),
+            up.len()
+        );
+        assert!(
+            at_service == down,
+            "download intact ({} of {} bytes)",
+            at_service.len(),
+            down.len()
+        );
+        let service_report = match tokio::time::timeout(Duration::from_secs(30), service).await {
+            Ok(report) => report.unwrap(),
+            Err(_) => panic!(
+                "the service session did not end; device session finished: {}",
+                device.is_finished()
+            ),
+        };
+        let device_report = tokio::time::timeout(Duration::from_secs(30), device)
+            .await
+            .expect("the device session ends")
+            .unwrap();
+        assert_eq!(
+            service_report.end,
+            SessionEnd::Completed,
+            "{service_report:?}"
+        );
+        assert_eq!(
+            device_report.end,
+            SessionEnd::Completed,
+            "{device_report:?}"
+        );
+        assert_eq!(service_report.resumes, 1);
+        assert_eq!(device_report.bytes_received, up.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_full_replay_buffer_stops_reading_the_local_socket() {
+        let options = SessionOptions {
+            replay_buffer: 64 * 1024,
+            resume_timeout: Duration::from_secs(20),
+            ping_interval: None,
+            read_chunk: 16 * 1024,
+        };
+        let (mut application, tcp) = tcp_pair().await;
+        // The peer end is never read: nothing is ever acknowledged.
+        let (websocket, _silent_peer, _forwarder) = carrier_pair().await;
+        let (_offers, offers_received) = mpsc::channel(1);
+        let _session = tokio::spawn(run_session(
+            tcp,
+            Carrier {
+                websocket,
+                peer_received: 0,
+                answer_resumed: false,
+            },
+            options,
+            offers_received,
+            None,
+        ));
+        let mut written = 0usize;
+        let chunk = vec![7u8; 64 * 1024];
+        while tokio::time::timeout(Duration::from_millis(500), application.write_all(&chunk))
+            .await
+            .is_ok()
+        {
+            written += chunk.len();
+            assert!(
+                written < 64 * 1024 * 1024,
+                "the session kept reading without acks"
+            );
+        }
+        // Socket buffers plus the replay buffer: far from unbounded.
+        assert!(written > 0);
+    }
+}

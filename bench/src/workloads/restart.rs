@@ -211,3 +211,21 @@ async fn read_echoes(mut reader: tokio::net::tcp::OwnedReadHalf, echoes: watch::
         let _ = echoes.send(Ok(Some(Instant::now())));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_observed_recoveries() {
+        let result = RestartResult {
+            attempted: 20,
+            recoveries: (1..=20).rev().map(Duration::from_millis).collect(),
+            failures: 0,
+            first_error: None,
+        };
+        assert_eq!(result.percentile(50.0), Some(Duration::from_millis(10)));
+        assert_eq!(result.percentile(90.0), Some(Duration::from_millis(18)));
+        assert_eq!(RestartResult::default().percentile(50.0), None);
+    }
+}

@@ -18,6 +18,7 @@ fn colour(kind: SystemKind) -> &'static str {
     match kind {
         SystemKind::Direct => "#8c8c8c",
         SystemKind::Devstreams => "#1f77b4",
+        SystemKind::DevstreamsNoResume => "#aec7e8",
         SystemKind::DevstreamsCluster => "#9467bd",
         SystemKind::Rathole => "#ff7f0e",
         SystemKind::Bore => "#2ca02c",

@@ -174,6 +174,18 @@ impl ChildProcess {
     }
 }
 
+impl ChildProcess {
+    /// `kill -9` this child by its PID (a crash, as a test would cause one)
+    /// and reaps it.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        if let Some(drain) = self.drain.take() {
+            drain.abort();
+        }
+    }
+}
+
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         if let Some(drain) = self.drain.take() {

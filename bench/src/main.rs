@@ -106,7 +106,10 @@ struct Arguments {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Choice {
     Direct,
+    /// devstreams with resumable sessions (the default)
     Devstreams,
+    /// devstreams with `--no-resume` on both proxies
+    DevstreamsNoResume,
     /// Three relays on NATS (needs nats-server), REST on a node not holding the device
     DevstreamsCluster,
     Rathole,
@@ -118,6 +121,7 @@ impl Choice {
         match self {
             Choice::Direct => SystemKind::Direct,
             Choice::Devstreams => SystemKind::Devstreams,
+            Choice::DevstreamsNoResume => SystemKind::DevstreamsNoResume,
             Choice::DevstreamsCluster => SystemKind::DevstreamsCluster,
             Choice::Rathole => SystemKind::Rathole,
             Choice::Bore => SystemKind::Bore,
@@ -252,7 +256,12 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
         eprintln!("bench: starting {}", kind.label());
         let started_system = match kind {
             SystemKind::Direct => Ok(System::direct(target.address)),
-            SystemKind::Devstreams => systems::devstreams::start(&programs, target.address).await,
+            SystemKind::Devstreams => {
+                systems::devstreams::start(&programs, target.address, true).await
+            }
+            SystemKind::DevstreamsNoResume => {
+                systems::devstreams::start(&programs, target.address, false).await
+            }
             SystemKind::DevstreamsCluster => {
                 systems::devstreams_cluster::start(&programs, target.address).await
             }
@@ -276,7 +285,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     if quiet_deadline.is_some() {
         wait_for_quiet_machine(quiet_deadline, machine.cores).await;
     }
-    let mut systems = run::measure_all(&running, &target, &plan).await;
+    let mut systems = run::measure_all(&mut running, &target, &plan).await;
     for (system, report) in running.iter_mut().zip(&mut systems) {
         let exited = system.exited_children();
         if !exited.is_empty() {

@@ -13,15 +13,18 @@ pub enum Workload {
     Bulk,
     Creations,
     Idle,
+    /// Relay restarts under a resumed session (devstreams only).
+    RestartRecovery,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::PingPong,
         Workload::Setup,
         Workload::Bulk,
         Workload::Creations,
         Workload::Idle,
+        Workload::RestartRecovery,
     ];
 }
 
@@ -47,6 +50,10 @@ pub struct Plan {
     pub idle_streams_cap: Option<String>,
     pub idle_concurrency: usize,
     pub idle_open_time_limit: Duration,
+    /// Relay restarts in the restart-recovery measurement.
+    pub relay_restarts: usize,
+    /// Longest wait for data to flow again after one restart.
+    pub restart_wait_limit: Duration,
 }
 
 impl Plan {
@@ -68,6 +75,8 @@ impl Plan {
             idle_streams_cap: None,
             idle_concurrency: 64,
             idle_open_time_limit: Duration::from_secs(90),
+            relay_restarts: 20,
+            restart_wait_limit: Duration::from_secs(60),
         }
     }
 
@@ -84,6 +93,7 @@ impl Plan {
             creation_duration: Duration::from_secs(1),
             idle_streams: 500,
             idle_open_time_limit: Duration::from_secs(15),
+            relay_restarts: 3,
             ..Plan::full()
         }
     }

@@ -25,6 +25,7 @@ use crate::workloads::bulk::{self, BulkRun, Direction};
 use crate::workloads::creations::{self, CreationResult};
 use crate::workloads::idle::{self, IdleResult};
 use crate::workloads::ping_pong;
+use crate::workloads::restart::{self, RestartResult};
 use crate::workloads::setup::{self, SetupResult};
 
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct SystemReport {
     pub setup: Option<SetupResult>,
     pub creations: Option<CreationResult>,
     pub idle_streams: Option<IdleResult>,
+    /// Relay restarts under one resumed stream (devstreams with resume on).
+    pub restart_recovery: Option<RestartResult>,
     /// What went wrong, in words, for the report.
     pub errors: Vec<String>,
     /// CPU other processes used while this system was measured; see
@@ -90,9 +93,10 @@ impl SystemReport {
 }
 
 /// Runs every measurement the plan asks for against the started systems;
-/// one report per system, in the same order.
+/// one report per system, in the same order. The restart-recovery
+/// measurement comes last: it replaces the relay of the systems it runs on.
 pub async fn measure_all(
-    systems: &[System],
+    systems: &mut [System],
     target: &TargetServer,
     plan: &Plan,
 ) -> Vec<SystemReport> {
@@ -171,6 +175,20 @@ pub async fn measure_all(
             record_idle(system, report, held);
         }
     }
+    if plan.includes(Workload::RestartRecovery) {
+        for (system, report) in systems.iter_mut().zip(&mut reports) {
+            // Without resumable sessions no stream survives a restart.
+            if system.kind != SystemKind::Devstreams || !system.can_restart_relay() {
+                continue;
+            }
+            tokio::time::sleep(plan.pause_between_runs).await;
+            let before = meter.reading();
+            let recovered =
+                restart::run(system, plan.relay_restarts, plan.restart_wait_limit).await;
+            meter.charge(before, report);
+            record_restart_recovery(system, report, recovered);
+        }
+    }
     reports
 }
 
@@ -234,6 +252,7 @@ fn start_report(system: &System) -> SystemReport {
         setup: None,
         creations: None,
         idle_streams: None,
+        restart_recovery: None,
         errors: Vec::new(),
         foreign_load: ForeignLoad::default(),
     };
@@ -373,6 +392,26 @@ fn record_idle(system: &System, report: &mut SystemReport, held: IdleResult) {
         ));
     }
     report.idle_streams = Some(held);
+}
+
+fn record_restart_recovery(system: &System, report: &mut SystemReport, recovered: RestartResult) {
+    let label = system.kind.label();
+    if let (Some(p50), Some(p90)) = (recovered.percentile(50.0), recovered.percentile(90.0)) {
+        eprintln!(
+            "{label}: relay restart → data flowing again p50 {:.0} ms, p90 {:.0} ms ({} of {} restarts failed)",
+            millis(p50),
+            millis(p90),
+            recovered.failures,
+            recovered.attempted
+        );
+    }
+    if let Some(error) = &recovered.first_error {
+        report.errors.push(format!(
+            "restart recovery: {} of {} failed, first: {error}",
+            recovered.failures, recovered.attempted
+        ));
+    }
+    report.restart_recovery = Some(recovered);
 }
 
 pub fn micros(duration: Duration) -> f64 {

@@ -45,9 +45,10 @@ impl RunReport {
     }
 }
 
-pub const COLUMNS: [SystemKind; 5] = [
+pub const COLUMNS: [SystemKind; 6] = [
     SystemKind::Direct,
     SystemKind::Devstreams,
+    SystemKind::DevstreamsNoResume,
     SystemKind::DevstreamsCluster,
     SystemKind::Rathole,
     SystemKind::Bore,
@@ -124,12 +125,23 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
     let _ = writeln!(out, "- **direct TCP**: the client connects straight to that server — the physical limit of the loopback.");
     let _ = writeln!(
         out,
-        "- **devstreams (TLS)**: client → `service-proxy` → relay → `device-proxy` → server; both relay legs are \
+        "- **devstreams (TLS)**, both resume columns: client → `service-proxy` → relay → `device-proxy` → server; both relay legs are \
          WebSocket over TLS (the relay's self-signed certificate, rustls). The relay runs with its admission limits \
          raised (`--max-streams 20000 --max-streams-per-device 20000 --creations-per-second 1000000 \
          --creations-per-second-per-device 1000000 --max-connections 60000 --max-connections-per-source 60000`, \
          and `--no-mqtt`: devices use MQTT over WebSocket) and the proxies with `--max-connections 20000` / \
          `--max-streams 20000`, so the figures show capacity rather than the production limiter."
+    );
+    let _ = writeln!(
+        out,
+        "- **devstreams, resume on (TLS)** is devstreams as shipped: resumable sessions are on by default. The \
+         device-proxy runs with `--max-backoff {}` (see the restart recovery below); everything else at its default."
+        , crate::systems::devstreams::DEVICE_MAX_BACKOFF
+    );
+    let _ = writeln!(
+        out,
+        "- **devstreams, resume off (TLS)**: the same, with `--no-resume` on both proxies, measured in the same run, \
+         so the difference between the two columns is what resumable sessions cost (acknowledgements, replay buffers)."
     );
     let _ = writeln!(
         out,
@@ -197,7 +209,25 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
             None => String::new(),
         }
     );
-    let _ = writeln!(out, "6. **Idle RSS** of each process (VmRSS, and in brackets its anonymous part RssAnon: heap and stacks, without the \
+    let _ = writeln!(
+        out,
+        "6. **Restart recovery** (devstreams with resume on only: without resumable sessions no stream survives a \
+         relay restart, hence \"—\" elsewhere): one stream carries an 8-byte numbered ping every 10 ms, echoed by the \
+         target; {} times the relay is `kill -9`ed and started again on the same data dir and address, and the time \
+         from the new relay's ready line (\"Listening on\") to the first echo after it is recorded (at most {} s each; \
+         a longer wait, or a stream that breaks, is a failure). The client's TCP connection stays open throughout and \
+         every echo must come back in order, once. The next restart waits for the recovery plus 0.5 s. What the \
+         figure is made of: the device-proxy re-dials the relay after a jittered backoff (a wait drawn from zero up to \
+         a ceiling that starts at 1 s and doubles with each failure, capped by `--max-backoff`; it starts over only \
+         after a connection that lasted 60 s, so with the default cap of 30 s restarts a few seconds apart would each \
+         wait up to 30 s: the bench runs the device-proxy with `--max-backoff {}`); the service-proxy retries the \
+         resume on its own jittered backoff (0.5 s first ceiling, 5 s cap); then one stream creation and the resume \
+         handshake. The backoff waits dominate: the handshake itself is about a set-up's time.",
+        plan.relay_restarts,
+        plan.restart_wait_limit.as_secs(),
+        crate::systems::devstreams::DEVICE_MAX_BACKOFF
+    );
+    let _ = writeln!(out, "7. **Idle RSS** of each process (VmRSS, and in brackets its anonymous part RssAnon: heap and stacks, without the \
    pages of the binary and shared libraries) is read right after start-up and one readiness stream.\n");
 
     let _ = writeln!(out, "## Results\n");

@@ -217,6 +217,30 @@ pub(super) fn write_results_table(out: &mut String, report: &RunReport) {
         );
     }
     row(
+        format!(
+            "relay restart → data flowing again, p50 / p90 (ms; failed of {})",
+            report.plan.relay_restarts
+        ),
+        &|system, _| {
+            let Some(recovered) = &system.restart_recovery else {
+                return "—".into();
+            };
+            match (recovered.percentile(50.0), recovered.percentile(90.0)) {
+                (Some(p50), Some(p90)) => format!(
+                    "{:.0} / {:.0} ({} of {})",
+                    millis(p50),
+                    millis(p90),
+                    recovered.failures,
+                    recovered.attempted
+                ),
+                _ => format!(
+                    "none recovered ({} of {})",
+                    recovered.failures, recovered.attempted
+                ),
+            }
+        },
+    );
+    row(
         "other processes' share of the machine's CPU meanwhile (%)".into(),
         &|system, _| match system.foreign_load.share(cores) {
             Some(share) => format!("{:.0}", share * 100.0),

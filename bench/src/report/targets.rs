@@ -1,4 +1,4 @@
-//! The targets of issues 6 and 10 (the cluster), each checked against this run's figures: met or
+//! The targets of issues 6, 10 (the cluster) and 11 (resumable sessions), each checked against this run's figures: met or
 //! missed, and by how much. A target whose figures are missing (a peer not
 //! installed, a workload not run) is "not measured", never met.
 
@@ -210,7 +210,62 @@ pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
         },
     );
     verdicts.extend(cluster_targets(report));
+    verdicts.push(resume_cost_target(report));
     verdicts
+}
+
+/// Issue 11's target: resumable sessions cost at most 5 % of bulk
+/// throughput, in every bulk run of the same bench run.
+fn resume_cost_target(report: &RunReport) -> TargetVerdict {
+    const TARGET: &str = "bulk, resume on within 5 % of resume off";
+    let (Some(on), Some(off)) = (
+        report.system(SystemKind::Devstreams),
+        report.system(SystemKind::DevstreamsNoResume),
+    ) else {
+        return unmeasured(TARGET);
+    };
+    let parallel = report.plan.bulk_parallel_streams;
+    let mut parts = Vec::new();
+    let mut worst: Option<f64> = None;
+    for (streams, direction, name) in [
+        (1, Direction::Upload, "up"),
+        (1, Direction::Download, "down"),
+        (parallel, Direction::Upload, "up"),
+        (parallel, Direction::Download, "down"),
+    ] {
+        let (Some(with), Some(without)) = (
+            on.bulk(direction, streams)
+                .map(|run| run.megabytes_per_second()),
+            off.bulk(direction, streams)
+                .map(|run| run.megabytes_per_second()),
+        ) else {
+            continue;
+        };
+        if without <= 0.0 {
+            continue;
+        }
+        let share = with / without;
+        let name = format!("{streams}× {name}");
+        parts.push(format!(
+            "{name}: {with:.0} vs {without:.0} MB/s = {:.0} %",
+            share * 100.0
+        ));
+        worst = Some(worst.map_or(share, |worst: f64| worst.min(share)));
+    }
+    let Some(worst) = worst else {
+        return unmeasured(TARGET);
+    };
+    TargetVerdict {
+        target: TARGET,
+        measured: parts.join("; "),
+        met: Some(worst >= 0.95),
+        margin: format!(
+            "worst {:.0} %: {:.0} points {}",
+            worst * 100.0,
+            ((worst - 0.95) * 100.0).abs(),
+            if worst >= 0.95 { "to spare" } else { "short" }
+        ),
+    }
 }
 
 /// Issue 10's targets for the 3-node cluster, each against the single

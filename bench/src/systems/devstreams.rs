@@ -8,8 +8,17 @@
 //! would otherwise be what the creation rate and idle-stream figures
 //! measure, instead of the relay's capacity. The proxies' connection caps
 //! are raised for the same reason.
+//!
+//! Resumable sessions are on by default; the same system with `--no-resume`
+//! on both proxies is measured beside it, so their cost shows in one run.
+//! The device-proxy re-dials with `--max-backoff 2` (instead of 30 s): its
+//! backoff only starts over after a connection that lasted 60 s, so with the
+//! default the restart-recovery measurement's 20 restarts a few seconds apart
+//! would wait up to 30 s each. The relay keeps its address, so it can be
+//! restarted on its data dir ([`RelayRestart`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,7 +39,37 @@ pub(super) const CREATION_RATE_CAPACITY: &str = "1000000";
 /// connection of the run comes from 127.0.0.1, two per held stream.
 pub(super) const CONNECTION_CAPACITY: &str = "60000";
 
-pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<System> {
+/// The device-proxy's longest wait between re-dials of the relay, in seconds.
+pub const DEVICE_MAX_BACKOFF: &str = "2";
+
+/// How the relay of a started system is started again: the same program,
+/// data dir and flags, listening on the address the first one got.
+pub struct RelayRestart {
+    program: PathBuf,
+    arguments: Vec<String>,
+    log_directory: PathBuf,
+    log_level: String,
+}
+
+impl RelayRestart {
+    pub(super) fn spawn(&self) -> anyhow::Result<ChildProcess> {
+        ChildProcess::spawn(
+            "relay",
+            &self.program,
+            &self.arguments,
+            &self.log_directory,
+            &[("RUST_LOG", self.log_level.as_str())],
+            Stdout::Piped,
+        )
+    }
+}
+
+/// Starts devstreams; `resume` false gives both proxies `--no-resume`.
+pub async fn start(
+    programs: &Programs,
+    target: SocketAddr,
+    resume: bool,
+) -> anyhow::Result<System> {
     let directory = tempfile::Builder::new()
         .prefix("bench-devstreams-")
         .tempdir()?;
@@ -69,7 +108,22 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         &environment,
         Stdout::Piped,
     )?;
-    relay.wait_for_line("Listening on ", READY_TIMEOUT).await?;
+    let relay_listening = relay.wait_for_line("Listening on ", READY_TIMEOUT).await?;
+    let relay_address: SocketAddr = relay_listening
+        .split_whitespace()
+        .next()
+        .and_then(|address| address.parse().ok())
+        .with_context(|| {
+            format!("the relay printed an address the bench cannot read: {relay_listening:?}")
+        })?;
+    let relay_address = relay_address.to_string();
+    let restart_arguments: Vec<String> = relay_arguments
+        .iter()
+        .map(|argument| match *argument {
+            "127.0.0.1:0" => relay_address.clone(),
+            other => other.to_string(),
+        })
+        .collect();
     let service_connection_string = relay
         .wait_for_line("Service connection string: ", READY_TIMEOUT)
         .await?;
@@ -93,7 +147,7 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         .to_string();
 
     let target_port = target.port().to_string();
-    let device_arguments = [
+    let mut device_arguments = vec![
         device_connection_string.as_str(),
         "127.0.0.1",
         &target_port,
@@ -101,7 +155,12 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         &ca_certificate,
         "--max-streams",
         STREAM_CAPACITY,
+        "--max-backoff",
+        DEVICE_MAX_BACKOFF,
     ];
+    if !resume {
+        device_arguments.push("--no-resume");
+    }
     let device_proxy = ChildProcess::spawn(
         "device-proxy",
         &programs.device_proxy,
@@ -111,7 +170,7 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         Stdout::Logged,
     )?;
 
-    let service_arguments = [
+    let mut service_arguments = vec![
         service_connection_string.as_str(),
         DEVICE_ID,
         "0",
@@ -120,6 +179,9 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         "--max-connections",
         STREAM_CAPACITY,
     ];
+    if !resume {
+        service_arguments.push("--no-resume");
+    }
     let mut service_proxy = ChildProcess::spawn(
         "service-proxy",
         &programs.service_proxy,
@@ -140,8 +202,19 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
             format!("service-proxy printed an address the bench cannot read: {listening:?}")
         })?;
 
+    let restart = RelayRestart {
+        program: programs.relay.clone(),
+        arguments: restart_arguments,
+        log_directory: directory.path().to_path_buf(),
+        log_level: programs.log_level.clone(),
+    };
+    let kind = if resume {
+        SystemKind::Devstreams
+    } else {
+        SystemKind::DevstreamsNoResume
+    };
     let mut system = System::with_children(
-        SystemKind::Devstreams,
+        kind,
         entry,
         vec![
             (Role::Server, relay),
@@ -150,6 +223,7 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
         ],
         directory,
     );
+    system.relay_restart = Some(restart);
     system.wait_until_ready().await?;
     // Let the first stream's teardown finish before anything is measured.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -49,7 +49,10 @@ pub struct WatchedProcess {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SystemKind {
     Direct,
+    /// Resumable sessions on (the default of both proxies).
     Devstreams,
+    /// The same with `--no-resume` on both proxies: the cost of sessions.
+    DevstreamsNoResume,
     /// Three relays on NATS; the service's REST call lands on a node that
     /// does not hold the device.
     DevstreamsCluster,
@@ -61,7 +64,8 @@ impl SystemKind {
     pub fn label(self) -> &'static str {
         match self {
             SystemKind::Direct => "direct TCP",
-            SystemKind::Devstreams => "devstreams (TLS)",
+            SystemKind::Devstreams => "devstreams, resume on (TLS)",
+            SystemKind::DevstreamsNoResume => "devstreams, resume off (TLS)",
             SystemKind::DevstreamsCluster => "devstreams 3-node cluster (TLS)",
             SystemKind::Rathole => "rathole (TLS)",
             SystemKind::Bore => "bore (plain TCP)",
@@ -78,6 +82,9 @@ pub struct System {
     /// Processes the system needs but the bench does not measure (a
     /// cluster's other nodes and NATS); stopped by PID with the rest.
     unwatched: Vec<ChildProcess>,
+    /// How to start the relay again on its data dir and address, for the
+    /// restart-recovery measurement; None for the systems it does not apply to.
+    relay_restart: Option<devstreams::RelayRestart>,
     /// Data dirs, configs and logs; held so they are removed with the system.
     _work_directory: Option<tempfile::TempDir>,
 }
@@ -106,6 +113,7 @@ impl System {
             processes: Vec::new(),
             children: Vec::new(),
             unwatched: Vec::new(),
+            relay_restart: None,
             _work_directory: None,
         }
     }
@@ -131,6 +139,7 @@ impl System {
             processes,
             children,
             unwatched: Vec::new(),
+            relay_restart: None,
             _work_directory: Some(work_directory),
         }
     }
@@ -177,6 +186,43 @@ impl System {
     /// they stay up like the measured ones.
     pub fn keep_unwatched(&mut self, children: Vec<ChildProcess>) {
         self.unwatched.extend(children);
+    }
+
+    /// Whether [`System::restart_relay`] can be used.
+    pub fn can_restart_relay(&self) -> bool {
+        self.relay_restart.is_some()
+    }
+
+    /// `kill -9` the relay, start it again on the same data dir and address,
+    /// and return when the new one printed its ready line ("Listening on").
+    pub async fn restart_relay(&mut self) -> anyhow::Result<std::time::Instant> {
+        let Some(restart) = &self.relay_restart else {
+            bail!("{} has no restartable relay", self.kind.label());
+        };
+        let Some(index) = self
+            .processes
+            .iter()
+            .position(|process| process.role == Role::Server)
+        else {
+            bail!("{} has no relay process", self.kind.label());
+        };
+        let old = self.children.remove(index);
+        old.kill().await;
+        let mut relay = match restart.spawn() {
+            Ok(relay) => relay,
+            Err(error) => {
+                // Keep the lists aligned: the dead relay's place stays taken.
+                self.processes.remove(index);
+                return Err(error);
+            }
+        };
+        let ready = relay.wait_for_line("Listening on ", READY_TIMEOUT).await;
+        let ready_at = std::time::Instant::now();
+        relay.drain_stdout();
+        self.processes[index].pid = relay.pid();
+        self.children.insert(index, relay);
+        ready?;
+        Ok(ready_at)
     }
 
     /// Kills every child by PID and removes the work directory.

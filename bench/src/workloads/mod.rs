@@ -8,4 +8,5 @@ pub mod connection;
 pub mod creations;
 pub mod idle;
 pub mod ping_pong;
+pub mod restart;
 pub mod setup;

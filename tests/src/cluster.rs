@@ -947,11 +947,14 @@ pub async fn start_cluster_device_proxy(
     target_port: u16,
     extra: &[&str],
 ) -> Process {
-    let port = target_port.to_string();
-    let ca = certificate.path_text();
-    let mut arguments = vec![connection_string, "127.0.0.1", &port, "--ca-cert", &ca];
-    arguments.extend_from_slice(extra);
-    Process::spawn("device-proxy", &arguments, log_directory, &[]).await
+    crate::spawn_device_proxy(
+        &certificate.path_text(),
+        log_directory,
+        connection_string,
+        target_port,
+        extra,
+    )
+    .await
 }
 
 /// A `service-proxy` on a free local port; returns it and that port.
@@ -962,18 +965,12 @@ pub async fn start_cluster_service_proxy(
     device_id: &str,
     extra: &[&str],
 ) -> (Process, u16) {
-    let ca = certificate.path_text();
-    let mut arguments = vec![service_connection_string, device_id, "0", "--ca-cert", &ca];
-    arguments.extend_from_slice(extra);
-    let mut process = Process::spawn("service-proxy", &arguments, log_directory, &[]).await;
-    let address = process.wait_for_line("Listening on ").await;
-    let port = address
-        .split(' ')
-        .next()
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok());
-    (
-        process,
-        port.unwrap_or_else(|| panic!("service-proxy printed no port: {address:?}")),
+    crate::spawn_service_proxy(
+        &certificate.path_text(),
+        log_directory,
+        service_connection_string,
+        device_id,
+        extra,
     )
+    .await
 }

@@ -320,26 +320,54 @@ pub async fn start_device_proxy(
     target_port: u16,
     extra: &[&str],
 ) -> Process {
+    spawn_device_proxy(
+        &relay.ca_text(),
+        relay.directory.path(),
+        connection_string,
+        target_port,
+        extra,
+    )
+    .await
+}
+
+/// `device-proxy CONN 127.0.0.1 PORT --ca-cert CA …`, logging into `log_directory`.
+pub async fn spawn_device_proxy(
+    ca: &str,
+    log_directory: &Path,
+    connection_string: &str,
+    target_port: u16,
+    extra: &[&str],
+) -> Process {
     let port = target_port.to_string();
-    let ca = relay.ca_text();
-    let mut arguments = vec![connection_string, "127.0.0.1", &port, "--ca-cert", &ca];
+    let mut arguments = vec![connection_string, "127.0.0.1", &port, "--ca-cert", ca];
     arguments.extend_from_slice(extra);
-    Process::spawn("device-proxy", &arguments, relay.directory.path(), &[]).await
+    Process::spawn("device-proxy", &arguments, log_directory, &[]).await
 }
 
 /// `service-proxy CONN DEVICE 0 --ca-cert …`; returns it and its local port.
 pub async fn start_service_proxy(relay: &Relay, device_id: &str, extra: &[&str]) -> (Process, u16) {
-    let ca = relay.ca_text();
-    let mut arguments = vec![
-        relay.service_connection_string.as_str(),
+    spawn_service_proxy(
+        &relay.ca_text(),
+        relay.directory.path(),
+        &relay.service_connection_string,
         device_id,
-        "0",
-        "--ca-cert",
-        &ca,
-    ];
+        extra,
+    )
+    .await
+}
+
+/// `service-proxy CONN DEVICE 0 --ca-cert CA …`, logging into
+/// `log_directory`; returns it and the local port it printed.
+pub async fn spawn_service_proxy(
+    ca: &str,
+    log_directory: &Path,
+    service_connection_string: &str,
+    device_id: &str,
+    extra: &[&str],
+) -> (Process, u16) {
+    let mut arguments = vec![service_connection_string, device_id, "0", "--ca-cert", ca];
     arguments.extend_from_slice(extra);
-    let mut process =
-        Process::spawn("service-proxy", &arguments, relay.directory.path(), &[]).await;
+    let mut process = Process::spawn("service-proxy", &arguments, log_directory, &[]).await;
     let address = process.wait_for_line("Listening on ").await;
     let port = address
         .split(' ')

@@ -58,6 +58,22 @@ fn options(connect_timeout: Duration) -> StreamOptions {
 /// Asks for streams until the device accepts one (it is connected and
 /// ready somewhere); returns the streaming URL of that accepted stream.
 async fn accepted_stream_url(service: &ServiceClient, device_id: &str) -> String {
+    accepted_stream_url_retrying(service, device_id, false).await
+}
+
+/// The same, right after a node died: a creation caught in the failover (a
+/// request that reached the device's channel as it was being replaced) may
+/// also end in a 504, and the service simply asks again, as a service
+/// program would. Seen once in a full parallel run on 2 loaded cores.
+async fn accepted_stream_url_after_failover(service: &ServiceClient, device_id: &str) -> String {
+    accepted_stream_url_retrying(service, device_id, true).await
+}
+
+async fn accepted_stream_url_retrying(
+    service: &ServiceClient,
+    device_id: &str,
+    retry_device_timeouts: bool,
+) -> String {
     let deadline = Instant::now() + DEVICE_CONNECT_WITHIN;
     loop {
         match service
@@ -71,6 +87,8 @@ async fn accepted_stream_url(service: &ServiceClient, device_id: &str) -> String
                 | CreateStreamError::Unexpected { status: 503, .. }
                 | CreateStreamError::Connect(_),
             ) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(CreateStreamError::DeviceTimeout(_))
+                if retry_device_timeouts && Instant::now() < deadline => {}
             Err(error) => {
                 panic!("no stream to {device_id} within {DEVICE_CONNECT_WITHIN:?}: {error}")
             }
@@ -296,7 +314,7 @@ async fn killing_the_holding_node_moves_the_device_and_streams_work_again() {
         .unwrap_or_else(|| panic!("the URL {url} names one of the nodes"));
     holder.kill();
 
-    let url = accepted_stream_url(&service, "moving").await;
+    let url = accepted_stream_url_after_failover(&service, "moving").await;
     assert!(
         !url.starts_with(&format!("{}/", holder.node_url)),
         "the new stream meets on a live node: {url}"

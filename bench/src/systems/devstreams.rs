@@ -146,61 +146,16 @@ pub async fn start(
         .context("`relay device add` printed no connection string")?
         .to_string();
 
-    let target_port = target.port().to_string();
-    let mut device_arguments = vec![
-        device_connection_string.as_str(),
-        "127.0.0.1",
-        &target_port,
-        "--ca-cert",
-        &ca_certificate,
-        "--max-streams",
-        STREAM_CAPACITY,
-        "--max-backoff",
-        DEVICE_MAX_BACKOFF,
-    ];
-    if !resume {
-        device_arguments.push("--no-resume");
-    }
-    let device_proxy = ChildProcess::spawn(
-        "device-proxy",
-        &programs.device_proxy,
-        &strings(&device_arguments),
+    let (device_proxy, service_proxy, entry) = start_proxies(
+        programs,
         directory.path(),
-        &environment,
-        Stdout::Logged,
-    )?;
-
-    let mut service_arguments = vec![
-        service_connection_string.as_str(),
-        DEVICE_ID,
-        "0",
-        "--ca-cert",
+        &device_connection_string,
+        &service_connection_string,
         &ca_certificate,
-        "--max-connections",
-        STREAM_CAPACITY,
-    ];
-    if !resume {
-        service_arguments.push("--no-resume");
-    }
-    let mut service_proxy = ChildProcess::spawn(
-        "service-proxy",
-        &programs.service_proxy,
-        &strings(&service_arguments),
-        directory.path(),
-        &environment,
-        Stdout::Piped,
-    )?;
-    let listening = service_proxy
-        .wait_for_line("Listening on ", READY_TIMEOUT)
-        .await?;
-    service_proxy.drain_stdout();
-    let entry: SocketAddr = listening
-        .split_whitespace()
-        .next()
-        .and_then(|address| address.parse().ok())
-        .with_context(|| {
-            format!("service-proxy printed an address the bench cannot read: {listening:?}")
-        })?;
+        target,
+        resume,
+    )
+    .await?;
 
     let restart = RelayRestart {
         program: programs.relay.clone(),
@@ -228,6 +183,75 @@ pub async fn start(
     // Let the first stream's teardown finish before anything is measured.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(system)
+}
+
+/// The two proxies of a devstreams system, as a user runs them: the
+/// device-proxy exposing `target`, the service-proxy on a free local port
+/// (returned as the entry the clients use). Shared by the single relay and
+/// the cluster, which differ only in what the connection strings name.
+pub(super) async fn start_proxies(
+    programs: &Programs,
+    log_directory: &std::path::Path,
+    device_connection_string: &str,
+    service_connection_string: &str,
+    ca_certificate: &str,
+    target: SocketAddr,
+    resume: bool,
+) -> anyhow::Result<(ChildProcess, ChildProcess, SocketAddr)> {
+    let environment = [("RUST_LOG", programs.log_level.as_str())];
+    let target_port = target.port().to_string();
+    let mut device_arguments = vec![
+        device_connection_string,
+        "127.0.0.1",
+        &target_port,
+        "--ca-cert",
+        ca_certificate,
+        "--max-streams",
+        STREAM_CAPACITY,
+        "--max-backoff",
+        DEVICE_MAX_BACKOFF,
+    ];
+    let mut service_arguments = vec![
+        service_connection_string,
+        DEVICE_ID,
+        "0",
+        "--ca-cert",
+        ca_certificate,
+        "--max-connections",
+        STREAM_CAPACITY,
+    ];
+    if !resume {
+        device_arguments.push("--no-resume");
+        service_arguments.push("--no-resume");
+    }
+    let device_proxy = ChildProcess::spawn(
+        "device-proxy",
+        &programs.device_proxy,
+        &strings(&device_arguments),
+        log_directory,
+        &environment,
+        Stdout::Logged,
+    )?;
+    let mut service_proxy = ChildProcess::spawn(
+        "service-proxy",
+        &programs.service_proxy,
+        &strings(&service_arguments),
+        log_directory,
+        &environment,
+        Stdout::Piped,
+    )?;
+    let listening = service_proxy
+        .wait_for_line("Listening on ", READY_TIMEOUT)
+        .await?;
+    service_proxy.drain_stdout();
+    let entry: SocketAddr = listening
+        .split_whitespace()
+        .next()
+        .and_then(|address| address.parse().ok())
+        .with_context(|| {
+            format!("service-proxy printed an address the bench cannot read: {listening:?}")
+        })?;
+    Ok((device_proxy, service_proxy, entry))
 }
 
 pub(super) fn strings(arguments: &[&str]) -> Vec<String> {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::devstreams::{
-    strings, CONNECTION_CAPACITY, CREATION_RATE_CAPACITY, DEVICE_ID, STREAM_CAPACITY,
+    start_proxies, strings, CONNECTION_CAPACITY, CREATION_RATE_CAPACITY, DEVICE_ID, STREAM_CAPACITY,
 };
 use super::{free_port, Programs, Role, System, SystemKind, READY_TIMEOUT};
 use crate::child::{run_to_completion, ChildProcess, Stdout};
@@ -182,50 +182,16 @@ pub async fn start(programs: &Programs, target: SocketAddr) -> anyhow::Result<Sy
     let device_connection_string = with_host_name(device_connection_string, &hosts[0]);
     let service_connection_string = with_host_name(&service_strings[1], &hosts[1]);
 
-    let target_port = target.port().to_string();
-    let device_proxy = ChildProcess::spawn(
-        "device-proxy",
-        &programs.device_proxy,
-        &strings(&[
-            &device_connection_string,
-            "127.0.0.1",
-            &target_port,
-            "--ca-cert",
-            &certificate_text,
-            "--max-streams",
-            STREAM_CAPACITY,
-        ]),
+    let (device_proxy, service_proxy, entry) = start_proxies(
+        programs,
         directory.path(),
-        &environment,
-        Stdout::Logged,
-    )?;
-    let mut service_proxy = ChildProcess::spawn(
-        "service-proxy",
-        &programs.service_proxy,
-        &strings(&[
-            &service_connection_string,
-            DEVICE_ID,
-            "0",
-            "--ca-cert",
-            &certificate_text,
-            "--max-connections",
-            STREAM_CAPACITY,
-        ]),
-        directory.path(),
-        &environment,
-        Stdout::Piped,
-    )?;
-    let listening = service_proxy
-        .wait_for_line("Listening on ", READY_TIMEOUT)
-        .await?;
-    service_proxy.drain_stdout();
-    let entry: SocketAddr = listening
-        .split_whitespace()
-        .next()
-        .and_then(|address| address.parse().ok())
-        .with_context(|| {
-            format!("service-proxy printed an address the bench cannot read: {listening:?}")
-        })?;
+        &device_connection_string,
+        &service_connection_string,
+        &certificate_text,
+        target,
+        true,
+    )
+    .await?;
 
     let mut nodes = nodes.into_iter();
     let holding_node = nodes.next().context("the cluster has a first node")?;

@@ -10,6 +10,7 @@ pub mod connection_string;
 pub mod device_client;
 pub mod headers;
 pub mod identity;
+pub mod local;
 pub mod mqtt;
 pub mod process;
 pub mod pump;

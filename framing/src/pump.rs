@@ -1,4 +1,5 @@
-//! The proxies' data plane: moving bytes between a TCP socket and a stream
+//! The proxies' data plane: moving bytes between a TCP socket (or another
+//! [`LocalConnection`], such as standard input and output) and a stream
 //! WebSocket, and the close codes every devstreams program agrees on. (The
 //! relay's WebSocket-to-WebSocket copy is the relay's own, in `relay::copy`.)
 //!
@@ -20,17 +21,17 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::local::{LocalConnection, LocalReader};
 
 /// Normal closure: the stream ended cleanly.
 pub const CLOSE_NORMAL: u16 = 1000;
@@ -188,8 +189,16 @@ pub async fn pump_tcp<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    crate::transport::configure_socket(&tcp);
-    let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
+    pump(tcp, websocket, options).await
+}
+
+/// Moves bytes between `local` and `websocket` until the stream ends.
+pub async fn pump<L, S>(local: L, websocket: WebSocketStream<S>, options: PumpOptions) -> PumpReport
+where
+    L: LocalConnection,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut tcp_reader, mut tcp_writer) = local.into_halves();
     let (mut sink, mut stream) = websocket.split();
     let mut bytes_to_stream = 0u64;
     let mut bytes_to_tcp = 0u64;
@@ -253,13 +262,6 @@ where
             }
         }
     };
-    let abort_tcp = |reader: OwnedReadHalf, writer: OwnedWriteHalf| {
-        // Dropping a write half sends FIN; reunite first so the socket is
-        // reset instead, and the local client sees an error.
-        if let Ok(tcp) = reader.reunite(writer) {
-            let _ = tcp.set_zero_linger();
-        }
-    };
     let end = match outcome {
         Outcome::BothHalfClosed | Outcome::Up(UpstreamEnd::Eof) => {
             send_close(&mut sink, close_message(CLOSE_NORMAL, "")).await;
@@ -278,12 +280,12 @@ where
                 ),
             )
             .await;
-            abort_tcp(tcp_reader, tcp_writer);
+            L::abort(tcp_reader, tcp_writer);
             PumpEnd::LocalFailed(error.to_string())
         }
         Outcome::Up(UpstreamEnd::StreamFailed(reason))
         | Outcome::Down(DownstreamEnd::StreamLost(reason)) => {
-            abort_tcp(tcp_reader, tcp_writer);
+            L::abort(tcp_reader, tcp_writer);
             PumpEnd::StreamLost(reason)
         }
         Outcome::Down(DownstreamEnd::RemoteClosed { code, reason }) => {
@@ -291,7 +293,7 @@ where
                 let _ = tcp_writer.shutdown().await;
                 PumpEnd::Completed
             } else {
-                abort_tcp(tcp_reader, tcp_writer);
+                L::abort(tcp_reader, tcp_writer);
                 PumpEnd::RemoteClosed { code, reason }
             }
         }
@@ -318,14 +320,15 @@ async fn sleep_until_optional(deadline: Option<Instant>) {
     }
 }
 
-async fn upstream<S>(
-    reader: &mut OwnedReadHalf,
+async fn upstream<R, S>(
+    reader: &mut R,
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     options: PumpOptions,
     bytes: &mut u64,
     liveness: &Liveness,
 ) -> UpstreamEnd
 where
+    R: LocalReader,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut next_ping = options
@@ -338,28 +341,23 @@ where
             return UpstreamEnd::HalfClosed;
         }
         tokio::select! {
-            // Wait for data before taking a buffer, so an idle stream holds none.
-            readable = reader.readable(), if !finished_sending => {
-                if let Err(error) = readable {
-                    return UpstreamEnd::TcpFailed(error);
-                }
-                let mut buffer = BytesMut::with_capacity(options.read_chunk);
-                match reader.try_read_buf(&mut buffer) {
-                    Ok(0) if options.half_close => {
+            // TCP waits for data before taking a buffer, so an idle stream holds none.
+            chunk = reader.read_chunk(options.read_chunk), if !finished_sending => {
+                match chunk {
+                    Ok(chunk) if chunk.is_empty() && options.half_close => {
                         if let Err(error) = sink.send(Message::Binary(bytes::Bytes::new())).await {
                             return UpstreamEnd::StreamFailed(error.to_string());
                         }
                         finished_sending = true;
                         Liveness::set(&liveness.upstream_half_closed);
                     }
-                    Ok(0) => return UpstreamEnd::Eof,
-                    Ok(count) => {
-                        *bytes += count as u64;
-                        if let Err(error) = sink.send(Message::Binary(buffer.freeze())).await {
+                    Ok(chunk) if chunk.is_empty() => return UpstreamEnd::Eof,
+                    Ok(chunk) => {
+                        *bytes += chunk.len() as u64;
+                        if let Err(error) = sink.send(Message::Binary(chunk)).await {
                             return UpstreamEnd::StreamFailed(error.to_string());
                         }
                     }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                     Err(error) => return UpstreamEnd::TcpFailed(error),
                 }
             }
@@ -373,14 +371,15 @@ where
     }
 }
 
-async fn downstream<S>(
+async fn downstream<W, S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
-    writer: &mut OwnedWriteHalf,
+    writer: &mut W,
     options: PumpOptions,
     bytes: &mut u64,
     liveness: &Liveness,
 ) -> DownstreamEnd
 where
+    W: AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {

@@ -1,5 +1,6 @@
-//! Resumable sessions: one local TCP connection carried by a succession of
-//! stream WebSockets (PROTOCOL.md, "Resumable streams").
+//! Resumable sessions: one local TCP connection (or another
+//! [`LocalConnection`]) carried by a succession of stream WebSockets
+//! (PROTOCOL.md, "Resumable streams").
 //!
 //! A session outlives the WebSocket that carries it. Each side counts the
 //! bytes it has received and tells the other (an *ack*, a text message: data
@@ -26,20 +27,19 @@ use std::io;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::local::{LocalConnection, LocalReader};
 use crate::pump::{
     close_message, CLOSE_NORMAL, CLOSE_TCP_RESET, DEFAULT_READ_CHUNK, SILENT_INTERVALS,
 };
@@ -413,18 +413,18 @@ enum CarrierEnd {
 /// Moves bytes between `tcp` and successive carriers until the session
 /// ends. Carriers after the first come from `offers`; each loss is told to
 /// `losses` (the service side uses it to start a resume).
-pub async fn run_session<S>(
-    tcp: TcpStream,
+pub async fn run_session<L, S>(
+    tcp: L,
     first: Carrier<S>,
     options: SessionOptions,
     mut offers: mpsc::Receiver<Offer<S>>,
     losses: Option<mpsc::Sender<Loss>>,
 ) -> SessionReport
 where
+    L: LocalConnection,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    crate::transport::configure_socket(&tcp);
-    let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
+    let (mut tcp_reader, mut tcp_writer) = tcp.into_halves();
     let capacity = options.replay_buffer.max(1);
     let shared = Shared {
         ledger: Mutex::new(Ledger {
@@ -596,13 +596,8 @@ where
         SessionEnd::Completed => {
             let _ = tcp_writer.shutdown().await;
         }
-        _ => {
-            // Dropping a write half sends FIN; reunite first so the socket
-            // is reset instead, and the local client sees an error.
-            if let Ok(tcp) = tcp_reader.reunite(tcp_writer) {
-                let _ = tcp.set_zero_linger();
-            }
-        }
+        // A reset rather than a FIN, so the local client sees an error.
+        _ => L::abort(tcp_reader, tcp_writer),
     }
     SessionReport {
         bytes_sent,
@@ -656,7 +651,11 @@ where
 
 /// Reads the local socket into the replay buffer while it has room, for the
 /// whole session; returns only when the socket fails.
-async fn read_local(reader: &mut OwnedReadHalf, shared: &Shared, read_chunk: usize) -> io::Error {
+async fn read_local<R: LocalReader>(
+    reader: &mut R,
+    shared: &Shared,
+    read_chunk: usize,
+) -> io::Error {
     loop {
         let room = {
             let ledger = shared.ledger();
@@ -674,25 +673,20 @@ async fn read_local(reader: &mut OwnedReadHalf, shared: &Shared, read_chunk: usi
             }
             Some(_) => {}
         }
-        if let Err(error) = reader.readable().await {
-            return error;
-        }
         let room = room.unwrap_or_default();
-        let mut buffer = BytesMut::with_capacity(read_chunk.min(room).max(1));
-        match reader.try_read_buf(&mut buffer) {
-            Ok(0) => {
+        match reader.read_chunk(read_chunk.min(room).max(1)).await {
+            Ok(chunk) if chunk.is_empty() => {
                 shared.ledger().local_fin = true;
                 shared.work.notify_one();
             }
-            Ok(count) => {
+            Ok(chunk) => {
                 let mut ledger = shared.ledger();
-                ledger.read_total += count as u64;
-                ledger.replay_bytes += count;
-                ledger.replay.push_back(buffer.freeze());
+                ledger.read_total += chunk.len() as u64;
+                ledger.replay_bytes += chunk.len();
+                ledger.replay.push_back(chunk);
                 drop(ledger);
                 shared.work.notify_one();
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) => return error,
         }
     }
@@ -795,13 +789,14 @@ async fn sleep_until_optional(deadline: Option<Instant>) {
 ///
 /// With pings on, a relay that sends nothing (not even a pong) for
 /// [`SILENT_INTERVALS`] ping intervals has lost the carrier.
-async fn receive_loop<S>(
+async fn receive_loop<W, S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
-    writer: &mut OwnedWriteHalf,
+    writer: &mut W,
     shared: &Shared,
     ping_interval: Option<Duration>,
 ) -> CarrierEnd
 where
+    W: AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let silence_limit = ping_interval.map(|interval| interval * SILENT_INTERVALS);
@@ -913,7 +908,7 @@ mod tests {
 
     use super::*;
     use tokio::io::{AsyncReadExt, DuplexStream};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     fn ledger() -> Ledger {

@@ -1,15 +1,18 @@
-//! One accepted local connection becomes one stream to the device.
+//! One local connection becomes one stream to the device.
 //!
-//! Every connection runs in its own task, so one slow stream creation (a
-//! device that takes its time to answer) never delays the next connection.
-//! When the stream cannot be created the local socket is closed at once and
-//! one error line says why: the local client (ssh, a browser) only sees the
-//! connection close, so the log is the only place the reason can go.
+//! Every accepted connection runs in its own task, so one slow stream
+//! creation (a device that takes its time to answer) never delays the next
+//! connection. When the stream cannot be created the local socket is closed
+//! at once and one error line says why: the local client (ssh, a browser)
+//! only sees the connection close, so the log is the only place the reason
+//! can go. [`carry`] does the work for any local connection, so `--stdio`
+//! (standard input and output) shares it and prints that line itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use framing::local::LocalConnection;
 use framing::pump::{self, PumpEnd, PumpOptions};
 use framing::session::SessionEnd;
 use framing::topics::ResumeAsk;
@@ -60,14 +63,22 @@ pub async fn serve(
     async move {
         tokio::select! {
             _ = shutdown.cancelled() => info!("stream cancelled: service-proxy is shutting down"),
-            _ = bridge(tcp, &context) => {}
+            carried = carry(tcp, &context) => if let Err(reason) = carried {
+                error!("{reason}");
+            }
         }
     }
     .instrument(span)
     .await
 }
 
-async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
+/// Carries `local` through a new stream (or resumable session) to the
+/// device until it ends. `Err` is the one line that says why the stream
+/// could not start or ended abnormally; `Ok` is a clean end.
+pub async fn carry<L: LocalConnection>(
+    local: L,
+    context: &ConnectionContext,
+) -> Result<(), String> {
     let device_id = context.device_id.as_str();
     info!(
         target_port = context
@@ -79,7 +90,8 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
         resume = context.resume.is_some(),
         "stream requested"
     );
-    // On every early return, dropping `tcp` closes the local connection at once.
+    // On every early return, dropping `local` closes the local connection at
+    // once (`--stdio` keeps its output open until its error line is out).
     let creation = match context.resume {
         Some(_) => {
             context
@@ -101,17 +113,13 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
     };
     let invitation = match creation {
         Ok(invitation) => invitation,
-        Err(failure) => {
-            error!("{}", describe_failure(device_id, &failure));
-            return;
-        }
+        Err(failure) => return Err(describe_failure(device_id, &failure)),
     };
     if !invitation.is_accepted {
-        error!(
-            "{}",
-            describe_rejection(device_id, invitation.rejection_reason.as_deref())
-        );
-        return;
+        return Err(describe_rejection(
+            device_id,
+            invitation.rejection_reason.as_deref(),
+        ));
     }
     tracing::Span::current().record(
         "stream_id",
@@ -132,54 +140,51 @@ async fn bridge(tcp: TcpStream, context: &ConnectionContext) {
     {
         Ok(websocket) => websocket,
         Err(failure) => {
-            error!("stream to {device_id} was accepted, but its WebSocket could not be opened: {failure}");
-            return;
+            let opening = "was accepted, but its WebSocket could not be opened";
+            return Err(format!("stream to {device_id} {opening}: {failure}"));
         }
     };
     info!("stream established");
     let started = Instant::now();
     if let Some(settings) = context.resume.filter(|_| invitation.resume) {
-        match resume::carry_session(tcp, websocket, settings, context).await {
-            Ok((_keys, report)) => {
-                let end = describe_session_end(&report.end);
-                let duration_ms = duration_ms(started.elapsed());
-                match report.end {
-                    SessionEnd::Completed => info!(
-                        bytes_to_device = report.bytes_sent,
-                        bytes_from_device = report.bytes_received,
-                        resumes = report.resumes,
-                        bytes_replayed = report.bytes_replayed,
-                        duration_ms,
-                        end,
-                        "session closed"
-                    ),
-                    _ => error!(
-                        bytes_to_device = report.bytes_sent,
-                        bytes_from_device = report.bytes_received,
-                        resumes = report.resumes,
-                        bytes_replayed = report.bytes_replayed,
-                        duration_ms,
-                        "session to {device_id} closed, the local connection was reset: {end}"
-                    ),
-                }
-            }
-            Err(reason) => error!("session to {device_id} could not start: {reason}"),
-        }
-        return;
+        let (_keys, report) = resume::carry_session(local, websocket, settings, context)
+            .await
+            .map_err(|reason| format!("session to {device_id} could not start: {reason}"))?;
+        let end = describe_session_end(&report.end);
+        info!(
+            bytes_to_device = report.bytes_sent,
+            bytes_from_device = report.bytes_received,
+            resumes = report.resumes,
+            bytes_replayed = report.bytes_replayed,
+            duration_ms = duration_ms(started.elapsed()),
+            end,
+            "session closed"
+        );
+        return match report.end {
+            SessionEnd::Completed => Ok(()),
+            _ => Err(format!(
+                "session to {device_id} closed, the local connection was reset: {end}"
+            )),
+        };
     }
     let options = PumpOptions {
         half_close: invitation.half_close,
         ping_interval: context.ping_interval,
         ..PumpOptions::default()
     };
-    let report = pump::pump_tcp(tcp, websocket, options).await;
+    let report = pump::pump(local, websocket, options).await;
+    let end = describe_end(&report.end);
     info!(
         bytes_to_device = report.bytes_to_stream,
         bytes_from_device = report.bytes_to_tcp,
         duration_ms = duration_ms(started.elapsed()),
-        end = %describe_end(&report.end),
+        end,
         "stream closed"
     );
+    match report.end {
+        PumpEnd::Completed => Ok(()),
+        _ => Err(format!("stream to {device_id} ended abnormally: {end}")),
+    }
 }
 
 fn duration_ms(duration: Duration) -> u64 {

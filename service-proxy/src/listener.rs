@@ -46,15 +46,16 @@ fn bind_error_message(address: SocketAddr, error: &io::Error) -> String {
 }
 
 /// Accepts connections until `shutdown`, each served by its own task on
-/// `tracker`. Dropping the listener on return stops listening.
+/// `tracker` while it holds one of `permits` (`--max-connections`, shared by
+/// all listeners). Dropping the listener on return stops listening.
 pub async fn accept_loop(
     listener: TcpListener,
+    permits: Arc<Semaphore>,
     max_connections: usize,
     context: Arc<ConnectionContext>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
     let mut connection_number: u64 = 0;
     loop {
         let accepted = tokio::select! {

@@ -12,13 +12,13 @@
 use std::time::{Duration, Instant};
 
 use framing::backoff::Backoff;
+use framing::local::LocalConnection;
 use framing::session::{
     self, Carrier, Control, Loss, Offer, SessionKeys, SessionOptions, SessionReport,
 };
 use framing::topics::ResumeAsk;
 use framing::websocket::ClientWebSocket;
 use futures_util::SinkExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -41,8 +41,8 @@ pub struct ResumeSettings {
 
 /// Starts a session on `websocket` (the first stream, already accepted as
 /// resumable) and carries it across as many streams as it takes.
-pub async fn carry_session(
-    tcp: TcpStream,
+pub async fn carry_session<L: LocalConnection>(
+    local: L,
     mut websocket: ClientWebSocket,
     settings: ResumeSettings,
     context: &ConnectionContext,
@@ -67,7 +67,7 @@ pub async fn carry_session(
         peer_received: 0,
         answer_resumed: false,
     };
-    let session = session::run_session(tcp, first, options, offers_received, Some(losses));
+    let session = session::run_session(local, first, options, offers_received, Some(losses));
     let resumer = async {
         while let Some(loss) = losses_received.recv().await {
             let offer = resume(&keys, loss, settings, context).await;

@@ -54,7 +54,7 @@ pub fn tool_path(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-fn require_tool(program: &str, package: &str) -> bool {
+pub(crate) fn require_tool(program: &str, package: &str) -> bool {
     if tool_path(program).is_some() {
         return true;
     }

@@ -243,12 +243,13 @@ impl Relay {
     /// the same data dir and address, as an operator restarting it would.
     pub async fn restart(self) -> Relay {
         let Relay {
-            process,
+            mut process,
             directory,
             address,
             ..
         } = self;
-        drop(process);
+        // Killed and reaped, so its port is free before the new one binds.
+        let _ = process.child.kill().await;
         Relay::start_in(directory, &["--listen", &address]).await
     }
 
@@ -467,6 +468,12 @@ pub fn require_sshd() -> bool {
     false
 }
 
+/// Returns false (and says why) when a test that runs `rsync -e ssh` must
+/// be skipped; panics in CI, where `.ci/run` installs rsync.
+pub fn require_rsync() -> bool {
+    cluster::require_tool("rsync", "rsync")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -509,7 +516,7 @@ impl Sshd {
             let config = format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
-                 MaxSessions 64\nMaxStartups 64\nLogLevel ERROR\n",
+                 MaxSessions 64\nMaxStartups 64\nLogLevel ERROR\nSubsystem sftp internal-sftp\n",
                 path("host_key").display(),
                 path("authorized_keys").display()
             );
@@ -555,25 +562,35 @@ impl Sshd {
         command
             .arg("-p")
             .arg(port.to_string())
-            .arg("-i")
-            .arg(self.directory.path().join("client_key"))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ConnectTimeout=20",
-            ])
+            .args(self.client_options())
             .arg(format!("{}@127.0.0.1", self.user))
             .arg(remote_command)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         command
+    }
+
+    /// The options every OpenSSH client here (ssh, scp, sftp) needs to log
+    /// in to this sshd without a prompt: its key, no host-key checks, batch
+    /// mode.
+    pub fn client_options(&self) -> Vec<String> {
+        let key = self.directory.path().join("client_key");
+        [
+            "-i",
+            &key.to_string_lossy(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=20",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 }
 

@@ -341,9 +341,12 @@ fn usage_error(kind: ErrorKind, message: &str) -> ! {
     Arguments::command().error(kind, message).exit()
 }
 
-/// Prints the one line a user reads on failure, and exits 1.
+/// Prints the one line a user reads on failure, and exits 1. A failed
+/// write is no reason to panic: with `--stdio 2>&1`, stderr shares the
+/// non-blocking pipe of the stream.
 fn fail(message: &str) -> ExitCode {
-    eprintln!("service-proxy: error: {message}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "service-proxy: error: {message}");
     ExitCode::from(1)
 }
 

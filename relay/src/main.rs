@@ -21,13 +21,13 @@ Examples:
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
   relay serve --listen [::]:8443 --mqtt-listen [::]:8883   # IPv6 and IPv4 (dual-stack)
+  relay device add MyDevice                     # prints the device connection string
+  relay device list
+  relay policy show                             # prints the service connection string
 
 Behind nginx (TLS ends there; X-Forwarded-For) or HAProxy (send-proxy-v2):
   relay serve --no-tls --listen 127.0.0.1:8080 --trusted-proxy 127.0.0.1 --public-url wss://relay.example.com:443
   relay serve --trusted-proxy 10.0.0.0/24 --trusted-proxy fd00:10::/64   # the balancers' networks
-  relay device add MyDevice                     # prints the device connection string
-  relay device list
-  relay policy show                             # prints the service connection string
 
 Several relays as one (cluster mode, NATS with JetStream):
   relay serve --cluster nats://nats.internal:4222 --node-url wss://relay-2.example.com:8443

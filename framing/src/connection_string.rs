@@ -370,6 +370,24 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_name_is_a_bracketed_literal() {
+        let parsed = ConnectionString::for_device("[::1]:8443", "d", KEY).unwrap();
+        assert_eq!(
+            parsed.host(),
+            "::1",
+            "the TLS server name is the IP address"
+        );
+        assert_eq!(parsed.port(), 8443);
+        assert_eq!(
+            parsed.to_secret_string(),
+            format!("HostName=[::1]:8443;DeviceId=d;SharedAccessKey={KEY}")
+        );
+        let without_port = ConnectionString::for_device("[2001:db8::1]", "d", KEY).unwrap();
+        assert_eq!(without_port.host(), "2001:db8::1");
+        assert_eq!(without_port.port(), 443);
+    }
+
+    #[test]
     fn host_and_port_forms_split() {
         assert_eq!(split_host_port("[::1]:8443"), ("::1", Some(8443)));
         assert_eq!(split_host_port("127.0.0.1:1"), ("127.0.0.1", Some(1)));

@@ -134,6 +134,10 @@ pub struct RelayConfig {
     /// Join a cluster through NATS (`--cluster`); `None` serves alone from
     /// the SQLite registry in the data dir.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Balancers and reverse proxies whose PROXY headers and
+    /// `X-Forwarded-*` headers say who the client is (`--trusted-proxy`);
+    /// empty: nobody's.
+    pub trusted_proxies: crate::trusted_proxies::TrustedProxies,
 }
 
 impl RelayConfig {
@@ -148,6 +152,7 @@ impl RelayConfig {
             hub_name: "devstreams".into(),
             limits: Limits::default(),
             cluster: None,
+            trusted_proxies: crate::trusted_proxies::TrustedProxies::default(),
         }
     }
 }

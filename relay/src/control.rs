@@ -145,7 +145,7 @@ pub async fn run_session<T: PacketTransport>(
     state: Arc<RelayState>,
     mut mqtt: MqttConnection<T>,
     peer: std::net::SocketAddr,
-    host: Option<String>,
+    origin: crate::trusted_proxies::ClientOrigin,
 ) {
     let limits = &state.config.limits;
     let write_timeout = limits.write_timeout;
@@ -243,7 +243,7 @@ pub async fn run_session<T: PacketTransport>(
             .presence
             .next_session_id
             .fetch_add(1, Ordering::Relaxed),
-        host,
+        origin,
         requests: request_sender,
         cancel: cancel.clone(),
     };
@@ -521,7 +521,7 @@ mod tests {
             relay.state.clone(),
             MqttConnection::new(ByteTransport(relay_side), 64 * 1024),
             "127.0.0.1:5000".parse().expect("an address"),
-            Some("localhost:8443".into()),
+            crate::trusted_proxies::ClientOrigin::host(Some("localhost:8443".into())),
         ));
         (
             session,

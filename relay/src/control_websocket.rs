@@ -22,12 +22,14 @@ use crate::http_util::{
 };
 use crate::listeners::ConnectionGuard;
 use crate::state::RelayState;
+use crate::trusted_proxies::ClientOrigin;
 
 /// Answers the upgrade request and starts the session once upgraded.
 pub(crate) fn upgrade(
     state: &Arc<RelayState>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    origin: ClientOrigin,
     guard: Arc<ConnectionGuard>,
 ) -> Response<Body> {
     let accept_key = match websocket_accept_key(request.headers()) {
@@ -45,11 +47,6 @@ pub(crate) fn upgrade(
         http::header::SEC_WEBSOCKET_PROTOCOL,
         "mqtt",
     );
-    let host = request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_state = state.clone();
     state.tasks.spawn(async move {
@@ -67,7 +64,7 @@ pub(crate) fn upgrade(
             task_state,
             MqttConnection::new(socket, max_packet),
             peer,
-            host,
+            origin,
         )
         .await;
     });

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::control_websocket;
-use crate::http_util::{error_code, error_response, Body};
+use crate::http_util::{error_code, error_response, throttled, Body};
 use crate::listeners::ConnectionGuard;
 use crate::routing::{parse_route, Route};
 use crate::state::RelayState;
@@ -25,6 +25,8 @@ use crate::{streaming, streams_api};
 
 /// Serves one HTTP connection until it ends, is upgraded, or the relay
 /// drains. `guard` is handed to every upgrade so the socket stays counted.
+/// `peer` is who sent the connection's bytes: the TCP peer, or the client a
+/// trusted balancer's PROXY header named.
 pub(crate) async fn serve_http(
     state: Arc<RelayState>,
     stream: NetworkStream,
@@ -76,14 +78,41 @@ pub(crate) fn health() -> Response<Body> {
     Response::new(Body::from("ok\n"))
 }
 
+/// A WebSocket from a trusted proxy that names no client in a PROXY header
+/// is charged to the client its upgrade request names; `false` when that
+/// client's source is full (see [`crate::listeners`]).
+fn charge_upgrade(state: &RelayState, guard: &ConnectionGuard, client: SocketAddr) -> bool {
+    if guard.charge_source(&state.sources, client.ip()) {
+        return true;
+    }
+    tracing::warn!(
+        peer = %client,
+        limit = state.config.limits.sources.max_connections_per_source,
+        "WebSocket refused: too many open connections from this address"
+    );
+    false
+}
+
+fn too_many_from_this_address() -> Response<Body> {
+    throttled(
+        "too many open connections from this address; close some or retry later",
+        5,
+    )
+}
+
+/// Answers one request. `hop` sent it: the client itself, or a trusted
+/// proxy whose `X-Forwarded-For` names the client.
 async fn route(
     state: Arc<RelayState>,
     mut request: Request<Incoming>,
-    peer: SocketAddr,
+    hop: SocketAddr,
     guard: Arc<ConnectionGuard>,
 ) -> Response<Body> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
+    let trusted_proxies = &state.config.trusted_proxies;
+    let peer = trusted_proxies.forwarded_client(hop, request.headers());
+    let origin = trusted_proxies.origin(hop, request.headers());
     match parse_route(&method, &path) {
         Route::CreateStream {
             device_id,
@@ -96,6 +125,7 @@ async fn route(
                 stream_name,
                 headers: std::mem::take(request.headers_mut()),
                 peer,
+                origin,
             };
             streams_api::create(state, create).await
         }
@@ -104,11 +134,19 @@ async fn route(
             error_code(StatusCode::BAD_REQUEST, 4),
             reason,
         ),
-        Route::ControlChannel => control_websocket::upgrade(&state, request, peer, guard),
+        Route::ControlChannel => {
+            if !charge_upgrade(&state, &guard, peer) {
+                return too_many_from_this_address();
+            }
+            control_websocket::upgrade(&state, request, peer, origin, guard)
+        }
         Route::Streaming {
             device_id,
             stream_id,
         } => {
+            if !charge_upgrade(&state, &guard, peer) {
+                return too_many_from_this_address();
+            }
             let on_upgrade = hyper::upgrade::on(&mut request);
             streaming::upgrade(
                 &state,

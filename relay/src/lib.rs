@@ -20,6 +20,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod pairing;
 pub mod presence;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod routing;
 pub mod server;
@@ -28,6 +29,7 @@ pub mod state;
 pub mod streaming;
 pub mod streams_api;
 pub mod tls;
+pub mod trusted_proxies;
 
 pub use config::{Limits, RelayConfig, TlsMode};
 pub use embedded::EmbeddedRelay;

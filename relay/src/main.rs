@@ -20,9 +20,14 @@ Examples:
   relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
+  relay serve --listen [::]:8443 --mqtt-listen [::]:8883   # IPv6 and IPv4 (dual-stack)
   relay device add MyDevice                     # prints the device connection string
   relay device list
   relay policy show                             # prints the service connection string
+
+Behind nginx (TLS ends there; X-Forwarded-For) or HAProxy (send-proxy-v2):
+  relay serve --no-tls --listen 127.0.0.1:8080 --trusted-proxy 127.0.0.1 --public-url wss://relay.example.com:443
+  relay serve --trusted-proxy 10.0.0.0/24 --trusted-proxy fd00:10::/64   # the balancers' networks
 
 Several relays as one (cluster mode, NATS with JetStream):
   relay serve --cluster nats://nats.internal:4222 --node-url wss://relay-2.example.com:8443
@@ -30,7 +35,7 @@ Several relays as one (cluster mode, NATS with JetStream):
   relay registry export registry.json                              # a single relay's registry (--data-dir) ...
   relay registry import registry.json --cluster nats://nats.internal:4222   # ... into the cluster
 
-Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_CLUSTER,
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_TRUSTED_PROXIES, RELAY_CLUSTER,
   RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug)";
 
 #[derive(Parser)]
@@ -156,6 +161,14 @@ struct ServeArgs {
     /// Serve plain HTTP/WS, for a relay behind a TLS-terminating load balancer.
     #[arg(long)]
     no_tls: bool,
+    /// A reverse proxy or load balancer whose word on the client's address is believed (repeatable):
+    /// an address (10.0.0.5, ::1) or a network (10.0.0.0/24, fd00::/8). Its connections may start with a
+    /// PROXY protocol v1/v2 header (HAProxy send-proxy[-v2]; main and MQTT listeners) or carry
+    /// X-Forwarded-For (nginx; X-Forwarded-Proto and X-Forwarded-Host also choose the streaming URL when
+    /// --public-url is not set). Limits and logs then see the real client. Nobody else's headers count.
+    #[arg(long, env = "RELAY_TRUSTED_PROXIES", value_delimiter = ',', value_name = "ADDRESS|CIDR",
+          value_parser = relay::trusted_proxies::parse_trusted_proxy)]
+    trusted_proxy: Vec<ipnet::IpNet>,
     /// Seconds from stream creation until both sides must be connected.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
     handshake_timeout: u64,
@@ -335,6 +348,8 @@ fn serve(
         }
     };
     config.mqtt_listen = (!arguments.no_mqtt).then_some(arguments.mqtt_listen);
+    config.trusted_proxies =
+        relay::trusted_proxies::TrustedProxies::new(arguments.trusted_proxy.clone());
     config.admin_listen = arguments.admin_listen;
     config.public_url = arguments.public_url;
     if let Some(url) = &config.public_url {
@@ -820,6 +835,32 @@ mod tests {
                 "--max-mqtt-packet-size {refused} accepted"
             );
         }
+    }
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_networks_repeated_or_comma_separated() {
+        let parsed = serve_arguments(&[
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--trusted-proxy",
+            "10.0.0.0/8,fd00::/8",
+        ])
+        .expect("parses");
+        let written: Vec<String> = parsed.trusted_proxy.iter().map(|n| n.to_string()).collect();
+        assert_eq!(written, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+        assert!(serve_arguments(&["--trusted-proxy", "nginx.internal"]).is_err());
+        assert!(serve_arguments(&[])
+            .expect("parses")
+            .trusted_proxy
+            .is_empty());
+    }
+
+    #[test]
+    fn listeners_take_ipv6_addresses() {
+        let parsed = serve_arguments(&["--listen", "[::1]:8443", "--mqtt-listen", "[::]:8883"])
+            .expect("parses");
+        assert_eq!(parsed.listen, "[::1]:8443".parse().unwrap());
+        assert_eq!(parsed.mqtt_listen, "[::]:8883".parse().unwrap());
     }
 
     #[test]

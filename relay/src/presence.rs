@@ -49,8 +49,8 @@ pub struct RequestQueueFull;
 #[derive(Clone)]
 pub struct SessionHandle {
     pub session_id: u64,
-    /// The host the device used to reach us, for its streaming URL.
-    pub host: Option<String>,
+    /// How the device reached us, for its streaming URL.
+    pub origin: crate::trusted_proxies::ClientOrigin,
     pub(crate) requests: mpsc::Sender<OutgoingRequest>,
     pub(crate) cancel: CancellationToken,
 }
@@ -230,7 +230,7 @@ mod tests {
         let (requests, _receiver) = mpsc::channel(1);
         SessionHandle {
             session_id: presence.next_session_id.fetch_add(1, Ordering::Relaxed),
-            host: None,
+            origin: Default::default(),
             requests,
             cancel: CancellationToken::new(),
         }

@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use framing::stream_token::StreamTokenKey;
-use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
 use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
-use crate::listeners::{accept_loop, Endpoint, OpenConnections};
+use crate::listeners::{accept_loop, bind_listener, Endpoint, OpenConnections};
 use crate::registry::{self, ClusterSource, SnapshotRegistry, SqliteSource};
 use crate::state::RelayState;
 use crate::{admin, tls};
@@ -133,7 +132,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
             .context("cannot read the cluster's stream-token secret")?,
         Store::File(_) => data_dir.stream_token_secret()?,
     };
-    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+    let listener = bind_listener(config.listen).with_context(|| {
         format!(
             "cannot listen on {}: choose another --listen address or stop the program that uses it",
             config.listen
@@ -142,7 +141,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let local_address = listener.local_addr()?;
     let mqtt_listener = match config.mqtt_listen {
         None => None,
-        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+        Some(address) => Some(bind_listener(address).with_context(|| {
             format!(
                 "cannot listen for MQTT on {address}: choose another --mqtt-listen address, stop the program that uses it, \
                  or turn the MQTT listener off with --no-mqtt"
@@ -155,7 +154,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     };
     let admin_listener = match config.admin_listen {
         None => None,
-        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+        Some(address) => Some(bind_listener(address).with_context(|| {
             format!(
                 "cannot listen for admin requests on {address}: choose another --admin-listen address \
                  or stop the program that uses it"
@@ -168,6 +167,10 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     };
     let host_name = match config.public_url.as_deref().and_then(url_authority) {
         Some(authority) => authority.to_string(),
+        // Clients on an IPv6-only loopback listener must not try 127.0.0.1.
+        None if local_address.ip() == std::net::Ipv6Addr::LOCALHOST => {
+            format!("[::1]:{}", local_address.port())
+        }
         None if local_address.ip().is_loopback() || local_address.ip().is_unspecified() => {
             format!("localhost:{}", local_address.port())
         }

@@ -17,6 +17,7 @@ use crate::pairing::PairingTable;
 use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::sources::Sources;
+use crate::trusted_proxies::ClientOrigin;
 
 pub struct RelayState {
     pub config: RelayConfig,
@@ -86,16 +87,18 @@ impl RelayState {
             .to_string()
     }
 
-    /// The base of streaming URLs for a client that reached us as `host`.
-    pub fn streaming_base(&self, host: Option<&str>) -> String {
+    /// The base of streaming URLs for a client that reached us as `origin`
+    /// says: `--public-url` when set; else the host it asked for, with the
+    /// scheme it used (a trusted proxy's word, or our own listener's).
+    pub fn streaming_base(&self, origin: &ClientOrigin) -> String {
         if let Some(public_url) = &self.config.public_url {
             return public_url.trim_end_matches('/').to_string();
         }
-        let scheme = match self.config.tls {
-            TlsMode::Disabled => "ws",
-            _ => "wss",
-        };
-        let valid_host = host.filter(|h| {
+        let secure = origin
+            .secure
+            .unwrap_or(!matches!(self.config.tls, TlsMode::Disabled));
+        let scheme = if secure { "wss" } else { "ws" };
+        let valid_host = origin.host.as_deref().filter(|h| {
             !h.is_empty()
                 && h.len() < 256
                 && h.chars()

@@ -26,6 +26,7 @@ use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
 use crate::presence::Identity;
 use crate::state::RelayState;
+use crate::trusted_proxies::ClientOrigin;
 
 /// The part of the request the handler needs.
 pub struct CreateStream {
@@ -33,7 +34,10 @@ pub struct CreateStream {
     pub module_id: Option<String>,
     pub stream_name: String,
     pub headers: HeaderMap,
+    /// The client: the TCP peer, or who a trusted proxy says it is.
     pub peer: std::net::SocketAddr,
+    /// How the client reached us, for its streaming URL.
+    pub origin: ClientOrigin,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -180,6 +184,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         stream_name,
         headers,
         peer,
+        origin,
     } = request;
     // An address that keeps failing waits before each new attempt is judged.
     let delay = state.sources.failure_delay(peer.ip());
@@ -231,7 +236,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         target: header(&headers, headers::TARGET).map(str::to_string),
         half_close: header(&headers, headers::HALF_CLOSE) == Some("True"),
         resume: header(&headers, headers::RESUME).and_then(ResumeAsk::parse),
-        host: header(&headers, "host").map(str::to_string),
+        origin,
     };
     // In a cluster the device's channel may be held by another node: that
     // node answers (and its own URL goes into the answer), unless the device
@@ -260,8 +265,8 @@ pub struct Creation {
     pub half_close: bool,
     /// The service asked to start (or continue) a resumable session.
     pub resume: Option<ResumeAsk>,
-    /// The `Host` the service used (for the streaming URL outside a cluster).
-    pub host: Option<String>,
+    /// How the service reached us (for the streaming URL outside a cluster).
+    pub origin: ClientOrigin,
 }
 
 /// The device must be registered and enabled (read from this node's copy).
@@ -330,10 +335,10 @@ pub async fn create_here(
 
 /// The base of streaming URLs this node hands out: in a cluster its own
 /// `--node-url`, so both sides meet on the node that holds the device.
-fn streaming_base(state: &RelayState, host: Option<&str>) -> String {
+fn streaming_base(state: &RelayState, origin: &ClientOrigin) -> String {
     match &state.cluster {
         Some(cluster) => crate::cluster::routing::node_url(cluster).to_string(),
-        None => state.streaming_base(host),
+        None => state.streaming_base(origin),
     }
 }
 
@@ -352,7 +357,7 @@ async fn negotiate(
         target,
         half_close: half_close_asked,
         resume: resume_asked,
-        host,
+        origin,
     } = creation;
     let device_id = identity.device_id.clone();
     let module_id = identity.module_id.clone();
@@ -394,8 +399,8 @@ async fn negotiate(
         utf8_percent_encode(&device_id, framing::sas::COMPONENT),
         stream_id
     );
-    let service_url = format!("{}{path}", streaming_base(&state, host.as_deref()));
-    let device_url = format!("{}{path}", streaming_base(&state, session.host.as_deref()));
+    let service_url = format!("{}{path}", streaming_base(&state, &origin));
+    let device_url = format!("{}{path}", streaming_base(&state, &session.origin));
     let stream_request = StreamRequest {
         stream_name: stream_name.clone(),
         request_id: state.next_request_id(),

@@ -54,6 +54,7 @@ pub fn tool_path(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// Whether `program` is installed; says why not (and panics under `CI=true`).
 pub(crate) fn require_tool(program: &str, package: &str) -> bool {
     if tool_path(program).is_some() {
         return true;
@@ -329,6 +330,9 @@ pub struct HaproxyOptions {
     /// `send-proxy-v2` to every node (and to health checks): only for nodes
     /// that trust PROXY protocol from the balancer.
     pub send_proxy_v2: bool,
+    /// The address HAProxy connects to the nodes from (`source`), e.g.
+    /// `127.0.0.7`, so the nodes can tell it from clients on 127.0.0.1.
+    pub source_address: Option<String>,
 }
 
 /// One node as HAProxy sees it: its main listener (REST, WSS, MQTT over
@@ -525,10 +529,13 @@ fn haproxy_config(
     // Health checks every 500 ms, down after 2 failures, up after 1 success:
     // a killed node leaves the rotation within about a second. The check is
     // a TCP connect only (TLS passes through, HAProxy cannot speak it).
-    let proxy = match options.send_proxy_v2 {
-        true => " send-proxy-v2 check-send-proxy",
-        false => "",
+    let mut proxy = match options.send_proxy_v2 {
+        true => " send-proxy-v2 check-send-proxy".to_string(),
+        false => String::new(),
     };
+    if let Some(source) = &options.source_address {
+        proxy.push_str(&format!(" source {source}"));
+    }
     let servers = |mqtt: bool| -> String {
         backends
             .iter()

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod iothub;
+pub mod nginx;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -168,6 +169,7 @@ pub struct Relay {
     /// The admin listener (`Admin listening on …`): `/metrics`, plain HTTP.
     pub admin_address: String,
     pub service_connection_string: String,
+    /// The self-signed certificate; empty with `--no-tls`.
     pub ca_certificate: PathBuf,
 }
 
@@ -223,11 +225,15 @@ impl Relay {
             .unwrap_or_default()
             .to_string();
         let service_connection_string = process.wait_for_line("Service connection string: ").await;
-        let ca_certificate = PathBuf::from(
-            process
-                .wait_for_line("CA certificate for clients (--ca-cert): ")
-                .await,
-        );
+        // Plain HTTP behind a TLS-terminating proxy has no certificate to print.
+        let ca_certificate = match extra_arguments.contains(&"--no-tls") {
+            true => PathBuf::new(),
+            false => PathBuf::from(
+                process
+                    .wait_for_line("CA certificate for clients (--ca-cert): ")
+                    .await,
+            ),
+        };
         Relay {
             process,
             directory,
@@ -390,6 +396,12 @@ pub async fn wait_until_device_connected(relay: &Relay, device_id: &str) {
             .expect("service string"),
         relay.tls(),
     );
+    wait_until_connected(&service, device_id).await;
+}
+
+/// [`wait_until_device_connected`] through any service client (a relay
+/// behind a proxy or balancer, reached by the proxy's address).
+pub async fn wait_until_connected(service: &framing::ServiceClient, device_id: &str) {
     let options = framing::StreamOptions {
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(5),
@@ -607,16 +619,21 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// and returns status, headers with names exactly as sent, and body; for
 /// checking answers byte for byte.
 pub async fn raw_https(relay: &Relay, request: &str) -> (u16, Vec<(String, String)>, String) {
+    raw_https_to(relay.port(), &relay.tls(), request).await
+}
+
+/// [`raw_https`] to any TLS server on `localhost:port` (a proxy in front of
+/// a relay), trusting what `tls` trusts.
+pub async fn raw_https_to(
+    port: u16,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    request: &str,
+) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tls = relay.tls();
-    let mut stream = framing::transport::connect(
-        "localhost",
-        relay.port(),
-        Some(&tls),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("TLS connection to the relay");
+    let mut stream =
+        framing::transport::connect("localhost", port, Some(tls), Duration::from_secs(10))
+            .await
+            .expect("TLS connection to the relay");
     // A relay refusing an oversized request answers and closes before the
     // whole request is written; the answer is still there to read.
     let _ = stream.write_all(request.as_bytes()).await;

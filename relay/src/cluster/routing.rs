@@ -279,7 +279,7 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
                     .resume
                     .as_deref()
                     .and_then(framing::topics::ResumeAsk::parse),
-                host: None,
+                origin: Default::default(),
             };
             let response =
                 crate::streams_api::create_here(state.clone(), creation, peer, deadlines).await;

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use framing::{ConnectionString, ServiceClient, StreamOptions};
+use framing::proxy::ProxySettings;
+use framing::{ConnectionString, Dialer, ServiceClient, StreamOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,6 +48,8 @@ pub struct Settings {
     pub target_port: Option<u16>,
     /// Extra trusted CA certificate (PEM) for the relay.
     pub ca_cert: Option<PathBuf>,
+    /// The proxy every dial to the relay takes (`--proxy`, HTTPS_PROXY, …).
+    pub proxies: ProxySettings,
     pub stream_name: String,
     /// How long the relay may wait for the device to be connected.
     pub connect_timeout: Duration,
@@ -89,6 +92,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         )
     })?;
     let tls = framing::tls::client_config(settings.ca_cert.as_deref())?;
+    let dialer = Dialer::new(tls, settings.proxies);
     let listener = listener::bind(SocketAddr::new(settings.bind, settings.local_port))
         .await
         .map_err(anyhow::Error::msg)?;
@@ -99,6 +103,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     info!(
         device_id = %settings.device_id,
         relay = %connection.host_name,
+        route = %dialer.route(connection.host(), connection.port(), true),
         listen = %local_address,
         stream_name = %settings.stream_name,
         target_port = settings.target_port,
@@ -106,8 +111,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         "service-proxy listening"
     );
     let context = Arc::new(ConnectionContext {
-        client: ServiceClient::new(connection, tls.clone()),
-        tls,
+        client: ServiceClient::new(connection, &dialer),
+        dialer,
         device_id: settings.device_id,
         stream_name: settings.stream_name,
         stream_options: StreamOptions {

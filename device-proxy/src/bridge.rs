@@ -30,7 +30,8 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StreamContext {
     pub device_id: String,
     pub targets: ExposedTargets,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// TLS trust and proxy settings for every WebSocket to the relay.
+    pub dialer: framing::Dialer,
     pub target_connect_timeout: Duration,
     /// One permit per live stream; `--max-streams` of them.
     pub stream_permits: Arc<Semaphore>,
@@ -143,7 +144,7 @@ async fn bridge(request: &StreamRequest, responder: &Responder, context: &Stream
         &request.url,
         &request.authorization_token,
         resume.is_some(),
-        &context.tls,
+        &context.dialer,
     )
     .await
     {
@@ -278,7 +279,7 @@ async fn continue_session(request: &StreamRequest, responder: &Responder, contex
         &request.url,
         &request.authorization_token,
         true,
-        &context.tls,
+        &context.dialer,
     )
     .await
     {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use framing::mqtt::ConnectReturnCode;
-use framing::transport::ConnectError;
 use framing::websocket::WebSocketConnectError;
 use framing::{ConnectionString, DeviceClient, DeviceError, DeviceOptions};
 use tokio_util::sync::CancellationToken;
@@ -41,7 +40,7 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            connected = DeviceClient::connect(connection, &context.tls, options) => connected,
+            connected = DeviceClient::connect(connection, &context.dialer, options) => connected,
         };
         let failure = match connected {
             Ok(client) => {
@@ -145,9 +144,7 @@ fn needs_operator(failure: &DeviceError) -> bool {
         DeviceError::Refused(_) | DeviceError::NoDeviceId | DeviceError::SubscriptionRefused => {
             true
         }
-        DeviceError::WebSocket(WebSocketConnectError::Connect(
-            ConnectError::Tls { .. } | ConnectError::ServerName { .. },
-        )) => true,
+        DeviceError::WebSocket(WebSocketConnectError::Connect(error)) => error.needs_operator(),
         DeviceError::WebSocket(WebSocketConnectError::Refused { status, .. }) => {
             matches!(status, 401 | 403 | 404)
         }
@@ -186,6 +183,36 @@ mod tests {
             lost <= FIRST_CEILING,
             "other failures only back off: {lost:?}"
         );
+    }
+
+    fn proxy_failure(source: framing::proxy::TunnelError) -> DeviceError {
+        DeviceError::WebSocket(WebSocketConnectError::Connect(
+            framing::transport::ConnectError::Proxy {
+                proxy: "http://127.0.0.1:3128".into(),
+                origin: "--proxy",
+                address: "relay.example.com:443".into(),
+                source,
+            },
+        ))
+    }
+
+    #[test]
+    fn a_proxy_refusing_the_credentials_or_the_tunnel_needs_the_operator() {
+        use framing::proxy::TunnelError;
+        assert!(needs_operator(&proxy_failure(
+            TunnelError::CredentialsRefused(407)
+        )));
+        assert!(needs_operator(&proxy_failure(
+            TunnelError::SocksCredentialsRefused
+        )));
+        assert!(needs_operator(&proxy_failure(TunnelError::Refused {
+            status: 403,
+            reason: "Forbidden".into()
+        })));
+        assert!(!needs_operator(&proxy_failure(TunnelError::Closed)));
+        assert!(!needs_operator(&proxy_failure(TunnelError::SocksRefused(
+            "connection refused".into()
+        ))));
     }
 
     #[test]

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use framing::{ConnectionString, DeviceOptions};
+use framing::proxy::ProxySettings;
+use framing::{ConnectionString, DeviceOptions, Dialer};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub allowed: Vec<Target>,
     /// Extra trusted CA certificate (PEM) for the relay.
     pub ca_cert: Option<PathBuf>,
+    /// The proxy every dial to the relay takes (`--proxy`, HTTPS_PROXY, …).
+    pub proxies: ProxySettings,
     /// MQTT keep-alive of the control channel.
     pub keep_alive: Duration,
     /// Longest wait between re-dials.
@@ -79,10 +82,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .clone()
         .context("the device connection string has no DeviceId")?;
     let tls = framing::tls::client_config(settings.ca_cert.as_deref())?;
+    let dialer = Dialer::new(tls, settings.proxies);
     let targets = ExposedTargets::new(settings.target, settings.allowed);
     info!(
         device_id = %device_id,
         relay = %connection.host_name,
+        route = %dialer.route(connection.host(), connection.port(), true),
         targets = %targets,
         max_streams = settings.max_streams,
         "device-proxy starting"
@@ -97,7 +102,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let context = Arc::new(StreamContext {
         device_id,
         targets,
-        tls,
+        dialer,
         target_connect_timeout: settings.target_connect_timeout,
         stream_permits: Arc::new(Semaphore::new(settings.max_streams)),
         max_streams: settings.max_streams,

@@ -14,10 +14,15 @@ Examples:
   device-proxy \"<device connection string>\" localhost 22 --ca-cert relay-data/tls/cert.pem
   device-proxy \"<device connection string>\" localhost 22 --allow localhost:3389 --allow 192.168.1.20:80
   DEVICE_CONNECTION_STRING=\"<device connection string>\" device-proxy
+  device-proxy \"<device connection string>\" localhost 22 --proxy http://proxy.example.com:3128
+  device-proxy \"<device connection string>\" localhost 22 --proxy socks5://user:password@10.0.0.1:1080
+  HTTPS_PROXY=http://proxy.example.com:3128 NO_PROXY=.internal device-proxy \"<device connection string>\"
 
 Environment:
   DEVICE_CONNECTION_STRING  device connection string, when not given as the first argument
   DEVSTREAMS_CA_CERT        PEM certificate of the relay, when not given with --ca-cert
+  HTTPS_PROXY, ALL_PROXY    proxy for the relay, when not given with --proxy (also lowercase)
+  NO_PROXY                  hosts reached without the proxy: names, .domains, addresses, CIDRs, *
   RUST_LOG                  log filter for stderr (default: info)
 
 `relay device add MyDevice` prints the device connection string.";
@@ -50,6 +55,14 @@ struct Arguments {
     /// PEM certificate to trust for the relay, besides the system roots
     #[arg(long, value_name = "PEM", env = "DEVSTREAMS_CA_CERT")]
     ca_cert: Option<PathBuf>,
+
+    /// Reach the relay through this proxy: http://[USER:PASSWORD@]HOST:PORT
+    /// (HTTP CONNECT) or socks5://[USER:PASSWORD@]HOST:PORT (SOCKS5; the
+    /// proxy resolves the relay's name). `none` turns proxies off. Without
+    /// it, HTTPS_PROXY and ALL_PROXY are read as curl reads them; NO_PROXY
+    /// lists hosts reached directly
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 
     /// MQTT keep-alive of the control channel, in seconds
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
@@ -92,12 +105,19 @@ fn main() -> ExitCode {
     let Some(connection_string) = arguments.connection_string else {
         return fail("no device connection string: pass it as the first argument or set DEVICE_CONNECTION_STRING (`relay device add ID` prints one)");
     };
+    let proxies = match framing::proxy::ProxySettings::resolve(arguments.proxy.as_deref(), |name| {
+        std::env::var(name).ok()
+    }) {
+        Ok(proxies) => proxies,
+        Err(error) => return fail(&error.to_string()),
+    };
     framing::process::init_logging("info");
     let settings = Settings {
         connection_string,
         target: Target::new(arguments.target_host, arguments.target_port),
         allowed: arguments.allow,
         ca_cert: arguments.ca_cert,
+        proxies,
         keep_alive: Duration::from_secs(arguments.keep_alive),
         max_backoff: Duration::from_secs(arguments.max_backoff),
         target_connect_timeout: Duration::from_secs(arguments.target_connect_timeout),

@@ -18,7 +18,18 @@ const UNREACHABLE_RELAY: &str =
 /// developer's shell.
 fn device_proxy() -> Command {
     let mut command = Command::new(BINARY);
-    for variable in ["DEVICE_CONNECTION_STRING", "DEVSTREAMS_CA_CERT", "RUST_LOG"] {
+    for variable in [
+        "DEVICE_CONNECTION_STRING",
+        "DEVSTREAMS_CA_CERT",
+        "RUST_LOG",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+    ] {
         command.env_remove(variable);
     }
     command.stdin(Stdio::null());
@@ -85,6 +96,9 @@ fn help_shows_the_seed_example_and_the_environment_and_exits_zero() {
         "DEVSTREAMS_CA_CERT",
         "--allow",
         "--max-streams",
+        "--proxy",
+        "HTTPS_PROXY",
+        "NO_PROXY",
     ] {
         assert!(
             stdout.contains(text),
@@ -100,6 +114,31 @@ fn help_never_shows_the_connection_string_from_the_environment() {
         .env("DEVICE_CONNECTION_STRING", UNREACHABLE_RELAY));
     assert!(status.success());
     assert!(!stdout.contains("c2VjcmV0LWtleS1ieXRlcw=="), "{stdout}");
+}
+
+#[test]
+fn an_unsupported_proxy_url_exits_one_with_one_line_without_the_password() {
+    let (status, _, stderr) = run(device_proxy().args([
+        UNREACHABLE_RELAY,
+        "localhost",
+        "22",
+        "--proxy",
+        "https://user:hunter2@proxy.example.com:443",
+    ]));
+    assert_one_line_failure(
+        status,
+        &stderr,
+        "--proxy: proxy URL https://***@proxy.example.com:443",
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_bad_https_proxy_variable_is_named_in_the_one_line() {
+    let (status, _, stderr) = run(device_proxy()
+        .args([UNREACHABLE_RELAY, "localhost", "22"])
+        .env("HTTPS_PROXY", "socks4://proxy.example.com"));
+    assert_one_line_failure(status, &stderr, "HTTPS_PROXY: ");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! small public API for exactly this.
 
 use anyhow::Context;
-use framing::{DeviceClient, DeviceOptions, ServiceClient};
+use framing::{DeviceClient, DeviceOptions, Dialer, ServiceClient};
 use relay::EmbeddedRelay;
 use tokio_util::sync::CancellationToken;
 
@@ -18,24 +18,27 @@ pub async fn run() -> anyhow::Result<()> {
         "[demo] relay listening on {} (TLS, self-signed certificate)",
         relay.local_address()
     );
-    let tls = relay.client_tls()?;
+    // Everything is on loopback in this process: no proxy applies, whatever
+    // the environment says.
+    let dialer = Dialer::direct(relay.client_tls()?);
     let device_connection = relay.add_device(DEVICE_ID)?;
     println!("[demo] registered device {DEVICE_ID}");
 
-    let client = DeviceClient::connect(&device_connection, &tls, &DeviceOptions::default()).await?;
+    let client =
+        DeviceClient::connect(&device_connection, &dialer, &DeviceOptions::default()).await?;
     println!("[demo] device {DEVICE_ID} connected to the relay over MQTT/WebSocket");
     let stop = CancellationToken::new();
     let device_task = tokio::spawn(crate::device::serve(
         client,
-        tls.clone(),
+        dialer.clone(),
         "[device] ",
         stop.clone(),
     ));
 
-    let service = ServiceClient::new(relay.service_connection_string()?, tls.clone());
+    let service = ServiceClient::new(relay.service_connection_string()?, &dialer);
     let result = crate::service::echo_once(
         &service,
-        &tls,
+        &dialer,
         DEVICE_ID,
         crate::service::DEFAULT_MESSAGE,
         &Default::default(),

@@ -2,20 +2,24 @@
 //! came (same opcode, same boundaries).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use framing::device_client::Responder;
+use framing::proxy::ProxySettings;
 use framing::websocket::Message;
-use framing::{ConnectionString, DeviceClient, DeviceOptions, StreamRequest};
+use framing::{ConnectionString, DeviceClient, DeviceOptions, Dialer, StreamRequest};
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub async fn run(connection_string: &str, ca_cert: Option<&Path>) -> anyhow::Result<()> {
+pub async fn run(
+    connection_string: &str,
+    ca_cert: Option<&Path>,
+    proxies: ProxySettings,
+) -> anyhow::Result<()> {
     let connection = ConnectionString::parse_device(connection_string)?;
-    let tls = framing::tls::client_config(ca_cert)?;
-    let client = DeviceClient::connect(&connection, &tls, &DeviceOptions::default())
+    let dialer = Dialer::new(framing::tls::client_config(ca_cert)?, proxies);
+    let client = DeviceClient::connect(&connection, &dialer, &DeviceOptions::default())
         .await
         .with_context(|| {
             format!(
@@ -30,7 +34,7 @@ pub async fn run(connection_string: &str, ca_cert: Option<&Path>) -> anyhow::Res
     );
     let stop = CancellationToken::new();
     tokio::select! {
-        result = serve(client, tls, "", stop.clone()) => result,
+        result = serve(client, dialer, "", stop.clone()) => result,
         _ = tokio::signal::ctrl_c() => {
             stop.cancel();
             Ok(())
@@ -42,7 +46,7 @@ pub async fn run(connection_string: &str, ca_cert: Option<&Path>) -> anyhow::Res
 /// stream is echoed in its own task.
 pub async fn serve(
     mut client: DeviceClient,
-    tls: Arc<rustls::ClientConfig>,
+    dialer: Dialer,
     prefix: &str,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -61,15 +65,15 @@ pub async fn serve(
             "{prefix}Received stream request: Name={}",
             request.stream_name
         );
-        let (responder, tls, prefix, stop) = (
+        let (responder, dialer, prefix, stop) = (
             responder.clone(),
-            tls.clone(),
+            dialer.clone(),
             prefix.to_string(),
             stop.clone(),
         );
         streams.spawn(async move {
             tokio::select! {
-                result = echo_stream(&responder, &request, &tls, &prefix) => {
+                result = echo_stream(&responder, &request, &dialer, &prefix) => {
                     if let Err(error) = result {
                         eprintln!("{prefix}echo stream failed: {error:#}");
                     }
@@ -88,12 +92,12 @@ pub async fn serve(
 async fn echo_stream(
     responder: &Responder,
     request: &StreamRequest,
-    tls: &Arc<rustls::ClientConfig>,
+    dialer: &Dialer,
     prefix: &str,
 ) -> anyhow::Result<()> {
     responder.accept(request).await?;
     let mut socket =
-        framing::connect_stream(&request.url, &request.authorization_token, tls).await?;
+        framing::connect_stream(&request.url, &request.authorization_token, dialer).await?;
     while let Some(message) = socket.next().await {
         match message? {
             Message::Close(_) => break,

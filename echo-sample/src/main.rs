@@ -16,9 +16,10 @@ Examples:
   echo-sample demo                                     # relay + device + service on loopback, nothing to set up
   echo-sample device \"HostName=localhost:8443;DeviceId=MyDevice;SharedAccessKey=…\" --ca-cert relay-data/tls/cert.pem
   echo-sample service \"HostName=localhost:8443;SharedAccessKeyName=service;SharedAccessKey=…\" MyDevice --ca-cert relay-data/tls/cert.pem
+  echo-sample device \"<device connection string>\" --proxy socks5://user:password@10.0.0.1:1080
 
 Environment: DEVICE_CONNECTION_STRING, SERVICE_CONNECTION_STRING (or IOTHUB_CONNECTION_STRING),
-STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, RUST_LOG";
+STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, HTTPS_PROXY / ALL_PROXY / NO_PROXY, RUST_LOG";
 
 #[derive(Parser)]
 #[command(name = "echo-sample", version, about = "Device streams echo sample: device, service, and an all-in-one demo", after_help = EXAMPLES)]
@@ -37,6 +38,9 @@ enum Command {
         /// Extra CA certificate (PEM) to trust, e.g. the relay's self-signed cert.pem.
         #[arg(long, env = "DEVSTREAMS_CA_CERT")]
         ca_cert: Option<PathBuf>,
+        /// Reach the relay through this proxy (http://… or socks5://…, `none` for no proxy); default: HTTPS_PROXY / ALL_PROXY, NO_PROXY as curl reads them.
+        #[arg(long, value_name = "URL")]
+        proxy: Option<String>,
     },
     /// Open a stream to the device, send one message and check its echo.
     Service {
@@ -52,12 +56,22 @@ enum Command {
         /// Extra CA certificate (PEM) to trust.
         #[arg(long, env = "DEVSTREAMS_CA_CERT")]
         ca_cert: Option<PathBuf>,
+        /// Reach the relay through this proxy (http://… or socks5://…, `none` for no proxy); default: HTTPS_PROXY / ALL_PROXY, NO_PROXY as curl reads them.
+        #[arg(long, value_name = "URL")]
+        proxy: Option<String>,
         /// Seconds the relay may wait for the device to be connected.
         #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
         connect_timeout: u64,
     },
     /// Run a relay, an echo device and the echo service on loopback (TLS on).
     Demo,
+}
+
+/// `--proxy`, else the proxy variables of the environment.
+fn proxy_settings(flag: Option<&str>) -> anyhow::Result<framing::proxy::ProxySettings> {
+    Ok(framing::proxy::ProxySettings::resolve(flag, |name| {
+        std::env::var(name).ok()
+    })?)
 }
 
 fn main() -> ExitCode {
@@ -72,13 +86,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Device { connection_string, ca_cert } => device::run(&connection_string, ca_cert.as_deref()).await,
-            Command::Service { connection_string, device_id, message, ca_cert, connect_timeout } => {
+            Command::Device { connection_string, ca_cert, proxy } => {
+                device::run(&connection_string, ca_cert.as_deref(), proxy_settings(proxy.as_deref())?).await
+            }
+            Command::Service { connection_string, device_id, message, ca_cert, proxy, connect_timeout } => {
                 let connection_string = connection_string
                     .or_else(|| std::env::var("IOTHUB_CONNECTION_STRING").ok())
                     .ok_or_else(|| anyhow::anyhow!("no service connection string: pass it as the first argument or set SERVICE_CONNECTION_STRING"))?;
                 let connect_timeout = std::time::Duration::from_secs(connect_timeout);
-                service::run(&connection_string, &device_id, &message, ca_cert.as_deref(), connect_timeout).await
+                let proxies = proxy_settings(proxy.as_deref())?;
+                service::run(&connection_string, &device_id, &message, ca_cert.as_deref(), proxies, connect_timeout).await
             }
             Command::Demo => demo::run().await,
         }

@@ -1,13 +1,13 @@
 //! The echo service: opens a stream, sends one message, checks the echo.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use framing::proxy::ProxySettings;
 use framing::pump::{close_message, CLOSE_NORMAL};
 use framing::websocket::Message;
-use framing::{ConnectionString, ServiceClient, StreamOptions};
+use framing::{ConnectionString, Dialer, ServiceClient, StreamOptions};
 use futures_util::{SinkExt, StreamExt};
 
 pub const DEFAULT_MESSAGE: &str = "Streaming data over a stream...";
@@ -20,17 +20,18 @@ pub async fn run(
     device_id: &str,
     message: &str,
     ca_cert: Option<&Path>,
+    proxies: ProxySettings,
     connect_timeout: Duration,
 ) -> anyhow::Result<()> {
     let connection = ConnectionString::parse_service(connection_string)?;
-    let tls = framing::tls::client_config(ca_cert)?;
+    let dialer = Dialer::new(framing::tls::client_config(ca_cert)?, proxies);
     let options = StreamOptions {
         connect_timeout,
         ..StreamOptions::default()
     };
     echo_once(
-        &ServiceClient::new(connection, tls.clone()),
-        &tls,
+        &ServiceClient::new(connection, &dialer),
+        &dialer,
         device_id,
         message,
         &options,
@@ -41,7 +42,7 @@ pub async fn run(
 /// One stream, one message, one verified echo.
 pub async fn echo_once(
     client: &ServiceClient,
-    tls: &Arc<rustls::ClientConfig>,
+    dialer: &Dialer,
     device_id: &str,
     message: &str,
     options: &StreamOptions,
@@ -65,9 +66,10 @@ pub async fn echo_once(
             invitation.rejection_reason.unwrap_or_default()
         );
     }
-    let mut socket = framing::connect_stream(&invitation.url, &invitation.authorization_token, tls)
-        .await
-        .context("cannot connect to the streaming endpoint")?;
+    let mut socket =
+        framing::connect_stream(&invitation.url, &invitation.authorization_token, dialer)
+            .await
+            .context("cannot connect to the streaming endpoint")?;
     socket
         .send(Message::Binary(message.as_bytes().to_vec().into()))
         .await?;

@@ -7,7 +7,6 @@
 //! dropped; the connection's failure surfaces as the error of
 //! [`DeviceClient::next_request`], which is the program's cue to re-dial.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +21,7 @@ use crate::mqtt::{
 use crate::topics::{
     StreamRequest, StreamResponse, STREAM_REQUESTS_FILTER, STREAM_RESPONSES_FILTER,
 };
+use crate::transport::Dialer;
 use crate::websocket::{self, ClientWebSocket, WebSocketConnectError, WebSocketRequest};
 use crate::{headers, sas};
 
@@ -104,17 +104,20 @@ pub struct DeviceClient {
 }
 
 impl DeviceClient {
-    /// Dials the relay and completes CONNECT and SUBSCRIBE.
+    /// Dials the relay (through the dialer's proxy, if any) and completes
+    /// CONNECT and SUBSCRIBE. `dialer` is a [`Dialer`] or a bare TLS
+    /// configuration (direct).
     pub async fn connect(
         connection: &ConnectionString,
-        tls: &Arc<rustls::ClientConfig>,
+        dialer: impl Into<Dialer>,
         options: &DeviceOptions,
     ) -> Result<Self, DeviceError> {
+        let dialer = dialer.into();
         let device_id = connection
             .device_id
             .clone()
             .ok_or(DeviceError::NoDeviceId)?;
-        let handshake = Self::handshake(connection, &device_id, tls, options);
+        let handshake = Self::handshake(connection, &device_id, &dialer, options);
         let mqtt = tokio::time::timeout(options.connect_timeout, handshake)
             .await
             .map_err(|_| DeviceError::HandshakeTimeout(options.connect_timeout))??;
@@ -145,7 +148,7 @@ impl DeviceClient {
     async fn handshake(
         connection: &ConnectionString,
         device_id: &str,
-        tls: &Arc<rustls::ClientConfig>,
+        dialer: &Dialer,
         options: &DeviceOptions,
     ) -> Result<MqttConnection<ClientWebSocket>, DeviceError> {
         let url = format!("wss://{}/$iothub/websocket", connection.host_name);
@@ -157,7 +160,7 @@ impl DeviceClient {
                 max_message_size: crate::mqtt::DEFAULT_MAX_PACKET_SIZE * 2,
                 timeout: options.connect_timeout,
             },
-            tls,
+            dialer,
         )
         .await?;
         let mut mqtt = MqttConnection::new(socket, crate::mqtt::DEFAULT_MAX_PACKET_SIZE);

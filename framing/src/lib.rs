@@ -13,6 +13,7 @@ pub mod identity;
 pub mod local;
 pub mod mqtt;
 pub mod process;
+pub mod proxy;
 pub mod pump;
 pub mod sas;
 pub mod service_client;
@@ -29,6 +30,7 @@ pub use device_client::{DeviceClient, DeviceError, DeviceOptions};
 pub use rustls;
 pub use service_client::{CreateStreamError, ServiceClient, StreamInvitation, StreamOptions};
 pub use topics::StreamRequest;
+pub use transport::Dialer;
 
 /// The stream id of a streaming URL (`wss://host/bridges/{hub}/{deviceId}/{streamId}`):
 /// its last path segment. Logged so the relay's, the device's and the
@@ -39,12 +41,14 @@ pub fn stream_id_from_url(url: &str) -> &str {
 }
 
 /// Opens the WebSocket of one side of a stream, presenting its token.
+/// `dialer` is a [`transport::Dialer`] (with its proxy settings) or a bare
+/// TLS configuration (direct).
 pub async fn connect_stream(
     url: &str,
     authorization_token: &str,
-    tls: &std::sync::Arc<rustls::ClientConfig>,
+    dialer: impl Into<transport::Dialer>,
 ) -> Result<websocket::ClientWebSocket, websocket::WebSocketConnectError> {
-    connect_stream_with(url, authorization_token, false, tls).await
+    connect_stream_with(url, authorization_token, false, dialer).await
 }
 
 /// [`connect_stream`]; `resumable` tells the relay (header
@@ -54,7 +58,7 @@ pub async fn connect_stream_with(
     url: &str,
     authorization_token: &str,
     resumable: bool,
-    tls: &std::sync::Arc<rustls::ClientConfig>,
+    dialer: impl Into<transport::Dialer>,
 ) -> Result<websocket::ClientWebSocket, websocket::WebSocketConnectError> {
     let bearer = format!("Bearer {authorization_token}");
     let extra: &[(&'static str, &str)] = if resumable {
@@ -71,7 +75,7 @@ pub async fn connect_stream_with(
             timeout: transport::DEFAULT_CONNECT_TIMEOUT,
         },
         extra,
-        tls,
+        dialer,
     )
     .await
 }

@@ -5,7 +5,6 @@
 //! bytes a stream moves, and a fresh connection per call keeps no idle state
 //! that could go stale across relay restarts.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use crate::connection_string::ConnectionString;
 use crate::headers;
 use crate::identity::encode_path_segment;
 use crate::sas;
-use crate::transport::{self, ConnectError};
+use crate::transport::{self, ConnectError, Dialer};
 
 /// Largest error body read from the relay.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -121,12 +120,17 @@ pub enum CreateStreamError {
 #[derive(Clone)]
 pub struct ServiceClient {
     connection: ConnectionString,
-    tls: Arc<rustls::ClientConfig>,
+    dialer: Dialer,
 }
 
 impl ServiceClient {
-    pub fn new(connection: ConnectionString, tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { connection, tls }
+    /// `dialer` is a [`Dialer`] (TLS trust and proxy settings) or a bare
+    /// TLS configuration (direct).
+    pub fn new(connection: ConnectionString, dialer: impl Into<Dialer>) -> Self {
+        Self {
+            connection,
+            dialer: dialer.into(),
+        }
     }
 
     pub fn host_name(&self) -> &str {
@@ -166,13 +170,15 @@ impl ServiceClient {
         options: &StreamOptions,
         resume: Option<crate::topics::ResumeAsk>,
     ) -> Result<StreamInvitation, CreateStreamError> {
-        let stream = transport::connect(
-            self.connection.host(),
-            self.connection.port(),
-            Some(&self.tls),
-            transport::DEFAULT_CONNECT_TIMEOUT,
-        )
-        .await?;
+        let stream = self
+            .dialer
+            .connect(
+                self.connection.host(),
+                self.connection.port(),
+                true,
+                transport::DEFAULT_CONNECT_TIMEOUT,
+            )
+            .await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CreateStreamError::Http(e.to_string()))?;

@@ -1,10 +1,11 @@
 //! "A byte stream to the relay": one type for plain TCP and TLS, client or
 //! server side, and the one place where sockets get their options and
-//! outbound dials their deadlines.
+//! outbound dials their deadlines and, when one is set, their proxy hop.
 //!
 //! Everything above (REST, MQTT over WebSocket, streaming WebSocket) is built
 //! on [`NetworkStream`], so TLS or plain is configuration, not a branch in each
-//! client.
+//! client. Clients dial through a [`Dialer`] (TLS trust plus proxy settings),
+//! so a proxy applies to every dial or to none.
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
+
+use crate::proxy::{ProxySettings, ProxyUrl, Route, TunnelError};
 
 /// How long dialing (TCP + TLS) may take before it is abandoned.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +38,37 @@ pub enum ConnectError {
     ServerName { address: String },
     #[error("connecting to {address} took longer than {timeout:?}")]
     Timeout { address: String, timeout: Duration },
+    #[error("cannot reach the proxy {proxy} ({origin}): {source}; check its host and port and that it is running, or turn it off with --proxy none")]
+    ProxyUnreachable {
+        proxy: String,
+        origin: &'static str,
+        source: io::Error,
+    },
+    #[error("proxy {proxy} ({origin}), asked for {address}: {source}")]
+    Proxy {
+        proxy: String,
+        origin: &'static str,
+        address: String,
+        source: TunnelError,
+    },
+    #[error("connecting to {address} through the proxy {proxy} took longer than {timeout:?}; check that {proxy} is a proxy of the kind its URL says and that it can reach {address}")]
+    ProxyTimeout {
+        address: String,
+        proxy: String,
+        timeout: Duration,
+    },
+}
+
+impl ConnectError {
+    /// Failures a person must fix (certificate, credentials, a proxy that
+    /// refuses), as opposed to a relay or network that is down for now.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            ConnectError::Tls { .. } | ConnectError::ServerName { .. } => true,
+            ConnectError::Proxy { source, .. } => source.needs_operator(),
+            _ => false,
+        }
+    }
 }
 
 /// A connection to or from the relay, with or without TLS (either role).
@@ -101,22 +135,114 @@ fn tls_failure(address: String, source: io::Error) -> ConnectError {
     }
 }
 
-/// Dials `host:port`, then TLS when `tls` is given.
+/// Dials `host:port` directly (no proxy), then TLS when `tls` is given.
+/// For tests and tools that must reach a relay as it is; clients use a
+/// [`Dialer`].
 pub async fn connect(
     host: &str,
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Result<NetworkStream, ConnectError> {
-    let address = format!("{host}:{port}");
+    dial(host, port, tls, Route::Direct, timeout).await
+}
+
+/// How a client reaches the relay: the TLS trust and the proxy settings
+/// that every dial of the client follows. Cheap to clone.
+///
+/// A bare TLS configuration converts into a `Dialer` that dials directly,
+/// so code that has no proxy to think of passes its `tls` as before.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: Arc<rustls::ClientConfig>,
+    proxies: Arc<ProxySettings>,
+}
+
+impl Dialer {
+    pub fn new(tls: Arc<rustls::ClientConfig>, proxies: ProxySettings) -> Self {
+        Self {
+            tls,
+            proxies: Arc::new(proxies),
+        }
+    }
+
+    /// No proxy, whatever the environment says.
+    pub fn direct(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self::new(tls, ProxySettings::direct())
+    }
+
+    pub fn tls(&self) -> &Arc<rustls::ClientConfig> {
+        &self.tls
+    }
+
+    pub fn proxies(&self) -> &ProxySettings {
+        &self.proxies
+    }
+
+    /// How a dial to `host:port` goes (for logs: "through http://proxy:3128
+    /// (HTTPS_PROXY)", "direct").
+    pub fn route(&self, host: &str, port: u16, secure: bool) -> Route<'_> {
+        self.proxies.route(host, port, secure)
+    }
+
+    /// Dials `host:port` (through the proxy its settings choose), then TLS
+    /// when `secure`; all within `timeout`.
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        secure: bool,
+        timeout: Duration,
+    ) -> Result<NetworkStream, ConnectError> {
+        let tls = secure.then_some(&self.tls);
+        dial(host, port, tls, self.route(host, port, secure), timeout).await
+    }
+}
+
+impl From<Arc<rustls::ClientConfig>> for Dialer {
+    fn from(tls: Arc<rustls::ClientConfig>) -> Self {
+        Dialer::direct(tls)
+    }
+}
+
+impl From<&Arc<rustls::ClientConfig>> for Dialer {
+    fn from(tls: &Arc<rustls::ClientConfig>) -> Self {
+        Dialer::direct(tls.clone())
+    }
+}
+
+impl From<&Dialer> for Dialer {
+    fn from(dialer: &Dialer) -> Self {
+        dialer.clone()
+    }
+}
+
+/// The one place a client opens TCP: to `host:port`, or to the proxy and
+/// through its tunnel; then TLS to the relay (its name checked against the
+/// certificate, never the proxy's).
+async fn dial(
+    host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    route: Route<'_>,
+    timeout: Duration,
+) -> Result<NetworkStream, ConnectError> {
+    let address = crate::proxy::authority(host, port);
     let dial = async {
-        let tcp = TcpStream::connect((host, port))
-            .await
-            .map_err(|source| ConnectError::Tcp {
-                address: address.clone(),
-                source,
-            })?;
-        configure_socket(&tcp);
+        let tcp = match route {
+            Route::Through { proxy, origin } => tunnel(proxy, origin, host, port).await?,
+            Route::Direct | Route::Exempt => {
+                let tcp =
+                    TcpStream::connect((host, port))
+                        .await
+                        .map_err(|source| ConnectError::Tcp {
+                            address: address.clone(),
+                            source,
+                        })?;
+                configure_socket(&tcp);
+                tcp
+            }
+        };
         match tls {
             None => Ok(NetworkStream::Plain(tcp)),
             Some(config) => {
@@ -135,10 +261,43 @@ pub async fn connect(
     };
     tokio::time::timeout(timeout, dial)
         .await
-        .map_err(|_| ConnectError::Timeout {
-            address: address.clone(),
-            timeout,
+        .map_err(|_| match route.proxy() {
+            Some(proxy) => ConnectError::ProxyTimeout {
+                address: address.clone(),
+                proxy: proxy.to_string(),
+                timeout,
+            },
+            None => ConnectError::Timeout {
+                address: address.clone(),
+                timeout,
+            },
         })?
+}
+
+/// TCP to the proxy, then its tunnel to `host:port`.
+async fn tunnel(
+    proxy: &ProxyUrl,
+    origin: &'static str,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, ConnectError> {
+    let tcp = TcpStream::connect((proxy.host(), proxy.port()))
+        .await
+        .map_err(|source| ConnectError::ProxyUnreachable {
+            proxy: proxy.to_string(),
+            origin,
+            source,
+        })?;
+    configure_socket(&tcp);
+    proxy
+        .open_tunnel(tcp, host, port)
+        .await
+        .map_err(|source| ConnectError::Proxy {
+            proxy: proxy.to_string(),
+            origin,
+            address: crate::proxy::authority(host, port),
+            source,
+        })
 }
 
 impl AsyncRead for NetworkStream {
@@ -232,6 +391,74 @@ mod tests {
         let message = error.to_string();
         assert!(message.starts_with("cannot reach"), "{message}");
         assert!(!message.contains("--ca-cert"), "{message}");
+    }
+
+    /// A proxy that accepts and then never answers CONNECT: the dial ends
+    /// at its deadline, with a message naming the proxy.
+    #[tokio::test]
+    async fn a_silent_proxy_is_given_up_at_the_connect_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let port = listener.local_addr().expect("local address").port();
+        let silent = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let proxy = crate::proxy::ProxyUrl::parse(&format!("http://user:hunter2@127.0.0.1:{port}"))
+            .expect("valid");
+        let tls = crate::tls::client_config(None).expect("system roots");
+        let dialer = Dialer::new(tls, ProxySettings::always(proxy));
+        let timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let error = match dialer
+            .connect("relay.example.com", 443, true, timeout)
+            .await
+        {
+            Ok(_) => panic!("a silent proxy gives no connection"),
+            Err(error) => error,
+        };
+        let waited = started.elapsed();
+        silent.abort();
+        assert!(
+            matches!(error, ConnectError::ProxyTimeout { .. }),
+            "{error:?}"
+        );
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("http://127.0.0.1:{port}")),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    /// A host listed in NO_PROXY is dialed directly, the proxy untouched.
+    #[tokio::test]
+    async fn an_exempt_host_is_dialed_directly() {
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let port = target.local_addr().expect("local address").port();
+        let proxies = ProxySettings::resolve(None, |name| match name {
+            // Nothing listens on port 1.
+            "http_proxy" => Some("http://127.0.0.1:1".to_string()),
+            "NO_PROXY" => Some("127.0.0.0/8".to_string()),
+            _ => None,
+        })
+        .expect("valid");
+        let tls = crate::tls::client_config(None).expect("system roots");
+        let dialer = Dialer::new(tls, proxies);
+        assert_eq!(dialer.route("127.0.0.1", port, false), Route::Exempt);
+        dialer
+            .connect("127.0.0.1", port, false, Duration::from_secs(5))
+            .await
+            .expect("direct dial");
+        target.accept().await.expect("the target saw the dial");
     }
 
     #[tokio::test]

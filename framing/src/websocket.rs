@@ -5,7 +5,6 @@
 //! `max_message_size` for one message, and the read buffer is kept small so
 //! thousands of idle streams cost little memory.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -14,7 +13,7 @@ pub use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 pub use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::transport::{self, ConnectError, NetworkStream};
+use crate::transport::{ConnectError, Dialer, NetworkStream};
 
 /// Largest WebSocket message accepted by default (PROTOCOL.md leaves the
 /// size to us; our proxies send at most [`crate::pump::DEFAULT_READ_CHUNK`]).
@@ -63,12 +62,14 @@ pub struct WebSocketRequest<'a> {
     pub timeout: Duration,
 }
 
-/// Dials, does TLS for `wss://`, and completes the WebSocket handshake.
+/// Dials (through the dialer's proxy, if any), does TLS for `wss://`, and
+/// completes the WebSocket handshake. `dialer` is a [`Dialer`] or a bare
+/// TLS configuration (then the dial is direct).
 pub async fn connect(
     request: WebSocketRequest<'_>,
-    tls: &Arc<rustls::ClientConfig>,
+    dialer: impl Into<Dialer>,
 ) -> Result<ClientWebSocket, WebSocketConnectError> {
-    connect_with_headers(request, &[], tls).await
+    connect_with_headers(request, &[], dialer).await
 }
 
 /// [`connect`], with extra request headers (devstreams' own, such as
@@ -76,7 +77,15 @@ pub async fn connect(
 pub async fn connect_with_headers(
     request: WebSocketRequest<'_>,
     extra_headers: &[(&'static str, &str)],
-    tls: &Arc<rustls::ClientConfig>,
+    dialer: impl Into<Dialer>,
+) -> Result<ClientWebSocket, WebSocketConnectError> {
+    handshake(request, extra_headers, &dialer.into()).await
+}
+
+async fn handshake(
+    request: WebSocketRequest<'_>,
+    extra_headers: &[(&'static str, &str)],
+    dialer: &Dialer,
 ) -> Result<ClientWebSocket, WebSocketConnectError> {
     let bad_url = || WebSocketConnectError::BadUrl(request.url.to_string());
     let (secure, rest) = if let Some(rest) = request.url.strip_prefix("wss://") {
@@ -113,7 +122,7 @@ pub async fn connect_with_headers(
         );
     }
     let handshake = async {
-        let stream = transport::connect(host, port, secure.then_some(tls), request.timeout).await?;
+        let stream = dialer.connect(host, port, secure, request.timeout).await?;
         tokio_tungstenite::client_async_with_config(
             http_request,
             stream,

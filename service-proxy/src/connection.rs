@@ -29,7 +29,8 @@ use crate::resume::{self, ResumeSettings};
 pub struct ConnectionContext {
     pub client: ServiceClient,
     /// For the stream WebSockets; the same configuration as `client`'s.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// TLS trust and proxy settings for every WebSocket to the relay.
+    pub dialer: framing::Dialer,
     pub device_id: String,
     pub stream_name: String,
     /// Sent with every stream creation (`--target-port`, the timeouts,
@@ -134,7 +135,7 @@ pub async fn carry<L: LocalConnection>(
         &invitation.url,
         &invitation.authorization_token,
         invitation.resume,
-        &context.tls,
+        &context.dialer,
     )
     .await
     {

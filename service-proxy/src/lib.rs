@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use framing::{ConnectionString, ServiceClient, StreamOptions};
+use framing::proxy::ProxySettings;
+use framing::{ConnectionString, Dialer, ServiceClient, StreamOptions};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub connection_string: String,
     /// Extra trusted CA certificate (PEM) for the relay.
     pub ca_cert: Option<PathBuf>,
+    /// The proxy every dial to the relay takes (`--proxy`, HTTPS_PROXY, …).
+    pub proxies: ProxySettings,
     pub stream_name: String,
     /// How long the relay may wait for the device to be connected.
     pub connect_timeout: Duration,
@@ -107,8 +110,11 @@ pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
 /// What every stream of this process shares, checked once at start.
 struct Common {
     client: ServiceClient,
-    tls: Arc<rustls::ClientConfig>,
+    /// TLS trust and proxy settings for every WebSocket to the relay.
+    dialer: Dialer,
     relay: String,
+    /// How the relay is reached: directly or through which proxy.
+    route: String,
 }
 
 /// Checks the settings, then serves: binds the ports, prints one
@@ -127,10 +133,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         )
     })?;
     let tls = framing::tls::client_config(settings.ca_cert.as_deref())?;
+    let dialer = Dialer::new(tls, settings.proxies.clone());
     let common = Common {
         relay: connection.host_name.clone(),
-        client: ServiceClient::new(connection, tls.clone()),
-        tls,
+        route: dialer
+            .route(connection.host(), connection.port(), true)
+            .to_string(),
+        client: ServiceClient::new(connection, &dialer),
+        dialer,
     };
     match &settings.mode {
         Mode::Stdio(target) => {
@@ -174,7 +184,7 @@ fn check_device_id(device_id: &str) -> anyhow::Result<()> {
 fn context_for(settings: &Settings, common: &Common, target: &Target) -> ConnectionContext {
     ConnectionContext {
         client: common.client.clone(),
-        tls: common.tls.clone(),
+        dialer: common.dialer.clone(),
         device_id: target.device_id.clone(),
         stream_name: settings.stream_name.clone(),
         stream_options: StreamOptions {
@@ -216,6 +226,7 @@ async fn listen(
         info!(
             device_id = %forward.target.device_id,
             relay = %common.relay,
+            route = %common.route,
             listen = %local_address,
             stream_name = %settings.stream_name,
             target_port = forward.target.port,

@@ -27,6 +27,8 @@ Examples:
   service-proxy \"<service connection string>\" MyDevice 2222 --ca-cert relay-data/tls/cert.pem
   service-proxy \"<service connection string>\" MyDevice 3389 --target-port 3389
   SERVICE_CONNECTION_STRING=\"<service connection string>\" STREAMING_TARGET_DEVICE=MyDevice PROXY_PORT=2222 service-proxy
+  service-proxy \"<service connection string>\" MyDevice 2222 --proxy http://user:password@proxy.example.com:3128
+  HTTPS_PROXY=socks5://10.0.0.1:1080 service-proxy \"<service connection string>\" MyDevice 2222
 
   Several devices at once, one local port each (LOCAL_PORT=DEVICE:PORT):
   service-proxy --map 2201=kiosk-17:22 --map 3390=kiosk-17:3389 --map 2202=pump-3:22
@@ -45,6 +47,8 @@ Environment:
   STREAMING_TARGET_DEVICE    device id, when not given as the second argument
   PROXY_PORT                 local port, when not given as the third argument
   DEVSTREAMS_CA_CERT         PEM certificate of the relay, when not given with --ca-cert
+  HTTPS_PROXY, ALL_PROXY     proxy for the relay, when not given with --proxy (also lowercase)
+  NO_PROXY                   hosts reached without the proxy: names, .domains, addresses, CIDRs, *
   RUST_LOG                   log filter for stderr (default: info; warn with --stdio)
 
 Once listening, it prints one line per port on stdout: `Listening on 127.0.0.1:2222`
@@ -114,6 +118,14 @@ struct Arguments {
     /// PEM certificate to trust for the relay, besides the system roots
     #[arg(long, value_name = "PEM", env = "DEVSTREAMS_CA_CERT")]
     ca_cert: Option<PathBuf>,
+
+    /// Reach the relay through this proxy: http://[USER:PASSWORD@]HOST:PORT
+    /// (HTTP CONNECT) or socks5://[USER:PASSWORD@]HOST:PORT (SOCKS5; the
+    /// proxy resolves the relay's name). `none` turns proxies off. Without
+    /// it, HTTPS_PROXY and ALL_PROXY are read as curl reads them; NO_PROXY
+    /// lists hosts reached directly
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 
     /// Stream name sent with every stream request
     #[arg(long, value_name = "NAME", default_value = "TestStream")]
@@ -228,10 +240,17 @@ fn main() -> ExitCode {
         (mode, "info")
     };
     let stdio = matches!(mode, Mode::Stdio(_));
+    let proxies = match framing::proxy::ProxySettings::resolve(arguments.proxy.as_deref(), |name| {
+        std::env::var(name).ok()
+    }) {
+        Ok(proxies) => proxies,
+        Err(error) => return fail(&error.to_string()),
+    };
     framing::process::init_logging(default_log_filter);
     let settings = Settings {
         connection_string,
         ca_cert: arguments.ca_cert,
+        proxies,
         stream_name: arguments.stream_name,
         connect_timeout: Duration::from_secs(arguments.connect_timeout),
         response_timeout: Duration::from_secs(arguments.response_timeout),

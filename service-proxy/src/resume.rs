@@ -176,7 +176,7 @@ async fn try_resume(
         &invitation.url,
         &invitation.authorization_token,
         true,
-        &context.tls,
+        &context.dialer,
     )
     .await
     .map_err(|error| {

@@ -26,6 +26,13 @@ fn service_proxy() -> Command {
         "PROXY_PORT",
         "DEVSTREAMS_CA_CERT",
         "RUST_LOG",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
     ] {
         command.env_remove(variable);
     }
@@ -102,6 +109,9 @@ fn help_shows_the_seed_example_and_the_environment_and_exits_zero() {
         "STREAMING_TARGET_DEVICE",
         "PROXY_PORT",
         "DEVSTREAMS_CA_CERT",
+        "--proxy",
+        "HTTPS_PROXY",
+        "NO_PROXY",
     ] {
         assert!(
             stdout.contains(variable),
@@ -117,6 +127,23 @@ fn help_never_shows_the_connection_string_from_the_environment() {
         .env("SERVICE_CONNECTION_STRING", UNREACHABLE_RELAY));
     assert!(status.success());
     assert!(!stdout.contains("c2VjcmV0LWtleS1ieXRlcw=="), "{stdout}");
+}
+
+#[test]
+fn an_unsupported_proxy_url_exits_one_with_one_line_without_the_password() {
+    let (status, _, stderr) = run(service_proxy().args([
+        UNREACHABLE_RELAY,
+        "MyDevice",
+        "0",
+        "--proxy",
+        "socks4://user:hunter2@proxy.example.com:1080",
+    ]));
+    assert_one_line_failure(
+        status,
+        &stderr,
+        "--proxy: proxy URL socks4://***@proxy.example.com:1080",
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
 #[test]

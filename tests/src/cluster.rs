@@ -54,8 +54,10 @@ pub fn tool_path(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// Whether `program` is installed; says why not (and panics under `CI=true`).
-pub(crate) fn require_tool(program: &str, package: &str) -> bool {
+/// Returns false (and says why) when `program` is missing and the tests
+/// that need it must be skipped; panics in CI, where `.ci/run` must have
+/// installed `package`.
+pub fn require_tool(program: &str, package: &str) -> bool {
     if tool_path(program).is_some() {
         return true;
     }

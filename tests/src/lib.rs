@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod iothub;
 pub mod nginx;
+pub mod proxies;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -37,6 +38,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Proxy variables a child must not inherit from the test's environment:
+/// a program under test reads them (as curl does), so each test passes
+/// exactly the ones it means.
+const PROXY_VARIABLES: [&str; 8] = [
+    "https_proxy",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "HTTP_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+];
+
 /// A child process whose stderr goes to a log file; killed on drop.
 pub struct Process {
     pub child: Child,
@@ -61,6 +76,9 @@ impl Process {
             .stderr(Stdio::from(log))
             .env("RUST_LOG", "info")
             .kill_on_drop(true);
+        for name in PROXY_VARIABLES {
+            command.env_remove(name);
+        }
         for (key, value) in environment {
             command.env(key, value);
         }
@@ -345,10 +363,30 @@ pub async fn spawn_device_proxy(
     target_port: u16,
     extra: &[&str],
 ) -> Process {
+    spawn_device_proxy_with_environment(
+        ca,
+        log_directory,
+        connection_string,
+        target_port,
+        extra,
+        &[],
+    )
+    .await
+}
+
+/// [`spawn_device_proxy`] with environment variables (e.g. `HTTPS_PROXY`).
+pub async fn spawn_device_proxy_with_environment(
+    ca: &str,
+    log_directory: &Path,
+    connection_string: &str,
+    target_port: u16,
+    extra: &[&str],
+    environment: &[(&str, &str)],
+) -> Process {
     let port = target_port.to_string();
     let mut arguments = vec![connection_string, "127.0.0.1", &port, "--ca-cert", ca];
     arguments.extend_from_slice(extra);
-    Process::spawn("device-proxy", &arguments, log_directory, &[]).await
+    Process::spawn("device-proxy", &arguments, log_directory, environment).await
 }
 
 /// `service-proxy CONN DEVICE 0 --ca-cert …`; returns it and its local port.
@@ -372,9 +410,29 @@ pub async fn spawn_service_proxy(
     device_id: &str,
     extra: &[&str],
 ) -> (Process, u16) {
+    spawn_service_proxy_with_environment(
+        ca,
+        log_directory,
+        service_connection_string,
+        device_id,
+        extra,
+        &[],
+    )
+    .await
+}
+
+/// [`spawn_service_proxy`] with environment variables (e.g. `HTTPS_PROXY`).
+pub async fn spawn_service_proxy_with_environment(
+    ca: &str,
+    log_directory: &Path,
+    service_connection_string: &str,
+    device_id: &str,
+    extra: &[&str],
+    environment: &[(&str, &str)],
+) -> (Process, u16) {
     let mut arguments = vec![service_connection_string, device_id, "0", "--ca-cert", ca];
     arguments.extend_from_slice(extra);
-    let mut process = Process::spawn("service-proxy", &arguments, log_directory, &[]).await;
+    let mut process = Process::spawn("service-proxy", &arguments, log_directory, environment).await;
     let address = process.wait_for_line("Listening on ").await;
     let port = address
         .split(' ')
@@ -486,7 +544,9 @@ pub fn require_rsync() -> bool {
     cluster::require_tool("rsync", "rsync")
 }
 
-fn free_port() -> u16 {
+/// A loopback port that was free a moment ago (for servers that must be
+/// told their port; retry on a clash).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -708,6 +768,20 @@ pub async fn relay_metric(relay: &Relay, name: &str) -> u64 {
                 .and_then(|rest| rest.trim().parse().ok())
         })
         .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
+}
+
+/// Connects to `127.0.0.1:port` (a service-proxy's local end) and checks
+/// that `payload` comes back unchanged within 30 s; returns the connection.
+pub async fn echo_round_trip(port: u16, payload: &[u8]) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    client.write_all(payload).await?;
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(30), client.read_exact(&mut echoed))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo within 30 s"))??;
+    assert_eq!(echoed, payload);
+    Ok(client)
 }
 
 /// A TCP echo server on a given loopback port (to bring a target back).

@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use devstreams_tests::{
-    open_file_descriptors, relay_metric, resident_kib, start_device_proxy, start_echo_server,
-    start_echo_server_on, start_service_proxy, wait_until_device_connected, Process, Relay,
+    echo_round_trip, open_file_descriptors, relay_metric, resident_kib, start_device_proxy,
+    start_echo_server, start_echo_server_on, start_service_proxy, wait_until_device_connected,
+    Process, Relay,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -68,18 +69,6 @@ async fn tunnel(relay_arguments: &[&str]) -> Tunnel {
         echo_port,
         echo,
     }
-}
-
-/// Connects through the tunnel and checks one echo.
-async fn echo_round_trip(port: u16, payload: &[u8]) -> std::io::Result<TcpStream> {
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await?;
-    client.write_all(payload).await?;
-    let mut echoed = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(30), client.read_exact(&mut echoed))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo within 30 s"))??;
-    assert_eq!(echoed, payload);
-    Ok(client)
 }
 
 /// Reads until the connection fails or ends; returns how long that took.

@@ -45,6 +45,7 @@ pub async fn run(
         let failure = match connected {
             Ok(client) => {
                 info!(relay = %connection.host_name, "control channel connected; waiting for stream requests");
+                framing::service_manager::status(&format!("connected to {}", connection.host_name));
                 let connected_at = Instant::now();
                 let ending = take_requests(client, &context, tracker, shutdown).await;
                 if connected_at.elapsed() >= HEALTHY_CONNECTION {
@@ -59,6 +60,11 @@ pub async fn run(
         };
         let delay = delay_after(&failure, &mut backoff);
         let retry_in_ms = delay.as_millis() as u64;
+        framing::service_manager::status(&format!(
+            "control channel to {} failed ({failure}); retrying in {} s",
+            connection.host_name,
+            delay.as_secs()
+        ));
         if needs_operator(&failure) {
             error!(relay = %connection.host_name, retry_in_ms, "control channel failed: {failure}");
         } else {

@@ -111,6 +111,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         sessions: Default::default(),
     });
     let tracker = TaskTracker::new();
+    // Type=notify units: the settings are good and the dial loop starts;
+    // the loop itself keeps the status line current (connected, retrying).
+    let _watchdog = framing::service_manager::Watchdog::start();
+    framing::service_manager::ready(&format!("connecting to {}", connection.host_name));
     control::run(
         &connection,
         &options,
@@ -121,6 +125,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     )
     .await;
     // The loop only returns on shutdown; make sure every stream hears it.
+    framing::service_manager::stopping();
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

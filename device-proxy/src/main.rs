@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use device_proxy::targets::Target;
 use device_proxy::Settings;
 
@@ -17,6 +17,8 @@ Examples:
   device-proxy \"<device connection string>\" localhost 22 --proxy http://proxy.example.com:3128
   device-proxy \"<device connection string>\" localhost 22 --proxy socks5://user:password@10.0.0.1:1080
   HTTPS_PROXY=http://proxy.example.com:3128 NO_PROXY=.internal device-proxy \"<device connection string>\"
+  device-proxy --completions bash > /usr/share/bash-completion/completions/device-proxy
+  device-proxy --man /usr/local/share/man/man1     # writes device-proxy.1
 
 Environment:
   DEVICE_CONNECTION_STRING  device connection string, when not given as the first argument
@@ -94,6 +96,14 @@ struct Arguments {
     /// How long a session whose stream broke waits for the service side to resume it, in seconds; then the target connection is reset
     #[arg(long, value_name = "SECONDS", default_value_t = framing::session::DEFAULT_RESUME_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86400))]
     resume_timeout: u64,
+
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell) and exit
+    #[arg(long, value_name = "SHELL", value_enum, hide = true)]
+    completions: Option<framing::manuals::Shell>,
+
+    /// Write the man page device-proxy.1 into DIRECTORY and exit
+    #[arg(long, value_name = "DIRECTORY", hide = true)]
+    man: Option<PathBuf>,
 }
 
 fn parse_target(text: &str) -> Result<Target, String> {
@@ -102,6 +112,27 @@ fn parse_target(text: &str) -> Result<Target, String> {
 
 fn main() -> ExitCode {
     let arguments = Arguments::parse();
+    if let Some(shell) = arguments.completions {
+        return match framing::manuals::write_completions(
+            Arguments::command(),
+            shell,
+            &mut std::io::stdout(),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&format!(
+                "cannot write the completion script to stdout: {error}"
+            )),
+        };
+    }
+    if let Some(directory) = &arguments.man {
+        return match framing::manuals::print_man_pages(Arguments::command(), Some(directory)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&format!(
+                "cannot write the man page into {}: {error}",
+                directory.display()
+            )),
+        };
+    }
     let Some(connection_string) = arguments.connection_string else {
         return fail("no device connection string: pass it as the first argument or set DEVICE_CONNECTION_STRING (`relay device add ID` prints one)");
     };

@@ -9,7 +9,7 @@ mod service;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -17,6 +17,8 @@ Examples:
   echo-sample device \"HostName=localhost:8443;DeviceId=MyDevice;SharedAccessKey=…\" --ca-cert relay-data/tls/cert.pem
   echo-sample service \"HostName=localhost:8443;SharedAccessKeyName=service;SharedAccessKey=…\" MyDevice --ca-cert relay-data/tls/cert.pem
   echo-sample device \"<device connection string>\" --proxy socks5://user:password@10.0.0.1:1080
+  echo-sample completions fish > ~/.config/fish/completions/echo-sample.fish
+  echo-sample man /usr/local/share/man/man1         # echo-sample.1 and one page per subcommand
 
 Environment: DEVICE_CONNECTION_STRING, SERVICE_CONNECTION_STRING (or IOTHUB_CONNECTION_STRING),
 STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, HTTPS_PROXY / ALL_PROXY / NO_PROXY, RUST_LOG";
@@ -65,6 +67,14 @@ enum Command {
     },
     /// Run a relay, an echo device and the echo service on loopback (TLS on).
     Demo,
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: framing::manuals::Shell,
+    },
+    /// Write the man pages (echo-sample.1 and one per subcommand) into DIRECTORY, naming each
+    /// file; without DIRECTORY, print echo-sample.1.
+    Man { directory: Option<PathBuf> },
 }
 
 /// `--proxy`, else the proxy variables of the environment.
@@ -76,6 +86,27 @@ fn proxy_settings(flag: Option<&str>) -> anyhow::Result<framing::proxy::ProxySet
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let written = match &cli.command {
+        Command::Completions { shell } => Some(framing::manuals::write_completions(
+            Cli::command(),
+            *shell,
+            &mut std::io::stdout(),
+        )),
+        Command::Man { directory } => Some(framing::manuals::print_man_pages(
+            Cli::command(),
+            directory.as_deref(),
+        )),
+        _ => None,
+    };
+    if let Some(written) = written {
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("echo-sample: cannot write the completion script or man pages: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     framing::process::init_logging("warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -98,6 +129,7 @@ fn main() -> ExitCode {
                 service::run(&connection_string, &device_id, &message, ca_cert.as_deref(), proxies, connect_timeout).await
             }
             Command::Demo => demo::run().await,
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
     match result {

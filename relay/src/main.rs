@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use relay::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
 use relay::registry::Registry;
 use relay::{Limits, RelayConfig, TlsMode};
@@ -24,6 +24,8 @@ Examples:
   relay device add MyDevice                     # prints the device connection string
   relay device list
   relay policy show                             # prints the service connection string
+  relay completions bash > /usr/share/bash-completion/completions/relay
+  relay man /usr/local/share/man/man1           # relay.1 and one page per subcommand
 
 Behind nginx (TLS ends there; X-Forwarded-For) or HAProxy (send-proxy-v2):
   relay serve --no-tls --listen 127.0.0.1:8080 --trusted-proxy 127.0.0.1 --public-url wss://relay.example.com:443
@@ -107,6 +109,14 @@ enum Command {
     /// Look at a cluster of relays (with --cluster).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: framing::manuals::Shell,
+    },
+    /// Write the man pages (relay.1 and relay-SUBCOMMAND.1) into DIRECTORY, naming each file;
+    /// without DIRECTORY, print relay.1 (`relay man | man -l -`).
+    Man { directory: Option<PathBuf> },
 }
 
 #[derive(Subcommand)]
@@ -300,6 +310,14 @@ fn main() -> ExitCode {
         (Command::Cluster(ClusterCommand::Status), None) => Err(anyhow::anyhow!(
             "relay cluster status needs the cluster: add --cluster nats://HOST:PORT (or set RELAY_CLUSTER)"
         )),
+        (Command::Completions { shell }, _) => {
+            framing::manuals::write_completions(Cli::command(), shell, &mut std::io::stdout())
+                .context("cannot write the completion script to stdout")
+        }
+        (Command::Man { directory }, _) => {
+            framing::manuals::print_man_pages(Cli::command(), directory.as_deref())
+                .context("cannot write the man pages (is the directory writable?)")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -432,10 +450,14 @@ fn serve(
         } else {
             println!("Add a device with: relay device add <DeviceId>");
         }
+        // Type=notify units: serving now, and alive while the runtime is.
+        let _watchdog = framing::service_manager::Watchdog::start();
+        framing::service_manager::ready(&format!("listening on {}", relay.local_address));
         tokio::select! {
             _ = signals.received() => {}
             _ = return_freed_memory(&relay) => {}
         }
+        framing::service_manager::stopping();
         tracing::info!("shutting down: no new connections, draining live streams");
         relay.shutdown().await;
         anyhow::Ok(())

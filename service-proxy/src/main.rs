@@ -29,6 +29,8 @@ Examples:
   SERVICE_CONNECTION_STRING=\"<service connection string>\" STREAMING_TARGET_DEVICE=MyDevice PROXY_PORT=2222 service-proxy
   service-proxy \"<service connection string>\" MyDevice 2222 --proxy http://user:password@proxy.example.com:3128
   HTTPS_PROXY=socks5://10.0.0.1:1080 service-proxy \"<service connection string>\" MyDevice 2222
+  service-proxy --completions zsh > ~/.zfunc/_service-proxy
+  service-proxy --man ~/.local/share/man/man1     # writes service-proxy.1
 
   Several devices at once, one local port each (LOCAL_PORT=DEVICE:PORT):
   service-proxy --map 2201=kiosk-17:22 --map 3390=kiosk-17:3389 --map 2202=pump-3:22
@@ -164,6 +166,14 @@ struct Arguments {
     /// How long a session whose stream broke keeps trying to resume, in seconds; then the local connection is reset
     #[arg(long, value_name = "SECONDS", default_value_t = framing::session::DEFAULT_RESUME_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86400))]
     resume_timeout: u64,
+
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell) and exit
+    #[arg(long, value_name = "SHELL", value_enum, hide = true)]
+    completions: Option<framing::manuals::Shell>,
+
+    /// Write the man page service-proxy.1 into DIRECTORY and exit
+    #[arg(long, value_name = "DIRECTORY", hide = true)]
+    man: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -172,6 +182,27 @@ fn main() -> ExitCode {
         Ok(arguments) => arguments,
         Err(error) => error.exit(),
     };
+    if let Some(shell) = arguments.completions {
+        return match framing::manuals::write_completions(
+            Arguments::command(),
+            shell,
+            &mut std::io::stdout(),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&format!(
+                "cannot write the completion script to stdout: {error}"
+            )),
+        };
+    }
+    if let Some(directory) = &arguments.man {
+        return match framing::manuals::print_man_pages(Arguments::command(), Some(directory)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&format!(
+                "cannot write the man page into {}: {error}",
+                directory.display()
+            )),
+        };
+    }
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let connection_string = arguments
         .connection_string

@@ -113,8 +113,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let tracker = TaskTracker::new();
     // Type=notify units: the settings are good and the dial loop starts;
     // the loop itself keeps the status line current (connected, retrying).
-    let _watchdog = framing::service_manager::Watchdog::start();
     framing::service_manager::ready(&format!("connecting to {}", connection.host_name));
+    let _watchdog = framing::service_manager::Watchdog::start();
     control::run(
         &connection,
         &options,

@@ -451,8 +451,8 @@ fn serve(
             println!("Add a device with: relay device add <DeviceId>");
         }
         // Type=notify units: serving now, and alive while the runtime is.
-        let _watchdog = framing::service_manager::Watchdog::start();
         framing::service_manager::ready(&format!("listening on {}", relay.local_address));
+        let _watchdog = framing::service_manager::Watchdog::start();
         tokio::select! {
             _ = signals.received() => {}
             _ = return_freed_memory(&relay) => {}

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::limits::StreamPermit;
+use crate::live::StreamDetails;
 
 /// A WebSocket accepted by the relay.
 pub type ServerWebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -43,7 +44,7 @@ pub struct Arrival {
 
 struct PendingStream {
     device_id: String,
-    stream_name: String,
+    details: Arc<StreamDetails>,
     deadline: Instant,
     device_claimed: bool,
     service_claimed: bool,
@@ -70,7 +71,8 @@ pub enum Claim {
     Wait {
         receiver: oneshot::Receiver<Arrival>,
         deadline: Instant,
-        stream_name: String,
+        /// What the creation said (stream name, service address, …).
+        details: Arc<StreamDetails>,
         guard: Registration,
     },
     /// Second side: hand the socket to the waiting side.
@@ -161,7 +163,7 @@ impl PairingTable {
         &self,
         stream_id: &str,
         device_id: &str,
-        stream_name: &str,
+        details: Arc<StreamDetails>,
         deadline: Instant,
         permit: StreamPermit,
     ) -> Result<Registration, PairingFull> {
@@ -175,7 +177,7 @@ impl PairingTable {
                 stream_id.to_string(),
                 PendingStream {
                     device_id: device_id.to_string(),
-                    stream_name: stream_name.to_string(),
+                    details,
                     deadline,
                     device_claimed: false,
                     service_claimed: false,
@@ -237,7 +239,7 @@ impl PairingTable {
                 Ok(Claim::Wait {
                     receiver,
                     deadline: entry.deadline,
-                    stream_name: entry.stream_name.clone(),
+                    details: entry.details.clone(),
                     guard: Registration {
                         shared: self.shared.clone(),
                         stream_id: stream_id.to_string(),
@@ -275,7 +277,20 @@ mod tests {
         fn register(&self, stream_id: &str, deadline: Instant) -> Registration {
             let permit = self.admission.admit("d").expect("within the limits");
             self.table
-                .register(stream_id, "d", "TestStream", deadline, permit)
+                .register(
+                    stream_id,
+                    "d",
+                    Arc::new(StreamDetails {
+                        device_id: "d".into(),
+                        module_id: None,
+                        stream_name: "TestStream".into(),
+                        target: None,
+                        service_address: "127.0.0.1:1".parse().expect("a valid address"),
+                        requested: Instant::now(),
+                    }),
+                    deadline,
+                    permit,
+                )
                 .expect("the table has room")
         }
 

@@ -30,7 +30,12 @@ use crate::rights::{authorize, Refusal, Right};
 use crate::state::RelayState;
 
 /// Answers a request under `/api/`.
-pub fn handle(state: &RelayState, method: &Method, path: &str, headers: &HeaderMap) -> Response<Body> {
+pub fn handle(
+    state: &RelayState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Response<Body> {
     let segments: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -79,7 +84,9 @@ pub fn handle(state: &RelayState, method: &Method, path: &str, headers: &HeaderM
                 error_response(
                     StatusCode::NOT_FOUND,
                     error_code(StatusCode::NOT_FOUND, 5),
-                    &format!("no live stream {stream_id} on this relay: GET /api/streams lists them"),
+                    &format!(
+                        "no live stream {stream_id} on this relay: GET /api/streams lists them"
+                    ),
                 )
             }
         }
@@ -98,7 +105,11 @@ pub fn handle(state: &RelayState, method: &Method, path: &str, headers: &HeaderM
                 );
             }
             state.presence.disconnect(device_id);
-            tracing::info!(device_id, channels, "device disconnected by an operator (admin API)");
+            tracing::info!(
+                device_id,
+                channels,
+                "device disconnected by an operator (admin API)"
+            );
             json_response(
                 StatusCode::OK,
                 json!({ "disconnected": device_id, "controlChannels": channels }),
@@ -119,7 +130,10 @@ fn json_response(status: StatusCode, value: Value) -> Response<Body> {
     text.push('\n');
     Response::builder()
         .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )
         .body(Body::from(text))
         .expect("a response built from valid parts is valid")
 }
@@ -161,7 +175,10 @@ fn list_devices(state: &RelayState) -> Value {
     let list: Vec<Value> = devices
         .into_iter()
         .map(|(device_id, enabled)| {
-            let channels = connections.get(&device_id).map(Vec::as_slice).unwrap_or(&[]);
+            let channels = connections
+                .get(&device_id)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             let own = channels
                 .iter()
                 .find(|session| session.identity.module_id.is_none())

@@ -80,7 +80,10 @@ impl DataDir {
     }
 
     /// Records the admin listener's address for the CLI (`relay serve`).
-    pub fn record_admin_address(&self, address: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    pub fn record_admin_address(
+        &self,
+        address: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<()> {
         let path = self.path.join(ADMIN_ADDRESS_FILE);
         match address {
             Some(address) => fs::write(&path, format!("{address}\n"))
@@ -276,8 +279,11 @@ mod tests {
             .registry()
             .unwrap()
             .policy(REGISTRY_POLICY)
-            .is_ok_and(|policy| policy
-                .is_some_and(|policy| policy.rights == crate::rights::Rights::REGISTRY_READ_WRITE)));
+            .is_ok_and(|policy| {
+                policy.is_some_and(|policy| {
+                    policy.rights == crate::rights::Rights::REGISTRY_READ_WRITE
+                })
+            }));
     }
 
     #[test]

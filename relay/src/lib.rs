@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admin_api;
+pub mod admin_client;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod listeners;
 pub mod live;
 pub mod metrics;
+pub mod operator_cli;
 pub mod pairing;
 pub mod presence;
 pub mod proxy_protocol;

@@ -302,8 +302,14 @@ mod tests {
         metrics.observe_stream_end(std::time::Duration::from_secs(2), 5000, 10);
         let text = metrics.render(&Gauges::default());
         assert!(text.contains("# TYPE devstreams_stream_duration_seconds histogram"));
-        assert!(text.contains("devstreams_stream_duration_seconds_count 1"), "{text}");
-        assert!(text.contains("devstreams_stream_bytes_device_to_service_sum 5000"), "{text}");
+        assert!(
+            text.contains("devstreams_stream_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("devstreams_stream_bytes_device_to_service_sum 5000"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE devstreams_stream_setup_seconds histogram"));
     }
 }

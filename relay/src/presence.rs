@@ -233,7 +233,8 @@ impl Presence {
                 ready: entry.ready,
             })
             .collect();
-        sessions.sort_by(|first, second| first.identity.to_string().cmp(&second.identity.to_string()));
+        sessions
+            .sort_by(|first, second| first.identity.to_string().cmp(&second.identity.to_string()));
         sessions
     }
 

@@ -225,7 +225,10 @@ mod tests {
             Rights::parse("ServiceConnect, RegistryRead,RegistryWrite").unwrap(),
             Rights::ALL
         );
-        assert_eq!(Rights::ALL.to_string(), "service-connect,registry-read,registry-write");
+        assert_eq!(
+            Rights::ALL.to_string(),
+            "service-connect,registry-read,registry-write"
+        );
         assert!(Rights::parse("registry-delete")
             .unwrap_err()
             .contains("registry-delete"));

@@ -19,9 +19,9 @@ use framing::stream_token::StreamTokenKey;
 use crate::cluster::Cluster;
 use crate::config::RelayConfig;
 use crate::data_dir::{DataDir, HOST_NAME_SETTING, REGISTRY_POLICY, SERVICE_POLICY};
-use crate::rights::Rights;
 use crate::listeners::{accept_loop, bind_listener, Endpoint, OpenConnections};
 use crate::registry::{self, ClusterSource, SnapshotRegistry, SqliteSource};
+use crate::rights::Rights;
 use crate::state::RelayState;
 use crate::{admin, tls};
 

@@ -20,11 +20,11 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 use crate::copy::{self, Interruption, RelayEnd};
-use crate::live::StreamDetails;
 use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
 };
 use crate::listeners::ConnectionGuard;
+use crate::live::StreamDetails;
 use crate::metrics::Metrics;
 use crate::pairing::{Arrival, Claim, ServerWebSocket};
 use crate::state::RelayState;
@@ -294,10 +294,11 @@ async fn copy_stream(
         guard: _their_connection,
     } = arrival;
     let started = Instant::now();
-    state
-        .metrics
-        .stream_setup_seconds
-        .observe(started.saturating_duration_since(details.requested).as_secs_f64());
+    state.metrics.stream_setup_seconds.observe(
+        started
+            .saturating_duration_since(details.requested)
+            .as_secs_f64(),
+    );
     let live = state
         .live_streams
         .insert(stream_id, details, my_side == Side::Device);
@@ -389,11 +390,9 @@ async fn copy_stream(
     Metrics::add(&state.metrics.streams_closed, 1);
     Metrics::add(&state.metrics.bytes_device_to_service, device_to_service);
     Metrics::add(&state.metrics.bytes_service_to_device, service_to_device);
-    state.metrics.observe_stream_end(
-        started.elapsed(),
-        device_to_service,
-        service_to_device,
-    );
+    state
+        .metrics
+        .observe_stream_end(started.elapsed(), device_to_service, service_to_device);
     tracing::info!(
         stream_name,
         device_to_service,

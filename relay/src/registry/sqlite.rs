@@ -180,8 +180,9 @@ impl SqliteRegistry {
 
     pub fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
         self.with(|connection| {
-            let mut statement = connection
-                .prepare("SELECT name, primary_key, secondary_key, rights FROM policies ORDER BY name")?;
+            let mut statement = connection.prepare(
+                "SELECT name, primary_key, secondary_key, rights FROM policies ORDER BY name",
+            )?;
             let rows = statement.query_map([], policy_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -273,8 +274,8 @@ impl SqliteRegistry {
                     .collect::<Result<HashMap<_, _>, _>>()?
             };
             let policies = {
-                let mut statement =
-                    transaction.prepare("SELECT name, primary_key, secondary_key, rights FROM policies")?;
+                let mut statement = transaction
+                    .prepare("SELECT name, primary_key, secondary_key, rights FROM policies")?;
                 let rows = statement.query_map([], policy_from_row)?;
                 rows.map(|row| row.map(|record| (record.name.clone(), record)))
                     .collect::<Result<HashMap<_, _>, _>>()?

@@ -258,6 +258,17 @@ mod tests {
     use crate::limits::Admission;
     use std::time::Duration;
 
+    fn details(stream_name: &str) -> Arc<StreamDetails> {
+        Arc::new(StreamDetails {
+            device_id: "d".into(),
+            module_id: None,
+            stream_name: stream_name.into(),
+            target: None,
+            service_address: "127.0.0.1:1".parse().expect("a valid address"),
+            requested: Instant::now(),
+        })
+    }
+
     struct Fixture {
         table: PairingTable,
         admission: Arc<Admission>,
@@ -277,20 +288,7 @@ mod tests {
         fn register(&self, stream_id: &str, deadline: Instant) -> Registration {
             let permit = self.admission.admit("d").expect("within the limits");
             self.table
-                .register(
-                    stream_id,
-                    "d",
-                    Arc::new(StreamDetails {
-                        device_id: "d".into(),
-                        module_id: None,
-                        stream_name: "TestStream".into(),
-                        target: None,
-                        service_address: "127.0.0.1:1".parse().expect("a valid address"),
-                        requested: Instant::now(),
-                    }),
-                    deadline,
-                    permit,
-                )
+                .register(stream_id, "d", details("TestStream"), deadline, permit)
                 .expect("the table has room")
         }
 
@@ -451,7 +449,7 @@ mod tests {
         let permit = fixture.admission.admit("d").expect("within the limits");
         assert!(fixture
             .table
-            .register("b", "d", "n", in_a_minute(), permit)
+            .register("b", "d", details("n"), in_a_minute(), permit)
             .is_err());
         assert_eq!(
             fixture.admission.active_streams(),
@@ -467,7 +465,13 @@ mod tests {
         let table = PairingTable::new(10, tasks.clone(), stop.clone());
         let admission = Admission::new(Limits::default());
         table
-            .register("s", "d", "n", in_a_minute(), admission.admit("d").unwrap())
+            .register(
+                "s",
+                "d",
+                details("n"),
+                in_a_minute(),
+                admission.admit("d").unwrap(),
+            )
             .unwrap()
             .keep();
         assert_eq!(tasks.len(), 1);

@@ -233,8 +233,7 @@ impl Presence {
                 ready: entry.ready,
             })
             .collect();
-        sessions
-            .sort_by(|first, second| first.identity.to_string().cmp(&second.identity.to_string()));
+        sessions.sort_by_key(|session| session.identity.to_string());
         sessions
     }
 

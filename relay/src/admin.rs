@@ -1,11 +1,12 @@
-//! The admin listener (`--admin-listen`, off by default): `/metrics` and
-//! `/health` on plain HTTP, for a Prometheus scraper and probes on a private
+//! The admin listener (`--admin-listen`, off by default): `/metrics`,
+//! `/health` (`/health/live`, `/health/ready`) and the JSON API
+//! ([`crate::admin_api`], SAS-authenticated) on plain HTTP, for a Prometheus scraper and probes on a private
 //! network. The counters say how busy the relay is and how often clients
 //! fail to authenticate, which is no business of the internet, so the main
 //! listener does not serve them.
 //!
-//! Bind it to loopback or an internal address: it has no TLS and no
-//! authentication. It still has the header deadline and its own small
+//! Bind it to loopback or an internal address: it has no TLS, and only the
+//! JSON API asks for credentials. It still has the header deadline and its own small
 //! connection cap, so a stuck scraper cannot pile up sockets.
 
 use std::convert::Infallible;
@@ -75,14 +76,51 @@ async fn serve(state: Arc<RelayState>, tcp: TcpStream, peer: SocketAddr) {
 
 fn route(state: &RelayState, request: &Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
+    if path.starts_with("/api/") {
+        return crate::admin_api::handle(state, request.method(), path, request.headers());
+    }
+    if request.method() == http::Method::GET {
+        match path {
+            "/health/live" => return health(),
+            "/health/ready" => return readiness(state),
+            _ => {}
+        }
+    }
     match parse_route(request.method(), path) {
         Route::Health => health(),
         Route::Metrics => metrics(state),
         _ => not_found(&format!(
-            "no endpoint {} {path} on the admin listener: it serves GET /metrics and GET /health",
+            "no endpoint {} {path} on the admin listener: it serves GET /metrics, GET /health, \
+             GET /health/live, GET /health/ready and the JSON API under /api/ (README: Admin API)",
             request.method()
         )),
     }
+}
+
+/// `GET /health/ready`: 200 when the relay takes new work: its listeners
+/// are open (not draining), its registry answers, and in a cluster NATS is
+/// connected; else 503 saying which is not.
+fn readiness(state: &RelayState) -> Response<Body> {
+    let mut problems = Vec::new();
+    if state.stop_accepting.is_cancelled() {
+        problems.push("the relay is draining: its listeners no longer accept".to_string());
+    }
+    match state.registry.policy(crate::data_dir::SERVICE_POLICY) {
+        Ok(Some(_)) => {}
+        Ok(None) => problems.push("the registry holds no service policy yet".to_string()),
+        Err(error) => problems.push(format!("the registry is not readable: {error}")),
+    }
+    if let Some(cluster) = &state.cluster {
+        if !cluster.is_connected() {
+            problems.push("not connected to the cluster's NATS".to_string());
+        }
+    }
+    if problems.is_empty() {
+        return Response::new(Body::from("ready\n"));
+    }
+    let mut response = Response::new(Body::from(format!("not ready: {}\n", problems.join("; "))));
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    response
 }
 
 /// `GET /metrics`: Prometheus text, counters and the current gauges.

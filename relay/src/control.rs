@@ -244,6 +244,9 @@ pub async fn run_session<T: PacketTransport>(
             .next_session_id
             .fetch_add(1, Ordering::Relaxed),
         origin,
+        peer,
+        connected_at: std::time::SystemTime::now(),
+        last_activity: Default::default(),
         requests: request_sender,
         cancel: cancel.clone(),
     };
@@ -253,6 +256,7 @@ pub async fn run_session<T: PacketTransport>(
         keep_alive: connect.keep_alive,
         write_timeout,
         cancel,
+        last_activity: handle.last_activity.clone(),
     };
     async {
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
@@ -340,6 +344,8 @@ struct Session {
     keep_alive: u16,
     write_timeout: Duration,
     cancel: CancellationToken,
+    /// When the device last sent a packet (admin API's live state).
+    last_activity: std::sync::Arc<crate::presence::ActivityClock>,
 }
 
 impl Session {
@@ -400,6 +406,7 @@ impl Session {
                 }
                 packet = mqtt.read_packet() => {
                     last_received = Instant::now();
+                    self.last_activity.touch();
                     let packet = match packet {
                         Ok(Some(packet)) => packet,
                         Ok(None) => return End::Closed,

@@ -14,6 +14,7 @@
 //! each TCP connection first. Strict clients (and IoT Hub's SDKs) otherwise
 //! sit out their own close timeout, or report an abnormal closure.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use framing::pump::{
@@ -46,6 +47,55 @@ pub enum RelayEnd {
     /// The relay told both sides to move (Close 4012): it is draining and
     /// the stream carries a resumable session.
     Moved,
+    /// An operator closed the stream (admin API): both sides got Close 1000.
+    ClosedByOperator,
+}
+
+/// Why the relay interrupts a copy from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// Draining: both sides resume elsewhere (Close 4012).
+    Move,
+    /// An operator closed the stream: both sides end (Close 1000).
+    CloseByOperator,
+}
+
+/// What a live copy has moved so far, readable while it runs (the admin
+/// API's live streams). Updated once per message with relaxed atomics in
+/// the copying task's own cache line, never per byte.
+#[derive(Debug)]
+pub struct CopyCounters {
+    pub first_to_second: AtomicU64,
+    pub second_to_first: AtomicU64,
+    /// Milliseconds from `origin` to the last data message, either way.
+    last_message_millis: AtomicU64,
+    origin: Instant,
+}
+
+impl Default for CopyCounters {
+    fn default() -> Self {
+        Self {
+            first_to_second: AtomicU64::new(0),
+            second_to_first: AtomicU64::new(0),
+            last_message_millis: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl CopyCounters {
+    /// How long ago the last data message passed (or the copy started).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_message_millis.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+
+    fn note_message(&self, counter: &AtomicU64, length: u64, now: Instant) {
+        counter.fetch_add(length, Ordering::Relaxed);
+        let millis = now.saturating_duration_since(self.origin).as_millis();
+        self.last_message_millis
+            .store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// Byte counts and outcome of one relayed stream.
@@ -98,16 +148,25 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    relay_until_moved(first, second, ping_interval, std::future::pending()).await
+    relay_until_moved(
+        first,
+        second,
+        ping_interval,
+        &CopyCounters::default(),
+        std::future::pending(),
+    )
+    .await
 }
 
-/// [`relay`], until `move_now` completes: then both sides get Close 4012
-/// ("move: resume elsewhere"), for streams whose proxies resume sessions.
+/// [`relay`], counting into `counters`, until `interrupt` completes: then
+/// both sides get Close 4012 ("move: resume elsewhere", for streams whose
+/// proxies resume sessions) or, closed by an operator, Close 1000.
 pub async fn relay_until_moved<A, B>(
     first: WebSocketStream<A>,
     second: WebSocketStream<B>,
     ping_interval: Option<Duration>,
-    move_now: impl std::future::Future<Output = ()>,
+    counters: &CopyCounters,
+    interrupt: impl std::future::Future<Output = Interruption>,
 ) -> RelayReport
 where
     A: AsyncRead + AsyncWrite + Unpin + Send,
@@ -115,37 +174,51 @@ where
 {
     let (mut first_sink, mut first_stream) = first.split();
     let (mut second_sink, mut second_stream) = second.split();
-    let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
     let (from_first, direction_end) = {
         let forward_first = forward(
             &mut first_stream,
             &mut second_sink,
-            &mut bytes_first_to_second,
+            counters,
+            &counters.first_to_second,
             ping_interval,
         );
         let forward_second = forward(
             &mut second_stream,
             &mut first_sink,
-            &mut bytes_second_to_first,
+            counters,
+            &counters.second_to_first,
             ping_interval,
         );
         tokio::select! {
-            end = forward_first => (true, Some(end)),
-            end = forward_second => (false, Some(end)),
-            _ = move_now => (true, None),
+            end = forward_first => (true, Ok(end)),
+            end = forward_second => (false, Ok(end)),
+            interruption = interrupt => (true, Err(interruption)),
         }
     };
-    let Some(direction_end) = direction_end else {
-        let move_frame = || close_frame(CLOSE_MOVE, "the relay is draining: resume elsewhere");
-        tokio::join!(
-            end_socket(first_sink, first_stream, Ending::SendClose(move_frame())),
-            end_socket(second_sink, second_stream, Ending::SendClose(move_frame())),
-        );
-        return RelayReport {
-            bytes_first_to_second,
-            bytes_second_to_first,
-            end: RelayEnd::Moved,
-        };
+    let bytes = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let direction_end = match direction_end {
+        Ok(direction_end) => direction_end,
+        Err(interruption) => {
+            let (frame, end) = match interruption {
+                Interruption::Move => (
+                    close_frame(CLOSE_MOVE, "the relay is draining: resume elsewhere"),
+                    RelayEnd::Moved,
+                ),
+                Interruption::CloseByOperator => (
+                    close_frame(1000, "the relay's operator closed the stream"),
+                    RelayEnd::ClosedByOperator,
+                ),
+            };
+            tokio::join!(
+                end_socket(first_sink, first_stream, Ending::SendClose(frame.clone())),
+                end_socket(second_sink, second_stream, Ending::SendClose(frame)),
+            );
+            return RelayReport {
+                bytes_first_to_second: bytes(&counters.first_to_second),
+                bytes_second_to_first: bytes(&counters.second_to_first),
+                end,
+            };
+        }
     };
     let (end, source_ending, destination_ending) = match direction_end {
         DirectionEnd::Closed(frame) => {
@@ -192,8 +265,8 @@ where
         end_socket(second_sink, second_stream, second_ending),
     );
     RelayReport {
-        bytes_first_to_second,
-        bytes_second_to_first,
+        bytes_first_to_second: bytes(&counters.first_to_second),
+        bytes_second_to_first: bytes(&counters.second_to_first),
         end,
     }
 }
@@ -283,7 +356,8 @@ where
 async fn forward<A, B>(
     from: &mut SplitStream<WebSocketStream<A>>,
     to: &mut SplitSink<WebSocketStream<B>, Message>,
-    bytes: &mut u64,
+    counters: &CopyCounters,
+    bytes: &AtomicU64,
     ping_interval: Option<Duration>,
 ) -> DirectionEnd
 where
@@ -347,7 +421,7 @@ where
                 }));
             }
             Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
-                *bytes += message.len() as u64;
+                counters.note_message(bytes, message.len() as u64, now);
                 if to.feed(message).await.is_err() {
                     return DirectionEnd::DestinationLost;
                 }

@@ -21,6 +21,12 @@ pub const CERTIFICATE_FILE: &str = "cert.pem";
 pub const PRIVATE_KEY_FILE: &str = "key.pem";
 /// The policy every relay has; service connection strings name it.
 pub const SERVICE_POLICY: &str = "service";
+/// The policy the registry CLI and the admin API's users sign with
+/// (registry-read and registry-write), as IoT Hub names it.
+pub const REGISTRY_POLICY: &str = "registryReadWrite";
+/// Written by `relay serve` with `--admin-listen`: the admin listener's
+/// address, so `relay device list` and `relay stream …` find the running relay.
+pub const ADMIN_ADDRESS_FILE: &str = "admin-address";
 /// Settings key under which `relay serve` records its public host name, so
 /// that `relay device add` prints connection strings that reach it.
 pub const HOST_NAME_SETTING: &str = "host_name";
@@ -59,8 +65,43 @@ impl DataDir {
             // Create the file owner-only before SQLite writes keys into it.
             write_private_file(&registry_path, b"")?;
         }
-        data_dir.registry()?.ensure_policy(SERVICE_POLICY)?;
+        data_dir.ensure_default_policies()?;
         Ok(data_dir)
+    }
+
+    /// The policies every relay has: `service` (service-connect) and
+    /// `registryReadWrite`. Also upgrades an older data dir: its `service`
+    /// keeps its key, and `registryReadWrite` is added.
+    pub fn ensure_default_policies(&self) -> anyhow::Result<()> {
+        let registry = self.registry()?;
+        registry.ensure_policy(SERVICE_POLICY, crate::rights::Rights::SERVICE_CONNECT)?;
+        registry.ensure_policy(REGISTRY_POLICY, crate::rights::Rights::REGISTRY_READ_WRITE)?;
+        Ok(())
+    }
+
+    /// Records the admin listener's address for the CLI (`relay serve`).
+    pub fn record_admin_address(
+        &self,
+        address: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<()> {
+        let path = self.path.join(ADMIN_ADDRESS_FILE);
+        match address {
+            Some(address) => fs::write(&path, format!("{address}\n"))
+                .with_context(|| format!("cannot write {}", path.display())),
+            None => match fs::remove_file(&path) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    Err(error).with_context(|| format!("cannot remove {}", path.display()))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The admin address the running relay recorded, if any.
+    pub fn recorded_admin_address(path: &Path) -> Option<std::net::SocketAddr> {
+        fs::read_to_string(path.join(ADMIN_ADDRESS_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
     }
 
     /// Opens the data dir, creating the directory but no registry (a
@@ -205,6 +246,7 @@ fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Registry;
 
     #[test]
     fn first_start_creates_private_registry_secret_and_certificate() {
@@ -236,8 +278,12 @@ mod tests {
         assert!(data_dir
             .registry()
             .unwrap()
-            .ensure_policy(SERVICE_POLICY)
-            .is_ok());
+            .policy(REGISTRY_POLICY)
+            .is_ok_and(|policy| {
+                policy.is_some_and(|policy| {
+                    policy.rights == crate::rights::Rights::REGISTRY_READ_WRITE
+                })
+            }));
     }
 
     #[test]

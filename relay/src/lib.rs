@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
+pub mod admin_client;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -17,11 +19,14 @@ pub mod http_service;
 pub mod http_util;
 pub mod limits;
 pub mod listeners;
+pub mod live;
 pub mod metrics;
+pub mod operator_cli;
 pub mod pairing;
 pub mod presence;
 pub mod proxy_protocol;
 pub mod registry;
+pub mod rights;
 pub mod routing;
 pub mod server;
 pub mod sources;

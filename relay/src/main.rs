@@ -26,6 +26,11 @@ Examples:
   relay policy show                             # prints the service connection string
   relay completions bash > /usr/share/bash-completion/completions/relay
   relay man /usr/local/share/man/man1           # relay.1 and one page per subcommand
+  relay policy add dashboard --rights registry-read   # a read-only key for the admin API
+  relay policy list                             # names and rights
+  relay device list                             # with --admin-listen running: online, since, address, streams
+  relay stream list                             # live streams with bytes each way
+  relay stream close 3f2a…                      # ends a live stream (both sides)
 
 Behind nginx (TLS ends there; X-Forwarded-For) or HAProxy (send-proxy-v2):
   relay serve --no-tls --listen 127.0.0.1:8080 --trusted-proxy 127.0.0.1 --public-url wss://relay.example.com:443
@@ -37,7 +42,7 @@ Several relays as one (cluster mode, NATS with JetStream):
   relay registry export registry.json                              # a single relay's registry (--data-dir) ...
   relay registry import registry.json --cluster nats://nats.internal:4222   # ... into the cluster
 
-Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_TRUSTED_PROXIES, RELAY_CLUSTER,
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_ADMIN_URL, RELAY_TRUSTED_PROXIES, RELAY_CLUSTER,
   RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug)";
 
 #[derive(Parser)]
@@ -100,9 +105,12 @@ enum Command {
     /// Manage device identities (works while `relay serve` runs).
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Show service policies.
+    /// Manage service policies and their rights (service-connect, registry-read, registry-write).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Live streams of the running relay (through its admin API; see --admin-listen).
+    #[command(subcommand)]
+    Stream(StreamCommand),
     /// Move a registry between a single relay (--data-dir) and a cluster (--cluster), in either direction.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -154,7 +162,8 @@ struct ServeArgs {
     /// Do not open the MQTT-over-TLS listener; devices then connect with MQTT over WebSocket on --listen.
     #[arg(long)]
     no_mqtt: bool,
-    /// Address of the admin listener: /metrics (Prometheus) and /health on plain HTTP, no authentication.
+    /// Address of the admin listener: /metrics (Prometheus), /health, /health/live, /health/ready and the
+    /// JSON API under /api/ (SAS token of a policy with registry-read/-write) on plain HTTP.
     /// Off by default; bind it to loopback or a private network, never the internet.
     #[arg(long, env = "RELAY_ADMIN_LISTEN", value_name = "ADDRESS")]
     admin_listen: Option<SocketAddr>,
@@ -261,8 +270,12 @@ enum DeviceCommand {
         /// quote it in the shell, e.g. 'a#b?c=d@e'.
         device_id: String,
     },
-    /// List registered device ids.
-    List,
+    /// List devices; with a running relay's admin API (--admin-listen), also online state,
+    /// since when, from where, live streams and last seen; else the registry alone (noted on stderr).
+    List {
+        #[command(flatten)]
+        admin: AdminUrlArgs,
+    },
     /// Print a device's connection string (primary key).
     Show { device_id: String },
     /// Remove a device; a running relay cuts its control channel and streams.
@@ -288,6 +301,51 @@ enum PolicyCommand {
         #[arg(default_value = SERVICE_POLICY)]
         name: String,
     },
+    /// Create a policy with fresh keys and print its connection string.
+    Add {
+        /// 1-64 ASCII letters, digits and - . _
+        name: String,
+        /// Comma-separated: service-connect (create streams), registry-read (admin API reads),
+        /// registry-write (admin API changes); IoT Hub's ServiceConnect, RegistryRead, RegistryWrite also work.
+        #[arg(long, value_parser = relay::operator_cli::parse_rights, value_name = "RIGHTS")]
+        rights: relay::rights::Rights,
+    },
+    /// List policies with their rights (no keys).
+    List,
+    /// Remove a policy; its tokens stop working on a running relay at once.
+    Remove { name: String },
+    /// Replace one of a policy's keys and print the new connection string.
+    RotateKey {
+        name: String,
+        /// Rotate the secondary key instead of the primary.
+        #[arg(long)]
+        secondary: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamCommand {
+    /// List the running relay's live streams: id, device, name, service address, target, bytes each way.
+    List {
+        #[command(flatten)]
+        admin: AdminUrlArgs,
+    },
+    /// Close a live stream (both sides get a normal close); the id is from `relay stream list`.
+    Close {
+        stream_id: String,
+        #[command(flatten)]
+        admin: AdminUrlArgs,
+    },
+}
+
+/// Where the running relay's admin API is.
+#[derive(Args)]
+struct AdminUrlArgs {
+    /// The running relay's admin listener, e.g. http://127.0.0.1:9090 (default: the address
+    /// `relay serve --admin-listen` recorded in the data dir). Requests are signed with the
+    /// registryReadWrite policy's key from the data dir.
+    #[arg(long, env = "RELAY_ADMIN_URL", value_name = "URL")]
+    admin_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -304,6 +362,13 @@ fn main() -> ExitCode {
         (Command::Policy(PolicyCommand::Show { name }), None) => policy_show(&cli.data_dir, &name),
         (Command::Policy(PolicyCommand::Show { name }), Some(cluster)) => {
             cluster_command(cluster_policy_show(&cluster, &cli.cluster, &name))
+        }
+        (Command::Policy(command), cluster) => policy_command(&cli.data_dir, cluster, &cli.cluster, command),
+        (Command::Stream(StreamCommand::List { admin }), _) => {
+            relay::operator_cli::stream_command(&cli.data_dir, admin.admin_url.as_deref(), None)
+        }
+        (Command::Stream(StreamCommand::Close { stream_id, admin }), _) => {
+            relay::operator_cli::stream_command(&cli.data_dir, admin.admin_url.as_deref(), Some(&stream_id))
         }
         (Command::Registry(command), cluster) => registry_command(&cli.data_dir, cluster, command),
         (Command::Cluster(ClusterCommand::Status), Some(cluster)) => cluster_status(&cluster),
@@ -431,7 +496,7 @@ fn serve(
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
         }
         if let Some(admin_address) = relay.admin_address {
-            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health)");
+            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/)");
         }
         println!(
             "Service connection string: {}",
@@ -542,15 +607,8 @@ fn device(data_dir: &std::path::Path, command: DeviceCommand) -> anyhow::Result<
         DeviceCommand::Add { device_id } => {
             print_connection_string(&registry.add_device(&device_id)?)
         }
-        DeviceCommand::List => {
-            for record in registry.list_devices()? {
-                println!(
-                    "{}{}",
-                    record.device_id,
-                    if record.enabled { "" } else { " (disabled)" }
-                );
-            }
-            Ok(())
+        DeviceCommand::List { admin } => {
+            relay::operator_cli::device_list(&data_dir, admin.admin_url.as_deref())
         }
         DeviceCommand::Show { device_id } => {
             let record = registry
@@ -650,7 +708,7 @@ async fn cluster_device(
             let host = cluster_host_name(&cluster, arguments).await?;
             print_key(&record, &host, &record.primary_key)
         }
-        DeviceCommand::List => {
+        DeviceCommand::List { .. } => {
             for record in cluster.list_devices().await? {
                 println!(
                     "{}{}",
@@ -796,6 +854,35 @@ fn write_export(
         file.display()
     );
     Ok(())
+}
+
+/// `relay policy add|list|remove|rotate-key` (show has its own arm).
+fn policy_command(
+    data_dir: &std::path::Path,
+    cluster: Option<relay::cluster::ClusterConfig>,
+    arguments: &ClusterArgs,
+    command: PolicyCommand,
+) -> anyhow::Result<()> {
+    use relay::operator_cli::PolicyAction;
+    let action = match command {
+        PolicyCommand::Add { name, rights } => PolicyAction::Add { name, rights },
+        PolicyCommand::List => PolicyAction::List,
+        PolicyCommand::Remove { name } => PolicyAction::Remove { name },
+        PolicyCommand::RotateKey { name, secondary } => PolicyAction::RotateKey { name, secondary },
+        PolicyCommand::Show { name } => return policy_show(data_dir, &name),
+    };
+    match cluster {
+        None => {
+            DataDir::refuse_if_cluster_node(data_dir)?;
+            let data_dir = DataDir::open_existing(data_dir)?;
+            relay::operator_cli::policy_in_data_dir(&data_dir, || host_name(&data_dir), action)
+        }
+        Some(config) => cluster_command(async {
+            let cluster = relay::cluster::Cluster::connect(&config).await?;
+            let host = cluster_host_name(&cluster, arguments).await?;
+            relay::operator_cli::policy_in_cluster(&cluster, &host, action).await
+        }),
+    }
 }
 
 fn policy_show(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -36,7 +37,30 @@ pub struct Metrics {
     streams_pending: UnsignedGauge,
     devices_connected: UnsignedGauge,
     tasks: UnsignedGauge,
+    /// From the creation request to both sides paired.
+    pub stream_setup_seconds: Histogram,
+    /// From paired to closed.
+    pub stream_duration_seconds: Histogram,
+    /// Bytes one stream carried, per direction.
+    pub stream_bytes_device_to_service: Histogram,
+    pub stream_bytes_service_to_device: Histogram,
     registry: Registry,
+}
+
+/// 5 ms to about 40 s: a set-up waits for a device's answer and two TLS
+/// handshakes, bounded by the handshake deadline (60 s by default).
+fn setup_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.005, 2.0, 14)
+}
+
+/// 1 s to about 4.5 days: from a quick command to a long-lived tunnel.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(1.0, 3.0, 12)
+}
+
+/// 1 KiB to 1 TiB, a factor of 4 apart.
+fn byte_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(1024.0, 4.0, 16)
 }
 
 /// Point-in-time values, read from the relay's state at each scrape.
@@ -67,6 +91,10 @@ impl Default for Metrics {
             streams_pending: UnsignedGauge::default(),
             devices_connected: UnsignedGauge::default(),
             tasks: UnsignedGauge::default(),
+            stream_setup_seconds: Histogram::new(setup_buckets()),
+            stream_duration_seconds: Histogram::new(duration_buckets()),
+            stream_bytes_device_to_service: Histogram::new(byte_buckets()),
+            stream_bytes_service_to_device: Histogram::new(byte_buckets()),
             registry: Registry::default(),
         };
         // The crate ends help texts with a full stop and counter names with
@@ -162,6 +190,31 @@ impl Default for Metrics {
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
         }
+        let histograms = [
+            (
+                "devstreams_stream_setup_seconds",
+                "Seconds from a stream's creation request until its two sides were paired",
+                &metrics.stream_setup_seconds,
+            ),
+            (
+                "devstreams_stream_duration_seconds",
+                "Seconds paired streams lasted, counted when they ended",
+                &metrics.stream_duration_seconds,
+            ),
+            (
+                "devstreams_stream_bytes_device_to_service",
+                "Bytes one stream carried from device to service, counted when it ended",
+                &metrics.stream_bytes_device_to_service,
+            ),
+            (
+                "devstreams_stream_bytes_service_to_device",
+                "Bytes one stream carried from service to device, counted when it ended",
+                &metrics.stream_bytes_service_to_device,
+            ),
+        ];
+        for (name, help, histogram) in histograms {
+            registry.register(name, help, histogram.clone());
+        }
         metrics.registry = registry;
         metrics
     }
@@ -170,6 +223,20 @@ impl Default for Metrics {
 impl Metrics {
     pub fn add(counter: &Counter, value: u64) {
         counter.inc_by(value);
+    }
+
+    /// A paired stream ended after `duration`, having carried these bytes.
+    pub fn observe_stream_end(
+        &self,
+        duration: std::time::Duration,
+        device_to_service: u64,
+        service_to_device: u64,
+    ) {
+        self.stream_duration_seconds.observe(duration.as_secs_f64());
+        self.stream_bytes_device_to_service
+            .observe(device_to_service as f64);
+        self.stream_bytes_service_to_device
+            .observe(service_to_device as f64);
     }
 
     /// Prometheus exposition text (format 0.0.4, [`CONTENT_TYPE`]), with
@@ -232,5 +299,17 @@ mod tests {
         assert!(text.contains("# TYPE devstreams_streams_requested_total counter"));
         assert!(text.contains("# TYPE devstreams_tasks gauge"));
         assert!(text.contains("# HELP devstreams_tasks Tasks the relay owns"));
+        metrics.observe_stream_end(std::time::Duration::from_secs(2), 5000, 10);
+        let text = metrics.render(&Gauges::default());
+        assert!(text.contains("# TYPE devstreams_stream_duration_seconds histogram"));
+        assert!(
+            text.contains("devstreams_stream_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("devstreams_stream_bytes_device_to_service_sum 5000"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE devstreams_stream_setup_seconds histogram"));
     }
 }

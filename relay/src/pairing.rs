@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::limits::StreamPermit;
+use crate::live::StreamDetails;
 
 /// A WebSocket accepted by the relay.
 pub type ServerWebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -43,7 +44,7 @@ pub struct Arrival {
 
 struct PendingStream {
     device_id: String,
-    stream_name: String,
+    details: Arc<StreamDetails>,
     deadline: Instant,
     device_claimed: bool,
     service_claimed: bool,
@@ -70,7 +71,8 @@ pub enum Claim {
     Wait {
         receiver: oneshot::Receiver<Arrival>,
         deadline: Instant,
-        stream_name: String,
+        /// What the creation said (stream name, service address, …).
+        details: Arc<StreamDetails>,
         guard: Registration,
     },
     /// Second side: hand the socket to the waiting side.
@@ -161,7 +163,7 @@ impl PairingTable {
         &self,
         stream_id: &str,
         device_id: &str,
-        stream_name: &str,
+        details: Arc<StreamDetails>,
         deadline: Instant,
         permit: StreamPermit,
     ) -> Result<Registration, PairingFull> {
@@ -175,7 +177,7 @@ impl PairingTable {
                 stream_id.to_string(),
                 PendingStream {
                     device_id: device_id.to_string(),
-                    stream_name: stream_name.to_string(),
+                    details,
                     deadline,
                     device_claimed: false,
                     service_claimed: false,
@@ -237,7 +239,7 @@ impl PairingTable {
                 Ok(Claim::Wait {
                     receiver,
                     deadline: entry.deadline,
-                    stream_name: entry.stream_name.clone(),
+                    details: entry.details.clone(),
                     guard: Registration {
                         shared: self.shared.clone(),
                         stream_id: stream_id.to_string(),
@@ -255,6 +257,17 @@ mod tests {
     use crate::config::Limits;
     use crate::limits::Admission;
     use std::time::Duration;
+
+    fn details(stream_name: &str) -> Arc<StreamDetails> {
+        Arc::new(StreamDetails {
+            device_id: "d".into(),
+            module_id: None,
+            stream_name: stream_name.into(),
+            target: None,
+            service_address: "127.0.0.1:1".parse().expect("a valid address"),
+            requested: Instant::now(),
+        })
+    }
 
     struct Fixture {
         table: PairingTable,
@@ -275,7 +288,7 @@ mod tests {
         fn register(&self, stream_id: &str, deadline: Instant) -> Registration {
             let permit = self.admission.admit("d").expect("within the limits");
             self.table
-                .register(stream_id, "d", "TestStream", deadline, permit)
+                .register(stream_id, "d", details("TestStream"), deadline, permit)
                 .expect("the table has room")
         }
 
@@ -436,7 +449,7 @@ mod tests {
         let permit = fixture.admission.admit("d").expect("within the limits");
         assert!(fixture
             .table
-            .register("b", "d", "n", in_a_minute(), permit)
+            .register("b", "d", details("n"), in_a_minute(), permit)
             .is_err());
         assert_eq!(
             fixture.admission.active_streams(),
@@ -452,7 +465,13 @@ mod tests {
         let table = PairingTable::new(10, tasks.clone(), stop.clone());
         let admission = Admission::new(Limits::default());
         table
-            .register("s", "d", "n", in_a_minute(), admission.admit("d").unwrap())
+            .register(
+                "s",
+                "d",
+                details("n"),
+                in_a_minute(),
+                admission.admit("d").unwrap(),
+            )
             .unwrap()
             .keep();
         assert_eq!(tasks.len(), 1);

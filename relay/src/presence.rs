@@ -9,9 +9,9 @@
 //! is held for map operations only, never across an await.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use framing::topics::{StreamRequest, StreamResponse};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -34,6 +34,43 @@ impl std::fmt::Display for Identity {
     }
 }
 
+/// The time of the last packet, in Unix milliseconds, set by the session
+/// per packet received and read by the admin API.
+#[derive(Debug, Default)]
+pub struct ActivityClock(AtomicU64);
+
+impl ActivityClock {
+    pub fn touch(&self) {
+        let millis = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
+        self.0
+            .store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// `None` before the first packet.
+    pub fn last(&self) -> Option<SystemTime> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            millis => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(millis)),
+        }
+    }
+}
+
+/// A control channel as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub identity: Identity,
+    pub peer: std::net::SocketAddr,
+    pub connected_at: SystemTime,
+    pub last_activity: Option<SystemTime>,
+    /// Subscribed to stream requests.
+    pub ready: bool,
+}
+
+/// Devices remembered as last seen at most; past it the oldest is forgotten.
+const MAX_REMEMBERED_DISCONNECTS: usize = 100_000;
+
 /// A stream request on its way to a device, with where its answer goes.
 pub struct OutgoingRequest {
     pub request: StreamRequest,
@@ -51,6 +88,11 @@ pub struct SessionHandle {
     pub session_id: u64,
     /// How the device reached us, for its streaming URL.
     pub origin: crate::trusted_proxies::ClientOrigin,
+    /// The device's address (as a trusted proxy reported it).
+    pub peer: std::net::SocketAddr,
+    pub connected_at: SystemTime,
+    /// When the device last sent a packet.
+    pub last_activity: Arc<ActivityClock>,
     pub(crate) requests: mpsc::Sender<OutgoingRequest>,
     pub(crate) cancel: CancellationToken,
 }
@@ -85,6 +127,8 @@ pub struct Presence {
     /// ([`crate::cluster::presence`]).
     cluster_connects: watch::Sender<u64>,
     pub(crate) next_session_id: AtomicU64,
+    /// When each identity's last channel on this relay ended.
+    last_seen: Mutex<HashMap<Identity, SystemTime>>,
 }
 
 impl Default for Presence {
@@ -94,6 +138,7 @@ impl Default for Presence {
             changes: watch::Sender::new(0),
             cluster_connects: watch::Sender::new(0),
             next_session_id: AtomicU64::new(1),
+            last_seen: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -157,7 +202,49 @@ impl Presence {
             .is_some_and(|entry| entry.handle.session_id == session_id)
         {
             sessions.remove(identity);
+            drop(sessions);
+            let mut last_seen = self
+                .last_seen
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last_seen.len() >= MAX_REMEMBERED_DISCONNECTS && !last_seen.contains_key(identity) {
+                let oldest = last_seen
+                    .iter()
+                    .min_by_key(|(_, seen)| **seen)
+                    .map(|(identity, _)| identity.clone());
+                if let Some(oldest) = oldest {
+                    last_seen.remove(&oldest);
+                }
+            }
+            last_seen.insert(identity.clone(), SystemTime::now());
         }
+    }
+
+    /// Every control channel on this relay, sorted by identity.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut sessions: Vec<SessionInfo> = self
+            .lock()
+            .iter()
+            .map(|(identity, entry)| SessionInfo {
+                identity: identity.clone(),
+                peer: entry.handle.peer,
+                connected_at: entry.handle.connected_at,
+                last_activity: entry.handle.last_activity.last(),
+                ready: entry.ready,
+            })
+            .collect();
+        sessions.sort_by_key(|session| session.identity.to_string());
+        sessions
+    }
+
+    /// When the identity's last control channel on this relay ended, if it
+    /// connected since the relay started.
+    pub fn last_seen(&self, identity: &Identity) -> Option<SystemTime> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(identity)
+            .copied()
     }
 
     /// The identity's session, once it is ready for stream requests.
@@ -217,7 +304,6 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     fn identity(device_id: &str, module_id: Option<&str>) -> Identity {
         Identity {
@@ -231,6 +317,9 @@ mod tests {
         SessionHandle {
             session_id: presence.next_session_id.fetch_add(1, Ordering::Relaxed),
             origin: Default::default(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            connected_at: SystemTime::now(),
+            last_activity: Default::default(),
             requests,
             cancel: CancellationToken::new(),
         }

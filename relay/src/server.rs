@@ -18,9 +18,10 @@ use framing::stream_token::StreamTokenKey;
 
 use crate::cluster::Cluster;
 use crate::config::RelayConfig;
-use crate::data_dir::{DataDir, HOST_NAME_SETTING, SERVICE_POLICY};
+use crate::data_dir::{DataDir, HOST_NAME_SETTING, REGISTRY_POLICY, SERVICE_POLICY};
 use crate::listeners::{accept_loop, bind_listener, Endpoint, OpenConnections};
 use crate::registry::{self, ClusterSource, SnapshotRegistry, SqliteSource};
+use crate::rights::Rights;
 use crate::state::RelayState;
 use crate::{admin, tls};
 
@@ -179,7 +180,10 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     let (host_name, policy) = match &store {
         Store::File(registry) => {
             registry.set_setting(HOST_NAME_SETTING, &host_name)?;
-            (host_name, registry.ensure_policy(SERVICE_POLICY)?)
+            (
+                host_name,
+                registry.ensure_policy(SERVICE_POLICY, Rights::SERVICE_CONNECT)?,
+            )
         }
         Store::Cluster(cluster) => {
             // The first node records the HostName for connection strings;
@@ -196,9 +200,13 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
                 .context("cannot record the host name in the cluster")?;
             let host_name = cluster.host_name().await?.unwrap_or(host_name);
             let policy = cluster
-                .ensure_policy(SERVICE_POLICY)
+                .ensure_policy(SERVICE_POLICY, Rights::SERVICE_CONNECT)
                 .await
                 .context("cannot read the service policy from the cluster")?;
+            cluster
+                .ensure_policy(REGISTRY_POLICY, Rights::REGISTRY_READ_WRITE)
+                .await
+                .context("cannot create the registryReadWrite policy in the cluster")?;
             (host_name, policy)
         }
     };
@@ -291,6 +299,10 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
                 *source,
             ));
         }
+    }
+    // For `relay device list` and `relay stream …` on this host.
+    if let Err(error) = data_dir.record_admin_address(admin_address) {
+        tracing::warn!(error = %format!("{error:#}"), "cannot record the admin address in the data dir");
     }
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
     Ok(RunningRelay {

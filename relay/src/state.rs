@@ -29,6 +29,8 @@ pub struct RelayState {
     /// Per-address connection caps and authentication-failure slowdown.
     pub sources: Arc<Sources>,
     pub metrics: Metrics,
+    /// The streams being copied now, for the admin API.
+    pub live_streams: Arc<crate::live::LiveStreams>,
     /// The cluster this node belongs to (`relay serve --cluster`); `None`
     /// for a single relay.
     pub cluster: Option<Arc<Cluster>>,
@@ -72,6 +74,7 @@ impl RelayState {
             admission,
             sources,
             metrics: Metrics::default(),
+            live_streams: Arc::default(),
             cluster,
             tasks,
             stop_accepting,

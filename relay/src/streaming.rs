@@ -19,11 +19,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
-use crate::copy::{self, RelayEnd};
+use crate::copy::{self, Interruption, RelayEnd};
 use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
 };
 use crate::listeners::ConnectionGuard;
+use crate::live::StreamDetails;
 use crate::metrics::Metrics;
 use crate::pairing::{Arrival, Claim, ServerWebSocket};
 use crate::state::RelayState;
@@ -99,7 +100,10 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, connection, side, resumable).await;
+            settle(
+                task_state, claim, socket, connection, side, resumable, stream_id,
+            )
+            .await;
         }
         .instrument(span),
     );
@@ -138,6 +142,7 @@ async fn settle(
     connection: Arc<ConnectionGuard>,
     side: Side,
     resumable: bool,
+    stream_id: String,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
@@ -157,9 +162,10 @@ async fn settle(
         Claim::Wait {
             mut receiver,
             deadline,
-            stream_name,
+            details,
             guard,
         } => {
+            let stream_name = details.stream_name.clone();
             tracing::debug!(waiting_for = side.other().as_str(), "first side connected");
             let mut socket = socket;
             // The waiting side is read while it waits, so its pings and its
@@ -213,7 +219,7 @@ async fn settle(
                         *arrival,
                         early,
                         side,
-                        stream_name,
+                        (&stream_id, details),
                         resumable,
                     )
                     .await
@@ -278,15 +284,24 @@ async fn copy_stream(
     arrival: Arrival,
     early: Option<Message>,
     my_side: Side,
-    stream_name: String,
+    (stream_id, details): (&str, Arc<StreamDetails>),
     resumable: bool,
 ) {
+    let stream_name = details.stream_name.clone();
     let Arrival {
         socket: mut theirs,
         permit,
         guard: _their_connection,
     } = arrival;
     let started = Instant::now();
+    state.metrics.stream_setup_seconds.observe(
+        started
+            .saturating_duration_since(details.requested)
+            .as_secs_f64(),
+    );
+    let live = state
+        .live_streams
+        .insert(stream_id, details, my_side == Side::Device);
     Metrics::add(&state.metrics.streams_established, 1);
     tracing::info!(stream_name, "stream established");
     let device_removed = async {
@@ -304,7 +319,7 @@ async fn copy_stream(
             }
         }
         // A drain moves a resumable session at once (4012); other streams
-        // keep their drain deadline.
+        // keep their drain deadline. An operator may close any stream.
         let move_now = async {
             if resumable {
                 state.stop_accepting.cancelled().await
@@ -312,7 +327,20 @@ async fn copy_stream(
                 std::future::pending().await
             }
         };
-        copy::relay_until_moved(mine, theirs, state.config.limits.ping_interval, move_now).await
+        let interrupt = async {
+            tokio::select! {
+                _ = move_now => Interruption::Move,
+                _ = live.stream.closed() => Interruption::CloseByOperator,
+            }
+        };
+        copy::relay_until_moved(
+            mine,
+            theirs,
+            state.config.limits.ping_interval,
+            &live.stream.counters,
+            interrupt,
+        )
+        .await
     };
     let report = tokio::select! {
         mut report = relay => {
@@ -347,6 +375,7 @@ async fn copy_stream(
             "the {} side disconnected without closing",
             side_of(first_lost)
         ),
+        RelayEnd::ClosedByOperator => "closed by the relay's operator (admin API)".to_string(),
         RelayEnd::Moved => {
             Metrics::add(&state.metrics.streams_moved, 1);
             "moved: the relay is draining and the session resumes elsewhere (4012)".to_string()
@@ -361,6 +390,9 @@ async fn copy_stream(
     Metrics::add(&state.metrics.streams_closed, 1);
     Metrics::add(&state.metrics.bytes_device_to_service, device_to_service);
     Metrics::add(&state.metrics.bytes_service_to_device, service_to_device);
+    state
+        .metrics
+        .observe_stream_end(started.elapsed(), device_to_service, service_to_device);
     tracing::info!(
         stream_name,
         device_to_service,

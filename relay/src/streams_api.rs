@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use framing::headers;
-use framing::sas::{ExpiryPolicy, SasToken};
 use framing::stream_token::Side;
 use framing::topics::{validate_stream_name, StreamRequest};
 use http::{HeaderMap, Response, StatusCode};
@@ -25,6 +24,7 @@ use crate::http_util::{error_code, error_response, throttled, Body, DEVICE_NOT_F
 use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
 use crate::presence::Identity;
+use crate::rights::{Refusal, Right};
 use crate::state::RelayState;
 use crate::trusted_proxies::ClientOrigin;
 
@@ -42,32 +42,6 @@ pub struct CreateStream {
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
-}
-
-/// Checks the service SAS token: a known policy's key must have signed it.
-fn authorize(state: &RelayState, headers: &HeaderMap) -> Result<String, String> {
-    let text = header(headers, http::header::AUTHORIZATION.as_str())
-        .ok_or("missing Authorization header")?;
-    let token = SasToken::parse(text).map_err(|error| error.to_string())?;
-    let policy_name = token
-        .key_name
-        .clone()
-        .ok_or("the SAS token names no policy (skn): use a service connection string")?;
-    let policy = state
-        .registry
-        .policy(&policy_name)
-        .map_err(|error| format!("registry: {error}"))?
-        .ok_or_else(|| format!("policy {policy_name:?} does not exist"))?;
-    let keys = policy.key_bytes();
-    let key_slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    let expiry = ExpiryPolicy {
-        clock_skew: state.config.limits.clock_skew,
-        max_lifetime: state.config.limits.max_token_lifetime,
-    };
-    token
-        .verify(&key_slices, SystemTime::now(), expiry)
-        .map_err(|error| error.to_string())?;
-    Ok(policy_name)
 }
 
 /// A timeout header in seconds, capped by the handshake limit.
@@ -191,15 +165,27 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if let Err(reason) = authorize(&state, &headers) {
-        Metrics::add(&state.metrics.authentication_failures, 1);
-        state.sources.record_failure(peer.ip());
-        tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            error_code(StatusCode::UNAUTHORIZED, 1),
-            &format!("service credentials refused: {reason}; use the connection string printed by `relay policy show`"),
-        );
+    match crate::rights::authorize(&state, &headers, Right::ServiceConnect) {
+        Ok(_) => {}
+        Err(Refusal::BadCredentials(reason)) => {
+            Metrics::add(&state.metrics.authentication_failures, 1);
+            state.sources.record_failure(peer.ip());
+            tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                error_code(StatusCode::UNAUTHORIZED, 1),
+                &format!("service credentials refused: {reason}; use the connection string printed by `relay policy show`"),
+            );
+        }
+        Err(refusal @ Refusal::MissingRight { .. }) => {
+            // Valid credentials: no slowdown, the client only used the wrong policy.
+            tracing::warn!(%peer, device_id, %refusal, "stream creation refused: missing right");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                error_code(StatusCode::UNAUTHORIZED, 1),
+                &format!("service credentials refused: {refusal}"),
+            );
+        }
     }
     if let Err(reason) = validate_stream_name(&stream_name) {
         return error_response(
@@ -380,10 +366,18 @@ async fn negotiate(
     // Held until the service has its answer: any way out before that
     // (refusal, silence, a client that hung up) removes the stream and
     // releases its permit.
+    let details = Arc::new(crate::live::StreamDetails {
+        device_id: device_id.clone(),
+        module_id: module_id.clone(),
+        stream_name: stream_name.clone(),
+        target: target.clone(),
+        service_address: peer,
+        requested: deadlines.arrived,
+    });
     let registration = match state.pairing.register(
         &stream_id,
         &device_id,
-        &stream_name,
+        details,
         deadlines.handshake_by,
         permit,
     ) {

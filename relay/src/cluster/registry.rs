@@ -79,6 +79,10 @@ pub struct StoredPolicy {
     pub name: String,
     pub primary_key: String,
     pub secondary_key: String,
+    /// Absent in entries written before policies had rights: those
+    /// policies connected to devices and keep doing so.
+    #[serde(default = "crate::rights::legacy_rights")]
+    pub rights: crate::rights::Rights,
 }
 
 impl From<&PolicyRecord> for StoredPolicy {
@@ -87,6 +91,7 @@ impl From<&PolicyRecord> for StoredPolicy {
             name: record.name.clone(),
             primary_key: record.primary_key.clone(),
             secondary_key: record.secondary_key.clone(),
+            rights: record.rights,
         }
     }
 }
@@ -97,6 +102,7 @@ impl From<StoredPolicy> for PolicyRecord {
             name: stored.name,
             primary_key: stored.primary_key,
             secondary_key: stored.secondary_key,
+            rights: stored.rights,
         }
     }
 }
@@ -330,7 +336,11 @@ impl Cluster {
 
     /// The policy, created with fresh keys when missing (the first node
     /// to start creates `service`; the others read it).
-    pub async fn ensure_policy(&self, name: &str) -> Result<PolicyRecord, RegistryError> {
+    pub async fn ensure_policy(
+        &self,
+        name: &str,
+        rights: crate::rights::Rights,
+    ) -> Result<PolicyRecord, RegistryError> {
         if let Some(policy) = self.policy(name).await? {
             return Ok(policy);
         }
@@ -338,6 +348,7 @@ impl Cluster {
             name: name.to_string(),
             primary_key: generate_key(),
             secondary_key: generate_key(),
+            rights,
         };
         let value = to_json(&StoredPolicy::from(&record))?;
         let created = bounded(async {
@@ -354,6 +365,20 @@ impl Cluster {
         self.policy(name)
             .await?
             .ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
+    }
+
+    /// Removes a policy; its tokens stop working on every node.
+    pub async fn remove_policy(&self, name: &str) -> Result<(), RegistryError> {
+        if self.policy(name).await?.is_none() {
+            return Err(RegistryError::NoSuchPolicy(name.to_string()));
+        }
+        bounded(async {
+            self.registry
+                .delete(policy_key(name))
+                .await
+                .map_err(cluster_error)
+        })
+        .await
     }
 
     /// Writes a policy whole (import).

@@ -36,6 +36,10 @@ pub struct ExportedPolicy {
     pub name: String,
     pub primary_key: String,
     pub secondary_key: String,
+    /// Absent in exports written before policies had rights: those
+    /// policies connected to devices and keep doing so.
+    #[serde(default = "crate::rights::legacy_rights")]
+    pub rights: crate::rights::Rights,
 }
 
 /// The whole registry as one document.
@@ -82,6 +86,7 @@ impl RegistryExport {
                     name: record.name,
                     primary_key: record.primary_key,
                     secondary_key: record.secondary_key,
+                    rights: record.rights,
                 })
                 .collect(),
             stream_token_secret: secret
@@ -138,6 +143,7 @@ impl RegistryExport {
                 name: policy.name.clone(),
                 primary_key: policy.primary_key.clone(),
                 secondary_key: policy.secondary_key.clone(),
+                rights: policy.rights,
             })
             .collect()
     }

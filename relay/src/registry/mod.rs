@@ -42,8 +42,12 @@ pub enum RegistryError {
     DeviceExists(String),
     #[error("device {0:?} does not exist; `relay device list` shows the registered devices")]
     NoSuchDevice(String),
-    #[error("policy {0:?} does not exist; the relay creates the `service` policy on first start")]
+    #[error("policy {0:?} does not exist; `relay policy list` shows the policies")]
     NoSuchPolicy(String),
+    #[error("policy {0:?} already exists; `relay policy show {0}` prints its connection string")]
+    PolicyExists(String),
+    #[error("invalid policy name {0:?}: use 1-64 ASCII letters, digits and - . _")]
+    InvalidPolicyName(String),
     #[error("cluster registry: {0}")]
     Cluster(String),
     #[error("invalid device id {id:?}: {reason}")]
@@ -88,6 +92,8 @@ pub struct PolicyRecord {
     pub name: String,
     pub primary_key: String,
     pub secondary_key: String,
+    /// What the policy's tokens may do.
+    pub rights: crate::rights::Rights,
 }
 
 impl PolicyRecord {
@@ -104,6 +110,7 @@ impl std::fmt::Debug for PolicyRecord {
         formatter
             .debug_struct("PolicyRecord")
             .field("name", &self.name)
+            .field("rights", &self.rights)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +135,11 @@ pub trait Registry: Send + Sync {
     fn change_pending(&self) -> bool {
         false
     }
+    /// Every device, sorted by id (the admin API's device list); a store
+    /// that cannot list answers none.
+    fn device_list(&self) -> Vec<DeviceRecord> {
+        Vec::new()
+    }
 }
 
 /// The device's record when it may be used, checking the store once more
@@ -150,6 +162,19 @@ pub fn generate_key() -> String {
     let mut key = [0u8; KEY_LENGTH];
     rand::rng().fill_bytes(&mut key);
     base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// Policy names: short, and safe in a connection string and a SAS token.
+pub fn validate_policy_name(name: &str) -> Result<(), RegistryError> {
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidPolicyName(name.to_string()))
+    }
 }
 
 /// IoT Hub's device id rule (see [`framing::identity`]).
@@ -196,6 +221,7 @@ mod tests {
             name: "service".into(),
             primary_key: "primary-secret".into(),
             secondary_key: "secondary-secret".into(),
+            rights: crate::rights::Rights::ALL,
         };
         for text in [format!("{device:?}"), format!("{policy:?}")] {
             assert!(!text.contains("secret"), "{text}");

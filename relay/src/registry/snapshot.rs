@@ -42,6 +42,13 @@ impl Snapshot {
         self.policies.get(name)
     }
 
+    /// Every device, sorted by id.
+    pub fn devices(&self) -> Vec<DeviceRecord> {
+        let mut devices: Vec<DeviceRecord> = self.devices.values().cloned().collect();
+        devices.sort_by(|first, second| first.device_id.cmp(&second.device_id));
+        devices
+    }
+
     pub fn device_count(&self) -> usize {
         self.devices.len()
     }
@@ -172,6 +179,10 @@ impl Registry for SnapshotRegistry {
             let _ =
                 tokio::time::timeout(REFRESH_TIMEOUT, done.wait_for(|&done| done >= wanted)).await;
         })
+    }
+
+    fn device_list(&self) -> Vec<DeviceRecord> {
+        self.current().devices()
     }
 
     fn change_pending(&self) -> bool {

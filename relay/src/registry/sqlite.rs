@@ -11,8 +11,15 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    generate_key, validate_device_id, DeviceRecord, PolicyRecord, Registry, RegistryError, Snapshot,
+    generate_key, validate_device_id, validate_policy_name, DeviceRecord, PolicyRecord, Registry,
+    RegistryError, Snapshot,
 };
+use crate::rights::Rights;
+
+/// The schema this code writes (`PRAGMA user_version`). 0: the first one,
+/// policies without rights. 1: policies have rights; every policy of an
+/// older file keeps connecting to devices (service-connect).
+const SCHEMA_VERSION: i64 = 1;
 
 /// How long a statement waits for another process's write lock. Only the
 /// CLI and the snapshot loader (a blocking thread) ever wait on it.
@@ -44,6 +51,7 @@ impl SqliteRegistry {
                  name TEXT PRIMARY KEY NOT NULL,
                  value TEXT NOT NULL);",
         )?;
+        migrate(&connection)?;
         Ok(Self {
             connection: Mutex::new(connection),
         })
@@ -161,10 +169,10 @@ impl SqliteRegistry {
     pub fn put_policy(&self, record: &PolicyRecord) -> Result<(), RegistryError> {
         self.with(|connection| {
             connection.execute(
-                "INSERT INTO policies (name, primary_key, secondary_key) VALUES (?1, ?2, ?3)
+                "INSERT INTO policies (name, primary_key, secondary_key, rights) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET primary_key = excluded.primary_key,
-                     secondary_key = excluded.secondary_key",
-                params![record.name, record.primary_key, record.secondary_key],
+                     secondary_key = excluded.secondary_key, rights = excluded.rights",
+                params![record.name, record.primary_key, record.secondary_key, record.rights.to_string()],
             )?;
             Ok(())
         })
@@ -172,20 +180,70 @@ impl SqliteRegistry {
 
     pub fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
         self.with(|connection| {
-            let mut statement = connection
-                .prepare("SELECT name, primary_key, secondary_key FROM policies ORDER BY name")?;
+            let mut statement = connection.prepare(
+                "SELECT name, primary_key, secondary_key, rights FROM policies ORDER BY name",
+            )?;
             let rows = statement.query_map([], policy_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 
-    /// Creates the policy with fresh keys unless it exists.
-    pub fn ensure_policy(&self, name: &str) -> Result<PolicyRecord, RegistryError> {
+    /// Creates the policy with fresh keys and `rights` unless it exists
+    /// (an existing one keeps its rights).
+    pub fn ensure_policy(&self, name: &str, rights: Rights) -> Result<PolicyRecord, RegistryError> {
         self.with(|connection| {
             connection.execute(
-                "INSERT OR IGNORE INTO policies (name, primary_key, secondary_key) VALUES (?1, ?2, ?3)",
-                params![name, generate_key(), generate_key()],
+                "INSERT OR IGNORE INTO policies (name, primary_key, secondary_key, rights) VALUES (?1, ?2, ?3, ?4)",
+                params![name, generate_key(), generate_key(), rights.to_string()],
             )?;
+            Ok(())
+        })?;
+        self.policy(name)?
+            .ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
+    }
+
+    /// Creates a policy with fresh keys; an error when the name is taken.
+    pub fn add_policy(&self, name: &str, rights: Rights) -> Result<PolicyRecord, RegistryError> {
+        validate_policy_name(name)?;
+        let inserted = self.with(|connection| {
+            Ok(connection.execute(
+                "INSERT OR IGNORE INTO policies (name, primary_key, secondary_key, rights) VALUES (?1, ?2, ?3, ?4)",
+                params![name, generate_key(), generate_key(), rights.to_string()],
+            )?)
+        })?;
+        if inserted == 0 {
+            return Err(RegistryError::PolicyExists(name.to_string()));
+        }
+        self.policy(name)?
+            .ok_or_else(|| RegistryError::NoSuchPolicy(name.to_string()))
+    }
+
+    pub fn remove_policy(&self, name: &str) -> Result<(), RegistryError> {
+        self.with(|connection| {
+            match connection.execute("DELETE FROM policies WHERE name = ?1", [name])? {
+                0 => Err(RegistryError::NoSuchPolicy(name.to_string())),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// Replaces one key of a policy with a new one.
+    pub fn rotate_policy_key(
+        &self,
+        name: &str,
+        secondary: bool,
+    ) -> Result<PolicyRecord, RegistryError> {
+        let column = if secondary {
+            "secondary_key"
+        } else {
+            "primary_key"
+        };
+        let key = generate_key();
+        self.with(|connection| {
+            let sql = format!("UPDATE policies SET {column} = ?1 WHERE name = ?2");
+            if connection.execute(&sql, params![key, name])? == 0 {
+                return Err(RegistryError::NoSuchPolicy(name.to_string()));
+            }
             Ok(())
         })?;
         self.policy(name)?
@@ -216,8 +274,8 @@ impl SqliteRegistry {
                     .collect::<Result<HashMap<_, _>, _>>()?
             };
             let policies = {
-                let mut statement =
-                    transaction.prepare("SELECT name, primary_key, secondary_key FROM policies")?;
+                let mut statement = transaction
+                    .prepare("SELECT name, primary_key, secondary_key, rights FROM policies")?;
                 let rows = statement.query_map([], policy_from_row)?;
                 rows.map(|row| row.map(|record| (record.name.clone(), record)))
                     .collect::<Result<HashMap<_, _>, _>>()?
@@ -260,11 +318,52 @@ fn device_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
 }
 
 fn policy_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
+    let rights: String = row.get(3)?;
     Ok(PolicyRecord {
         name: row.get(0)?,
         primary_key: row.get(1)?,
         secondary_key: row.get(2)?,
+        // A value this code cannot read grants nothing rather than failing
+        // every load of the registry.
+        rights: Rights::parse(&rights).unwrap_or_default(),
     })
+}
+
+/// Brings a file of an older schema up to [`SCHEMA_VERSION`], in place and
+/// in one transaction, so a relay and a CLI opening it at once agree.
+fn migrate(connection: &Connection) -> Result<(), RegistryError> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| -> Result<(), RegistryError> {
+        let has_rights: bool = connection.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('policies') WHERE name = 'rights'",
+            [],
+            |row| row.get::<_, i64>(0).map(|count| count > 0),
+        )?;
+        if !has_rights {
+            // Every policy of an older file connected to devices: it still does.
+            connection.execute(
+                &format!(
+                    "ALTER TABLE policies ADD COLUMN rights TEXT NOT NULL DEFAULT '{}'",
+                    Rights::SERVICE_CONNECT
+                ),
+                [],
+            )?;
+        }
+        connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => connection.execute_batch("COMMIT")?,
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// The CLI's direct reads. A serving relay reads a [`Snapshot`] instead.
@@ -285,7 +384,7 @@ impl Registry for SqliteRegistry {
         self.with(|connection| {
             Ok(connection
                 .query_row(
-                    "SELECT name, primary_key, secondary_key FROM policies WHERE name = ?1",
+                    "SELECT name, primary_key, secondary_key, rights FROM policies WHERE name = ?1",
                     [name],
                     policy_from_row,
                 )
@@ -317,6 +416,39 @@ mod tests {
             registry.remove_device("MyDevice"),
             Err(RegistryError::NoSuchDevice(_))
         ));
+    }
+
+    #[test]
+    fn an_old_registry_gains_rights_and_its_policies_keep_connecting() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("r.sqlite");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE policies (name TEXT PRIMARY KEY NOT NULL,
+                     primary_key TEXT NOT NULL, secondary_key TEXT NOT NULL);
+                 INSERT INTO policies VALUES ('service', 'a2V5', 'a2V5');",
+            )
+            .unwrap();
+        }
+        let registry = SqliteRegistry::open(&path).unwrap();
+        let service = registry.policy("service").unwrap().unwrap();
+        assert_eq!(service.rights, Rights::SERVICE_CONNECT);
+        assert_eq!(service.primary_key, "a2V5");
+        // Opening again (another process) finds it current.
+        SqliteRegistry::open(&path).unwrap();
+        let added = registry
+            .add_policy("reader", Rights::parse("registry-read").unwrap())
+            .unwrap();
+        assert!(matches!(
+            registry.add_policy("reader", Rights::ALL),
+            Err(RegistryError::PolicyExists(_))
+        ));
+        let rotated = registry.rotate_policy_key("reader", true).unwrap();
+        assert_eq!(rotated.primary_key, added.primary_key);
+        assert_ne!(rotated.secondary_key, added.secondary_key);
+        registry.remove_policy("reader").unwrap();
+        assert!(registry.policy("reader").unwrap().is_none());
     }
 
     #[test]
@@ -352,7 +484,9 @@ mod tests {
         let path = directory.path().join("r.sqlite");
         let serving = SqliteRegistry::open(&path).unwrap();
         let writer = SqliteRegistry::open(&path).unwrap();
-        writer.ensure_policy("service").unwrap();
+        writer
+            .ensure_policy("service", Rights::SERVICE_CONNECT)
+            .unwrap();
         writer.add_device("one").unwrap();
         writer.add_device("two").unwrap();
         writer.set_device_enabled("two", false).unwrap();

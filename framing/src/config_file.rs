@@ -113,7 +113,9 @@ pub fn with_common_arguments(command: Command) -> Command {
                 .env("DEVSTREAMS_LOG_FORMAT")
                 .default_value("text")
                 .value_parser(clap::builder::EnumValueParser::<LogFormat>::new())
-                .help("Log lines on stderr: text, or json (one JSON object per line, fields as keys)"),
+                .help(
+                    "Log lines on stderr: text, or json (one JSON object per line, fields as keys)",
+                ),
         )
 }
 
@@ -147,12 +149,8 @@ pub fn try_parse_from<T: CommandFactory + FromArgMatches>(
 ) -> Result<Parsed<T>, ParseError> {
     let arguments: Vec<OsString> = arguments.into_iter().map(Into::into).collect();
     let mut command = with_common_arguments(T::command());
-    let config_path = config_path_in(&arguments).or_else(|| {
-        program
-            .default_path
-            .clone()
-            .filter(|path| path.is_file())
-    });
+    let config_path = config_path_in(&arguments)
+        .or_else(|| program.default_path.clone().filter(|path| path.is_file()));
     if let Some(path) = &config_path {
         command = apply(command, path, program.positionals)?;
     }
@@ -206,10 +204,15 @@ pub fn apply(
     for entry in &entries {
         let targets = arguments_for_key(&inspected, &entry.key, positionals);
         if targets.is_empty() {
-            return Err(key_error(path, entry, "unknown key (keys are the long names of the flags, with _ for -; see --help)"));
+            return Err(key_error(
+                path,
+                entry,
+                "unknown key (keys are the long names of the flags, with _ for -; see --help)",
+            ));
         }
         for (subcommand_path, argument) in targets {
-            let values = values_for(argument, entry).map_err(|message| key_error(path, entry, &message))?;
+            let values =
+                values_for(argument, entry).map_err(|message| key_error(path, entry, &message))?;
             for value in &values {
                 check_value(argument, value).map_err(|message| key_error(path, entry, &message))?;
             }
@@ -348,7 +351,10 @@ fn mut_argument(
 
 /// Whether the argument is a switch (`--no-tls`): a TOML boolean.
 fn is_switch(argument: &Arg) -> bool {
-    matches!(argument.get_action(), ArgAction::SetTrue | ArgAction::SetFalse)
+    matches!(
+        argument.get_action(),
+        ArgAction::SetTrue | ArgAction::SetFalse
+    )
 }
 
 /// Whether the argument takes several values: a TOML array.
@@ -457,7 +463,11 @@ fn check_value(argument: &Arg, value: &str) -> Result<(), String> {
                 });
             if argument.is_hide_env_values_set() {
                 // A secret: the file is named, its content is not repeated.
-                let cause = if value.is_empty() { cause } else { cause.replace(value, "…") };
+                let cause = if value.is_empty() {
+                    cause
+                } else {
+                    cause.replace(value, "…")
+                };
                 return Err(format!("bad value: {cause}"));
             }
             Err(format!("bad value {value:?}: {cause}"))
@@ -483,9 +493,9 @@ pub fn value_or_file(
     };
     let (value_rank, file_rank) = (rank(value_id), rank(file_id));
     match (value, file) {
-        (Some(_), Some(_)) if value_rank == file_rank => Err(format!(
-            "both {value_id} and {file_id} are given; give one"
-        )),
+        (Some(_), Some(_)) if value_rank == file_rank => {
+            Err(format!("both {value_id} and {file_id} are given; give one"))
+        }
         (Some(value), Some(_)) if value_rank > file_rank => Ok(Some(value)),
         (_, Some(file)) => read_secret_file(&file).map(Some),
         (value, None) => Ok(value),
@@ -545,7 +555,11 @@ mod tests {
     #[derive(Debug, Parser)]
     #[command(name = "sample")]
     struct Sample {
-        #[arg(value_name = "CONNECTION_STRING", env = "SAMPLE_CONNECTION_STRING", hide_env_values = true)]
+        #[arg(
+            value_name = "CONNECTION_STRING",
+            env = "SAMPLE_CONNECTION_STRING",
+            hide_env_values = true
+        )]
         connection_string: Option<String>,
         #[arg(long, env = "SAMPLE_MAX_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1000))]
         max_streams: u32,
@@ -561,7 +575,11 @@ mod tests {
         let directory = tempfile_dir();
         let path = directory.join("sample.toml");
         std::fs::write(&path, text).unwrap();
-        let mut command_line = vec!["sample".to_string(), "--config".into(), path.display().to_string()];
+        let mut command_line = vec![
+            "sample".to_string(),
+            "--config".into(),
+            path.display().to_string(),
+        ];
         command_line.extend(arguments.iter().map(|argument| argument.to_string()));
         let program = ProgramConfig {
             default_path: None,
@@ -596,28 +614,52 @@ mod tests {
         assert_eq!(parsed.arguments.max_streams, 7);
         assert!(parsed.arguments.no_resume);
         assert_eq!(parsed.arguments.allow, ["a:1", "b:2"]);
-        assert_eq!(parsed.arguments.connection_string.as_deref(), Some("HostName=x"));
+        assert_eq!(
+            parsed.arguments.connection_string.as_deref(),
+            Some("HostName=x")
+        );
         let parsed = with_file(text, &["--max-streams", "9", "HostName=y"]).expect("parses");
         assert_eq!(parsed.arguments.max_streams, 9);
-        assert_eq!(parsed.arguments.connection_string.as_deref(), Some("HostName=y"));
+        assert_eq!(
+            parsed.arguments.connection_string.as_deref(),
+            Some("HostName=y")
+        );
     }
 
     #[test]
     fn every_kind_of_mistake_names_the_line_and_key() {
         let unknown = config_error("proxy = \"none\"\nmax_stream = 5\n");
-        assert!(unknown.contains(":2: key `max_stream`: unknown key"), "{unknown}");
+        assert!(
+            unknown.contains(":2: key `max_stream`: unknown key"),
+            "{unknown}"
+        );
         let string_for_number = config_error("\nmax_streams = \"5\"\n");
-        assert!(string_for_number.contains(":2: key `max_streams`: expected a number, found a string"), "{string_for_number}");
+        assert!(
+            string_for_number.contains(":2: key `max_streams`: expected a number, found a string"),
+            "{string_for_number}"
+        );
         let array_for_one = config_error("proxy = [\"a\", \"b\"]\n");
-        assert!(array_for_one.contains(":1: key `proxy`: expected one value, found an array"), "{array_for_one}");
+        assert!(
+            array_for_one.contains(":1: key `proxy`: expected one value, found an array"),
+            "{array_for_one}"
+        );
         let out_of_range = config_error("max_streams = 5000\n");
-        assert!(out_of_range.contains(":1: key `max_streams`: bad value \"5000\""), "{out_of_range}");
+        assert!(
+            out_of_range.contains(":1: key `max_streams`: bad value \"5000\""),
+            "{out_of_range}"
+        );
         let not_a_switch = config_error("no_resume = \"yes\"\n");
-        assert!(not_a_switch.contains("key `no_resume`: expected true or false"), "{not_a_switch}");
+        assert!(
+            not_a_switch.contains("key `no_resume`: expected true or false"),
+            "{not_a_switch}"
+        );
         let syntax = config_error("proxy = \"none\"\nmax_streams = = 5\n");
         assert!(syntax.contains("sample.toml:2:"), "{syntax}");
         let twice = config_error("max_streams = 5\nmax-streams = 6\n");
-        assert!(twice.contains(":2: key `max_streams`: given twice"), "{twice}");
+        assert!(
+            twice.contains(":2: key `max_streams`: given twice"),
+            "{twice}"
+        );
     }
 
     #[test]
@@ -630,16 +672,35 @@ mod tests {
         let directory = tempfile_dir();
         let path = directory.join("secret.toml");
         std::fs::write(&path, "token = 99999\n").unwrap();
-        let program = ProgramConfig { default_path: None, positionals: Positionals::Included };
-        let error = try_parse_from::<Secretive>(&program, ["secretive", "--config", path.to_str().unwrap()]).unwrap_err();
+        let program = ProgramConfig {
+            default_path: None,
+            positionals: Positionals::Included,
+        };
+        let error = try_parse_from::<Secretive>(
+            &program,
+            ["secretive", "--config", path.to_str().unwrap()],
+        )
+        .unwrap_err();
         assert!(!error.to_string().contains("99999"), "{error}");
     }
 
     #[test]
     fn an_unreadable_file_is_named() {
-        let program = ProgramConfig { default_path: None, positionals: Positionals::Included };
-        let error = try_parse_from::<Sample>(&program, ["sample", "--config", "/nonexistent/devstreams.toml"]).unwrap_err();
-        assert!(error.to_string().contains("cannot read the config file /nonexistent/devstreams.toml"), "{error}");
+        let program = ProgramConfig {
+            default_path: None,
+            positionals: Positionals::Included,
+        };
+        let error = try_parse_from::<Sample>(
+            &program,
+            ["sample", "--config", "/nonexistent/devstreams.toml"],
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("cannot read the config file /nonexistent/devstreams.toml"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -18,9 +18,10 @@ pub enum LogFormat {
     /// One line for a person to read.
     #[default]
     Text,
-    /// One JSON object per line: timestamp, level, target, message and the
-    /// event's fields as keys, plus the current span's fields under `span`,
-    /// for log collectors.
+    /// One JSON object per line, for log collectors: `timestamp`, `level`,
+    /// `target` (the module), `fields` (the message and the event's fields
+    /// as keys) and `span` (the current span's fields). Fields stay in their
+    /// own object because some are named like the metadata (`target`).
     Json,
 }
 
@@ -41,7 +42,7 @@ pub fn init_logging_as(default_filter: &str, format: LogFormat) {
         LogFormat::Text => builder.with_ansi(io::stderr().is_terminal()).try_init(),
         LogFormat::Json => builder
             .json()
-            .flatten_event(true)
+            .flatten_event(false)
             .with_current_span(true)
             .with_span_list(false)
             .with_ansi(false)

@@ -342,8 +342,13 @@ fn config_check(path: Option<PathBuf>) -> anyhow::Result<()> {
         path.clone().into(),
         "serve".into(),
     ];
-    let parsed = framing::config_file::try_parse_from::<Cli>(&CONFIG, command_line)
-        .map_err(|error| anyhow::anyhow!("{}", error.to_string().trim_start_matches("error: ").trim_end()))?;
+    let parsed =
+        framing::config_file::try_parse_from::<Cli>(&CONFIG, command_line).map_err(|error| {
+            anyhow::anyhow!(
+                "{}",
+                error.to_string().trim_start_matches("error: ").trim_end()
+            )
+        })?;
     let cli = parsed.arguments;
     let Command::Serve(arguments) = cli.command else {
         unreachable!("the command line names the serve command");

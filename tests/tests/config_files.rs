@@ -102,6 +102,9 @@ async fn flag_beats_environment_beats_file_beats_default_in_every_proxy() {
     }
 }
 
+/// Extra flags, environment, and the port the relay should then listen on.
+type RelayCase<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, u16);
+
 /// The relay's --listen from its file, from RELAY_LISTEN over the file, and
 /// from the flag over both: the address it prints says which won.
 #[tokio::test]
@@ -120,7 +123,7 @@ async fn relay_listen_address_follows_flag_environment_file() {
     let file = file.to_str().expect("UTF-8 path");
     let environment_listen = format!("127.0.0.1:{environment_port}");
     let flag_listen = format!("127.0.0.1:{flag_port}");
-    let cases: [(Vec<&str>, Vec<(&str, &str)>, u16); 3] = [
+    let cases: [RelayCase; 3] = [
         (vec![], vec![], file_port),
         (
             vec![],

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use device_proxy::targets::Target;
 use device_proxy::Settings;
 
@@ -20,18 +20,22 @@ Examples:
   device-proxy --completions bash > /usr/share/bash-completion/completions/device-proxy
   device-proxy --man /usr/local/share/man/man1     # writes device-proxy.1
 
+  device-proxy --config /etc/devstreams/device-proxy.toml   # keys: connection_string, target_port, allow = [...], ...
+
 Environment:
   DEVICE_CONNECTION_STRING  device connection string, when not given as the first argument
+  DEVICE_CONNECTION_STRING_FILE  file holding it (--connection-string-file)
   DEVSTREAMS_CA_CERT        PEM certificate of the relay, when not given with --ca-cert
   HTTPS_PROXY, ALL_PROXY    proxy for the relay, when not given with --proxy (also lowercase)
   NO_PROXY                  hosts reached without the proxy: names, .domains, addresses, CIDRs, *
   RUST_LOG                  log filter for stderr (default: info)
+  DEVSTREAMS_LOG_FORMAT     text or json, when not given with --log-format
 
 `relay device add MyDevice` prints the device connection string.";
 
 /// Bridges devstreams streams to local TCP services (sshd on port 22 by
 /// default), dialing out to the relay; no inbound port is needed.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "device-proxy", version, after_help = EXAMPLES)]
 struct Arguments {
     /// Device connection string: HostName=…;DeviceId=…;SharedAccessKey=…
@@ -41,6 +45,14 @@ struct Arguments {
         hide_env_values = true
     )]
     connection_string: Option<String>,
+
+    /// Read the device connection string from this file (trimmed), e.g. a systemd credential
+    #[arg(long, value_name = "FILE", env = "DEVICE_CONNECTION_STRING_FILE")]
+    connection_string_file: Option<PathBuf>,
+
+    /// Read the SharedAccessKey from this file (trimmed) and add it to a connection string that has none
+    #[arg(long, value_name = "FILE")]
+    shared_access_key_file: Option<PathBuf>,
 
     /// Host of the local service that streams reach when they name no target
     #[arg(value_name = "TARGET_HOST", default_value = "localhost")]
@@ -111,7 +123,11 @@ fn parse_target(text: &str) -> Result<Target, String> {
 }
 
 fn main() -> ExitCode {
-    let arguments = Arguments::parse();
+    let parsed = framing::config_file::parse::<Arguments>(&framing::config_file::ProgramConfig {
+        default_path: None,
+        positionals: framing::config_file::Positionals::Included,
+    });
+    let arguments = parsed.arguments;
     if let Some(shell) = arguments.completions {
         return match framing::manuals::write_completions(
             Arguments::command(),
@@ -133,16 +149,31 @@ fn main() -> ExitCode {
             )),
         };
     }
-    let Some(connection_string) = arguments.connection_string else {
-        return fail("no device connection string: pass it as the first argument or set DEVICE_CONNECTION_STRING (`relay device add ID` prints one)");
+    let connection_string = match framing::config_file::value_or_file(
+        &parsed.matches,
+        "connection_string",
+        "connection_string_file",
+    ) {
+        Ok(value) => value,
+        Err(error) => return fail(&error),
     };
+    let Some(mut connection_string) = connection_string else {
+        return fail("no device connection string: pass it as the first argument, set DEVICE_CONNECTION_STRING or use connection_string_file (`relay device add ID` prints one)");
+    };
+    if let Some(key_file) = &arguments.shared_access_key_file {
+        connection_string =
+            match framing::config_file::with_key_from_file(&connection_string, key_file) {
+                Ok(value) => value,
+                Err(error) => return fail(&error),
+            };
+    }
     let proxies = match framing::proxy::ProxySettings::resolve(arguments.proxy.as_deref(), |name| {
         std::env::var(name).ok()
     }) {
         Ok(proxies) => proxies,
         Err(error) => return fail(&error.to_string()),
     };
-    framing::process::init_logging("info");
+    framing::process::init_logging_as("info", parsed.log_format);
     let settings = Settings {
         connection_string,
         target: Target::new(arguments.target_host, arguments.target_port),

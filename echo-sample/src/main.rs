@@ -19,9 +19,10 @@ Examples:
   echo-sample device \"<device connection string>\" --proxy socks5://user:password@10.0.0.1:1080
   echo-sample completions fish > ~/.config/fish/completions/echo-sample.fish
   echo-sample man /usr/local/share/man/man1         # echo-sample.1 and one page per subcommand
+  echo-sample service --config echo.toml               # keys: connection_string, device_id, ca_cert, message, ...
 
 Environment: DEVICE_CONNECTION_STRING, SERVICE_CONNECTION_STRING (or IOTHUB_CONNECTION_STRING),
-STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, HTTPS_PROXY / ALL_PROXY / NO_PROXY, RUST_LOG";
+STREAMING_TARGET_DEVICE, DEVSTREAMS_CA_CERT, HTTPS_PROXY / ALL_PROXY / NO_PROXY, RUST_LOG, DEVSTREAMS_LOG_FORMAT";
 
 #[derive(Parser)]
 #[command(name = "echo-sample", version, about = "Device streams echo sample: device, service, and an all-in-one demo", after_help = EXAMPLES)]
@@ -85,7 +86,11 @@ fn proxy_settings(flag: Option<&str>) -> anyhow::Result<framing::proxy::ProxySet
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let parsed = framing::config_file::parse::<Cli>(&framing::config_file::ProgramConfig {
+        default_path: None,
+        positionals: framing::config_file::Positionals::Included,
+    });
+    let cli = parsed.arguments;
     let written = match &cli.command {
         Command::Completions { shell } => Some(framing::manuals::write_completions(
             Cli::command(),
@@ -107,7 +112,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    framing::process::init_logging("warn");
+    framing::process::init_logging_as("warn", parsed.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

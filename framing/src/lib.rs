@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod config_file;
 pub mod connection_string;
 pub mod device_client;
 pub mod headers;

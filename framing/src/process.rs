@@ -1,4 +1,5 @@
-//! Program plumbing every devstreams binary shares: operator logs and the
+//! Program plumbing every devstreams binary shares: operator logs (text or
+//! JSON lines) and the
 //! termination signals. The library holds no state here; each program's
 //! `main` calls these once.
 //!
@@ -11,16 +12,42 @@ use std::io::{self, IsTerminal};
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global log subscriber; `default_filter` applies when
-/// `RUST_LOG` is unset or invalid. A second call does nothing.
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line for a person to read.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors: `timestamp`, `level`,
+    /// `target` (the module), `fields` (the message and the event's fields
+    /// as keys) and `span` (the current span's fields). Fields stay in their
+    /// own object because some are named like the metadata (`target`).
+    Json,
+}
+
+/// Installs the global log subscriber in text format; `default_filter`
+/// applies when `RUST_LOG` is unset or invalid. A second call does nothing.
 pub fn init_logging(default_filter: &str) {
+    init_logging_as(default_filter, LogFormat::Text);
+}
+
+/// [`init_logging`] in the given format.
+pub fn init_logging_as(default_filter: &str, format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
-        .try_init();
+        .with_writer(io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_ansi(false)
+            .try_init(),
+    };
 }
 
 /// The process's termination signals, installed and ready to be awaited.

@@ -21,6 +21,8 @@ Examples:
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
   relay serve --listen [::]:8443 --mqtt-listen [::]:8883   # IPv6 and IPv4 (dual-stack)
+  relay serve --config /etc/devstreams/relay.toml   # keys: the flags' long names with _ for -
+  relay config check --config /etc/devstreams/relay.toml   # validate it without serving
   relay device add MyDevice                     # prints the device connection string
   relay device list
   relay policy show                             # prints the service connection string
@@ -43,7 +45,7 @@ Several relays as one (cluster mode, NATS with JetStream):
   relay registry import registry.json --cluster nats://nats.internal:4222   # ... into the cluster
 
 Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_ADMIN_URL, RELAY_TRUSTED_PROXIES, RELAY_CLUSTER,
-  RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug)";
+  RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug), DEVSTREAMS_LOG_FORMAT (text|json)";
 
 #[derive(Parser)]
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
@@ -125,6 +127,15 @@ enum Command {
     /// Write the man pages (relay.1 and relay-SUBCOMMAND.1) into DIRECTORY, naming each file;
     /// without DIRECTORY, print relay.1 (`relay man | man -l -`).
     Man { directory: Option<PathBuf> },
+    /// Check a configuration file (--config FILE).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate --config FILE as `relay serve` would read it, without serving: prints OK or the error (exit 0/1).
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -349,12 +360,14 @@ struct AdminUrlArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let parsed = framing::config_file::parse::<Cli>(&CONFIG);
+    let cli = parsed.arguments;
     // The NATS client logs every connection attempt by itself; the relay
     // reports what matters (lost, back) in its own words.
-    framing::process::init_logging("info,async_nats=off");
+    framing::process::init_logging_as("info,async_nats=off", parsed.log_format);
     let result = match (cli.command, cli.cluster.config()) {
-        (Command::Serve(arguments), cluster) => serve(cli.data_dir, cluster, *arguments),
+        (Command::Serve(arguments), cluster) => serve(cli.data_dir, cluster, *arguments, false),
+        (Command::Config(ConfigCommand::Check), _) => config_check(parsed.config_path),
         (Command::Device(command), None) => device(&cli.data_dir, command),
         (Command::Device(command), Some(cluster)) => {
             cluster_command(cluster_device(&cluster, &cli.cluster, command))
@@ -393,10 +406,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// How the relay reads --config: positionals of subcommands (a device id,
+/// a file to import) never come from the file.
+const CONFIG: framing::config_file::ProgramConfig = framing::config_file::ProgramConfig {
+    default_path: None,
+    positionals: framing::config_file::Positionals::Excluded,
+};
+
+/// `relay config check`: reads the file as `relay serve --config FILE`
+/// would, and runs serve's own checks up to the point where it would start.
+fn config_check(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        anyhow::bail!("relay config check needs the file: relay config check --config FILE");
+    };
+    let command_line = [
+        std::ffi::OsString::from("relay"),
+        "--config".into(),
+        path.clone().into(),
+        "serve".into(),
+    ];
+    let parsed =
+        framing::config_file::try_parse_from::<Cli>(&CONFIG, command_line).map_err(|error| {
+            anyhow::anyhow!(
+                "{}",
+                error.to_string().trim_start_matches("error: ").trim_end()
+            )
+        })?;
+    let cli = parsed.arguments;
+    let Command::Serve(arguments) = cli.command else {
+        unreachable!("the command line names the serve command");
+    };
+    serve(cli.data_dir, cli.cluster.config(), *arguments, true)
+        .with_context(|| path.display().to_string())?;
+    println!("{}: OK", path.display());
+    Ok(())
+}
+
+/// Serves until a signal; with `check_only`, stops once the settings are
+/// known to be usable (`relay config check`).
 fn serve(
     data_dir: PathBuf,
     cluster: Option<relay::cluster::ClusterConfig>,
     arguments: ServeArgs,
+    check_only: bool,
 ) -> anyhow::Result<()> {
     let mut config = RelayConfig::new(arguments.listen, data_dir);
     config.cluster = match cluster {
@@ -440,6 +492,13 @@ fn serve(
             anyhow::bail!("--public-url {url:?} must start with wss:// (or ws:// behind a TLS-terminating proxy)");
         }
     }
+    // Clap checks these pairs on the command line only, not in a file.
+    if arguments.tls_cert.is_some() != arguments.tls_key.is_some() {
+        anyhow::bail!("tls_cert and tls_key go together: give both, or neither for the self-signed certificate");
+    }
+    if arguments.no_tls && arguments.tls_cert.is_some() {
+        anyhow::bail!("no_tls and tls_cert/tls_key exclude each other: drop one");
+    }
     config.tls = match (arguments.no_tls, arguments.tls_cert, arguments.tls_key) {
         (true, _, _) => TlsMode::Disabled,
         (false, Some(certificate), Some(private_key)) => TlsMode::Files {
@@ -475,6 +534,9 @@ fn serve(
         },
         ..Limits::default()
     };
+    if check_only {
+        return Ok(());
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Installed before starting, so an early signal still drains cleanly.

@@ -14,11 +14,15 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, Parser};
 use service_proxy::{Forward, Mode, Settings, Target};
 
 /// Read when SERVICE_CONNECTION_STRING is unset, as the IoT Hub Node sample does.
 const FALLBACK_CONNECTION_STRING_VARIABLE: &str = "IOTHUB_CONNECTION_STRING";
+
+/// Read (under $XDG_CONFIG_HOME/devstreams, else ~/.config/devstreams) when
+/// no --config is given, so `service-proxy --stdio DEVICE` needs no flags.
+const USER_CONFIG_FILE: &str = "service.toml";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -43,8 +47,15 @@ Examples:
   `--stdio %n %p` asks for ssh's port instead). %h works too, but ssh
   lowercases it, and device ids are case-sensitive.
 
+  Settings in a file (keys are the flags' long names with _ for -; read by default
+  from $XDG_CONFIG_HOME/devstreams/service.toml, else ~/.config/devstreams/service.toml):
+    connection_string_file = \"/home/me/.config/devstreams/service.key\"
+    ca_cert = \"/home/me/.config/devstreams/relay.pem\"
+  then `service-proxy --stdio kiosk-17` needs no flags and no environment.
+
 Environment:
   SERVICE_CONNECTION_STRING  service connection string, when not given as the first argument
+  SERVICE_CONNECTION_STRING_FILE  file holding it (--connection-string-file)
                              (IOTHUB_CONNECTION_STRING is read when it is unset)
   STREAMING_TARGET_DEVICE    device id, when not given as the second argument
   PROXY_PORT                 local port, when not given as the third argument
@@ -52,6 +63,7 @@ Environment:
   HTTPS_PROXY, ALL_PROXY     proxy for the relay, when not given with --proxy (also lowercase)
   NO_PROXY                   hosts reached without the proxy: names, .domains, addresses, CIDRs, *
   RUST_LOG                   log filter for stderr (default: info; warn with --stdio)
+  DEVSTREAMS_LOG_FORMAT      text or json, when not given with --log-format
 
 Once listening, it prints one line per port on stdout: `Listening on 127.0.0.1:2222`
 (with --map: `Listening on 127.0.0.1:2201 for kiosk-17:22`).
@@ -74,6 +86,14 @@ struct Arguments {
         hide_env_values = true
     )]
     connection_string: Option<String>,
+
+    /// Read the service connection string from this file (trimmed), e.g. a systemd credential
+    #[arg(long, value_name = "FILE", env = "SERVICE_CONNECTION_STRING_FILE")]
+    connection_string_file: Option<PathBuf>,
+
+    /// Read the SharedAccessKey from this file (trimmed) and add it to a connection string that has none
+    #[arg(long, value_name = "FILE")]
+    shared_access_key_file: Option<PathBuf>,
 
     /// Id of the device to reach
     #[arg(value_name = "DEVICE_ID", env = "STREAMING_TARGET_DEVICE")]
@@ -177,11 +197,11 @@ struct Arguments {
 }
 
 fn main() -> ExitCode {
-    let matches = Arguments::command().get_matches();
-    let arguments = match Arguments::from_arg_matches(&matches) {
-        Ok(arguments) => arguments,
-        Err(error) => error.exit(),
-    };
+    let parsed = framing::config_file::parse::<Arguments>(&framing::config_file::ProgramConfig {
+        default_path: framing::config_file::user_config_path(USER_CONFIG_FILE),
+        positionals: framing::config_file::Positionals::Included,
+    });
+    let (arguments, matches) = (parsed.arguments, parsed.matches);
     if let Some(shell) = arguments.completions {
         return match framing::manuals::write_completions(
             Arguments::command(),
@@ -204,18 +224,31 @@ fn main() -> ExitCode {
         };
     }
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    let connection_string = arguments
-        .connection_string
-        .clone()
+    let connection_string = match framing::config_file::value_or_file(
+        &matches,
+        "connection_string",
+        "connection_string_file",
+    ) {
+        Ok(value) => value,
+        Err(error) => return fail(&error),
+    };
+    let connection_string = connection_string
         .filter(|value| !value.is_empty())
         .or_else(|| {
             std::env::var(FALLBACK_CONNECTION_STRING_VARIABLE)
                 .ok()
                 .filter(|value| !value.is_empty())
         });
-    let Some(connection_string) = connection_string else {
-        return fail("no service connection string: pass it as the first argument or set SERVICE_CONNECTION_STRING (`relay policy show` prints one)");
+    let Some(mut connection_string) = connection_string else {
+        return fail("no service connection string: pass it as the first argument, set SERVICE_CONNECTION_STRING or put connection_string in ~/.config/devstreams/service.toml (`relay policy show` prints one)");
     };
+    if let Some(key_file) = &arguments.shared_access_key_file {
+        connection_string =
+            match framing::config_file::with_key_from_file(&connection_string, key_file) {
+                Ok(value) => value,
+                Err(error) => return fail(&error),
+            };
+    }
     let (mode, default_log_filter) = if let Some(values) = &arguments.stdio {
         if given("device_id") || given("local_port") {
             usage_error(
@@ -277,7 +310,7 @@ fn main() -> ExitCode {
         Ok(proxies) => proxies,
         Err(error) => return fail(&error.to_string()),
     };
-    framing::process::init_logging(default_log_filter);
+    framing::process::init_logging_as(default_log_filter, parsed.log_format);
     let settings = Settings {
         connection_string,
         ca_cert: arguments.ca_cert,

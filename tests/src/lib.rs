@@ -197,8 +197,25 @@ impl Relay {
         Self::start_in(directory, extra_arguments).await
     }
 
+    /// [`Self::start`] with environment variables (e.g. `RUST_LOG=debug`).
+    pub async fn start_with_environment(
+        extra_arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Relay {
+        let directory = tempfile::tempdir().expect("temp dir");
+        Self::start_in_with_environment(directory, extra_arguments, environment).await
+    }
+
     /// Starts on an existing data dir and address (a restart).
     pub async fn start_in(directory: tempfile::TempDir, extra_arguments: &[&str]) -> Relay {
+        Self::start_in_with_environment(directory, extra_arguments, &[]).await
+    }
+
+    async fn start_in_with_environment(
+        directory: tempfile::TempDir,
+        extra_arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Relay {
         let data_dir = directory.path().join("relay-data");
         let data_dir_text = data_dir.to_string_lossy().to_string();
         let mut arguments = vec!["serve", "--data-dir", &data_dir_text];
@@ -215,7 +232,7 @@ impl Relay {
             arguments.extend(["--admin-listen", "127.0.0.1:0"]);
         }
         arguments.extend_from_slice(extra_arguments);
-        let mut process = Process::spawn("relay", &arguments, directory.path(), &[]).await;
+        let mut process = Process::spawn("relay", &arguments, directory.path(), environment).await;
         let address = process
             .wait_for_line("Listening on ")
             .await

@@ -14,6 +14,7 @@
 //! each TCP connection first. Strict clients (and IoT Hub's SDKs) otherwise
 //! sit out their own close timeout, or report an abnormal closure.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use framing::pump::{
@@ -101,6 +102,14 @@ where
     relay_until_moved(first, second, ping_interval, std::future::pending()).await
 }
 
+/// Bytes copied so far in each direction, readable while the copy runs and
+/// after it was dropped (a stream cut by the relay still reports its bytes).
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub first_to_second: AtomicU64,
+    pub second_to_first: AtomicU64,
+}
+
 /// [`relay`], until `move_now` completes: then both sides get Close 4012
 /// ("move: resume elsewhere"), for streams whose proxies resume sessions.
 pub async fn relay_until_moved<A, B>(
@@ -113,20 +122,41 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    relay_counting(
+        first,
+        second,
+        ping_interval,
+        move_now,
+        &ByteCounters::default(),
+    )
+    .await
+}
+
+/// [`relay_until_moved`], counting into `counters` as it goes.
+pub async fn relay_counting<A, B>(
+    first: WebSocketStream<A>,
+    second: WebSocketStream<B>,
+    ping_interval: Option<Duration>,
+    move_now: impl std::future::Future<Output = ()>,
+    counters: &ByteCounters,
+) -> RelayReport
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let (mut first_sink, mut first_stream) = first.split();
     let (mut second_sink, mut second_stream) = second.split();
-    let (mut bytes_first_to_second, mut bytes_second_to_first) = (0u64, 0u64);
     let (from_first, direction_end) = {
         let forward_first = forward(
             &mut first_stream,
             &mut second_sink,
-            &mut bytes_first_to_second,
+            &counters.first_to_second,
             ping_interval,
         );
         let forward_second = forward(
             &mut second_stream,
             &mut first_sink,
-            &mut bytes_second_to_first,
+            &counters.second_to_first,
             ping_interval,
         );
         tokio::select! {
@@ -142,8 +172,8 @@ where
             end_socket(second_sink, second_stream, Ending::SendClose(move_frame())),
         );
         return RelayReport {
-            bytes_first_to_second,
-            bytes_second_to_first,
+            bytes_first_to_second: counters.first_to_second.load(Ordering::Relaxed),
+            bytes_second_to_first: counters.second_to_first.load(Ordering::Relaxed),
             end: RelayEnd::Moved,
         };
     };
@@ -192,8 +222,8 @@ where
         end_socket(second_sink, second_stream, second_ending),
     );
     RelayReport {
-        bytes_first_to_second,
-        bytes_second_to_first,
+        bytes_first_to_second: counters.first_to_second.load(Ordering::Relaxed),
+        bytes_second_to_first: counters.second_to_first.load(Ordering::Relaxed),
         end,
     }
 }
@@ -283,7 +313,7 @@ where
 async fn forward<A, B>(
     from: &mut SplitStream<WebSocketStream<A>>,
     to: &mut SplitSink<WebSocketStream<B>, Message>,
-    bytes: &mut u64,
+    bytes: &AtomicU64,
     ping_interval: Option<Duration>,
 ) -> DirectionEnd
 where
@@ -347,7 +377,7 @@ where
                 }));
             }
             Some(Ok(message @ (Message::Binary(_) | Message::Text(_)))) => {
-                *bytes += message.len() as u64;
+                bytes.fetch_add(message.len() as u64, Ordering::Relaxed);
                 if to.feed(message).await.is_err() {
                     return DirectionEnd::DestinationLost;
                 }

@@ -29,6 +29,8 @@ pub struct RelayState {
     /// Per-address connection caps and authentication-failure slowdown.
     pub sources: Arc<Sources>,
     pub metrics: Metrics,
+    /// The audit log (`--audit-log`); does nothing when off.
+    pub audit: crate::audit::Audit,
     /// The cluster this node belongs to (`relay serve --cluster`); `None`
     /// for a single relay.
     pub cluster: Option<Arc<Cluster>>,
@@ -57,6 +59,26 @@ impl RelayState {
         token_key: StreamTokenKey,
         cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
+        Self::assemble(
+            config,
+            registry,
+            token_key,
+            cluster,
+            Metrics::default(),
+            crate::audit::Audit::disabled(),
+        )
+    }
+
+    /// A node with its metrics and audit log made beforehand (the audit
+    /// log counts its drops in those metrics).
+    pub fn assemble(
+        config: RelayConfig,
+        registry: Arc<dyn Registry>,
+        token_key: StreamTokenKey,
+        cluster: Option<Arc<Cluster>>,
+        metrics: Metrics,
+        audit: crate::audit::Audit,
+    ) -> Arc<Self> {
         let admission = Admission::new(config.limits.clone());
         let max_pending = config.limits.max_pending_streams;
         let sources = Sources::new(config.limits.sources);
@@ -71,7 +93,8 @@ impl RelayState {
             pairing,
             admission,
             sources,
-            metrics: Metrics::default(),
+            metrics,
+            audit,
             cluster,
             tasks,
             stop_accepting,

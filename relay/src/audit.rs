@@ -99,7 +99,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "B" => 1,
         "K" | "KiB" => 1024,
         "G" | "GiB" => 1024 * 1024 * 1024,
-        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
+            ))
+        }
     };
     number
         .checked_mul(multiplier)
@@ -141,7 +145,10 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         routed_from: Option<String>,
     },
-    StreamAccepted { stream_id: String, device_id: String },
+    StreamAccepted {
+        stream_id: String,
+        device_id: String,
+    },
     /// Refused by the relay (credentials, unknown device, limits, offline,
     /// silent device) or rejected by the device; `status` is the HTTP status
     /// the service got (200 for a device's rejection, as IoT Hub answers).
@@ -152,7 +159,10 @@ pub enum AuditEvent {
         reason: String,
     },
     /// An accepted stream continues a resumable session (`x-devstreams-resume: continue`).
-    StreamResumed { stream_id: String, device_id: String },
+    StreamResumed {
+        stream_id: String,
+        device_id: String,
+    },
     /// Both sides connected; the relay copies from now on.
     StreamEstablished {
         stream_id: String,
@@ -220,7 +230,8 @@ struct Line<'a> {
 }
 
 enum Message {
-    Event(SystemTime, AuditEvent),
+    /// Boxed, so the queue's slots stay small.
+    Event(Box<(SystemTime, AuditEvent)>),
     /// Drain, flush, fsync and stop.
     Close,
 }
@@ -307,7 +318,7 @@ impl Audit {
         }
         match inner
             .sender
-            .try_send(Message::Event(SystemTime::now(), event))
+            .try_send(Message::Event(Box::new((SystemTime::now(), event))))
         {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -391,13 +402,13 @@ fn write_until_closed(receiver: Receiver<Message>, mut sinks: Vec<Sink>, node: O
     loop {
         let mut closing = false;
         match receiver.recv() {
-            Ok(Message::Event(at, event)) => write(&mut sinks, at, &event),
+            Ok(Message::Event(event)) => write(&mut sinks, event.0, &event.1),
             Ok(Message::Close) | Err(_) => closing = true,
         }
         // The rest of the batch, and on close everything still queued.
         loop {
             match receiver.try_recv() {
-                Ok(Message::Event(at, event)) => write(&mut sinks, at, &event),
+                Ok(Message::Event(event)) => write(&mut sinks, event.0, &event.1),
                 Ok(Message::Close) => closing = true,
                 Err(_) => break,
             }
@@ -562,8 +573,10 @@ mod tests {
         let path = directory.path().join("audit.log");
         let mut file = RotatingFile::open(&path, 100, 2).unwrap();
         for index in 0..50 {
-            file.write_line(format!("{{\"line\":{index},\"pad\":\"{}\"}}\n", "x".repeat(20)).as_bytes())
-                .unwrap();
+            file.write_line(
+                format!("{{\"line\":{index},\"pad\":\"{}\"}}\n", "x".repeat(20)).as_bytes(),
+            )
+            .unwrap();
         }
         file.output.flush().unwrap();
         let mut names: Vec<String> = std::fs::read_dir(directory.path())
@@ -604,7 +617,11 @@ mod tests {
         }
         audit.close().await;
         let written = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
-        assert_eq!(written + dropped.get(), 10_000, "every event written or counted");
+        assert_eq!(
+            written + dropped.get(),
+            10_000,
+            "every event written or counted"
+        );
         assert!(written >= 4);
         audit.record(|| AuditEvent::StreamAccepted {
             stream_id: "late".into(),

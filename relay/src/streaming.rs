@@ -87,6 +87,7 @@ pub fn upgrade(
     let audited = AuditedStream {
         stream_id: stream_id.clone(),
         device_id: device_id.clone(),
+        stream_name: String::new(),
     };
     state.tasks.spawn(
         async move {
@@ -104,7 +105,10 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
-            settle(task_state, claim, socket, connection, side, resumable, audited).await;
+            settle(
+                task_state, claim, socket, connection, side, resumable, audited,
+            )
+            .await;
         }
         .instrument(span),
     );
@@ -119,14 +123,16 @@ async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
 struct AuditedStream {
     stream_id: String,
     device_id: String,
+    /// Known once the first side has claimed the stream.
+    stream_name: String,
 }
 
 impl AuditedStream {
-    fn failed(&self, state: &RelayState, stream_name: &str, reason: &str) {
+    fn failed(&self, state: &RelayState, reason: &str) {
         state.audit.record(|| AuditEvent::StreamFailed {
             stream_id: self.stream_id.clone(),
             device_id: self.device_id.clone(),
-            stream_name: stream_name.to_string(),
+            stream_name: self.stream_name.clone(),
             reason: reason.to_string(),
         });
     }
@@ -160,7 +166,7 @@ async fn settle(
     connection: Arc<ConnectionGuard>,
     side: Side,
     resumable: bool,
-    audited: AuditedStream,
+    mut audited: AuditedStream,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
@@ -184,6 +190,7 @@ async fn settle(
             guard,
         } => {
             tracing::debug!(waiting_for = side.other().as_str(), "first side connected");
+            audited.stream_name = stream_name.clone();
             let mut socket = socket;
             // The waiting side is read while it waits, so its pings and its
             // Close are answered. Its first data message (a server's banner,
@@ -216,16 +223,22 @@ async fn settle(
             };
             let failure = match &waited {
                 Waited::Paired(_) => None,
-                Waited::Cancelled => Some("the stream was cancelled before the other side connected"),
-                Waited::Expired => Some("the other side did not connect before the handshake deadline"),
+                Waited::Cancelled => {
+                    Some("the stream was cancelled before the other side connected")
+                }
+                Waited::Expired => {
+                    Some("the other side did not connect before the handshake deadline")
+                }
                 Waited::ShuttingDown => Some("the relay shut down before the other side connected"),
-                Waited::Moved => Some("the relay is draining: the session resumes elsewhere (4012)"),
+                Waited::Moved => {
+                    Some("the relay is draining: the session resumes elsewhere (4012)")
+                }
                 Waited::ClosedByPeer => Some("the first side closed before the other connected"),
                 Waited::Lost => Some("the first side disconnected before the other connected"),
                 Waited::TooBig => Some("the first side sent a message over --max-message-size"),
             };
             if let Some(reason) = failure {
-                audited.failed(&state, &stream_name, &format!("{} side: {reason}", side.as_str()));
+                audited.failed(&state, &format!("{} side: {reason}", side.as_str()));
             }
             if !matches!(waited, Waited::Paired(_)) {
                 // The stream is over: nobody may join it any more, and a side
@@ -243,17 +256,7 @@ async fn settle(
             }
             match waited {
                 Waited::Paired(arrival) => {
-                    copy_stream(
-                        &state,
-                        socket,
-                        *arrival,
-                        early,
-                        side,
-                        stream_name,
-                        resumable,
-                        &audited,
-                    )
-                    .await
+                    copy_stream(&state, socket, *arrival, early, side, resumable, &audited).await
                 }
                 Waited::Expired => {
                     Metrics::add(&state.metrics.streams_expired, 1);
@@ -315,10 +318,10 @@ async fn copy_stream(
     arrival: Arrival,
     early: Option<Message>,
     my_side: Side,
-    stream_name: String,
     resumable: bool,
     audited: &AuditedStream,
 ) {
+    let stream_name = audited.stream_name.clone();
     let Arrival {
         socket: mut theirs,
         permit,
@@ -371,8 +374,7 @@ async fn copy_stream(
         Side::Service => (second_to_first, first_to_second),
     };
     let closed = |first_to_second: u64, second_to_first: u64, ended_by: EndedBy, reason: String| {
-        let (device_to_service, service_to_device) =
-            by_direction(first_to_second, second_to_first);
+        let (device_to_service, service_to_device) = by_direction(first_to_second, second_to_first);
         state.audit.record(|| AuditEvent::StreamClosed {
             stream_id: audited.stream_id.clone(),
             device_id: audited.device_id.clone(),
@@ -386,8 +388,13 @@ async fn copy_stream(
     };
     let cut = |reason: &str| {
         closed(
-            counters.first_to_second.load(std::sync::atomic::Ordering::Relaxed) + early_bytes,
-            counters.second_to_first.load(std::sync::atomic::Ordering::Relaxed),
+            counters
+                .first_to_second
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + early_bytes,
+            counters
+                .second_to_first
+                .load(std::sync::atomic::Ordering::Relaxed),
             EndedBy::Relay,
             reason.to_string(),
         )

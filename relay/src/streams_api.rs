@@ -228,7 +228,10 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         audit_rejected(&state, &stream_id, &device_id, status, reason)
     };
     if let Err(reason) = authorized {
-        rejected(StatusCode::UNAUTHORIZED, &format!("service credentials refused: {reason}"));
+        rejected(
+            StatusCode::UNAUTHORIZED,
+            &format!("service credentials refused: {reason}"),
+        );
         Metrics::add(&state.metrics.authentication_failures, 1);
         state.sources.record_failure(peer.ip());
         tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
@@ -258,11 +261,11 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
                 StatusCode::BAD_REQUEST,
                 error_code(StatusCode::BAD_REQUEST, 2),
                 &reason,
-            )
+            );
         }
     };
     if let Err((reason, refusal)) = check_device(&state, &device_id).await {
-        rejected(refusal.status(), &reason);
+        rejected(refusal.status(), reason);
         return refusal;
     }
     let deadlines =
@@ -287,7 +290,10 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
                 crate::cluster::routing::route(&state, &cluster, &creation, peer, &deadlines).await
             {
                 let accepted = response.status() == StatusCode::OK
-                    && response.headers().get(headers::IS_ACCEPTED).map(|v| v.as_bytes())
+                    && response
+                        .headers()
+                        .get(headers::IS_ACCEPTED)
+                        .map(|v| v.as_bytes())
                         == Some(b"True");
                 if accepted {
                     state.audit.record(|| AuditEvent::StreamAccepted {
@@ -561,7 +567,10 @@ async fn negotiate(
         rejected(
             StatusCode::OK,
             &match target {
-                Some(target) => format!("rejected by the device (status {}, target {target})", response.status),
+                Some(target) => format!(
+                    "rejected by the device (status {}, target {target})",
+                    response.status
+                ),
                 None => format!("rejected by the device (status {})", response.status),
             },
         );

@@ -40,11 +40,7 @@ fn read_audit(path: &Path) -> Vec<Value> {
 }
 
 /// Waits until `found` holds for the audit log's events; returns them.
-async fn wait_for_audit(
-    path: &Path,
-    what: &str,
-    found: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
+async fn wait_for_audit(path: &Path, what: &str, found: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let events = read_audit(path);
@@ -66,7 +62,10 @@ async fn wait_for_audit(
 }
 
 fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|event| event["event"] == kind).collect()
+    events
+        .iter()
+        .filter(|event| event["event"] == kind)
+        .collect()
 }
 
 fn key_of(connection_string: &str) -> String {
@@ -194,7 +193,9 @@ async fn an_ssh_session_is_audited_in_order_with_its_byte_counts() {
     // ssh's server speaks first and answers: bytes flowed both ways.
     assert!(closed["bytes_device_to_service"].as_u64().expect("bytes") > 0);
     assert!(closed["duration_ms"].is_u64());
-    assert!(["device", "service", "relay"].contains(&closed["ended_by"].as_str().expect("ended_by")));
+    assert!(
+        ["device", "service", "relay"].contains(&closed["ended_by"].as_str().expect("ended_by"))
+    );
     assert!(closed["reason"].is_string());
 
     // The relay's own counters agree with the sum of the closed lines.
@@ -377,7 +378,13 @@ async fn rotation_bounds_the_files_and_never_splits_a_line() {
     .await;
     let mut names: Vec<String> = std::fs::read_dir(audit_directory.path())
         .expect("audit directory")
-        .map(|entry| entry.expect("entry").file_name().to_string_lossy().to_string())
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .to_string()
+        })
         .collect();
     names.sort();
     assert_eq!(
@@ -403,7 +410,10 @@ async fn rotation_bounds_the_files_and_never_splits_a_line() {
         })
         .collect();
     assert!(kept.len() > 5 && kept.len() < requests as usize, "{kept:?}");
-    assert!(kept.windows(2).all(|pair| pair[1] == pair[0] + 1), "{kept:?}");
+    assert!(
+        kept.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{kept:?}"
+    );
     assert_eq!(kept.last(), Some(&(requests - 1)));
 }
 
@@ -431,7 +441,10 @@ async fn after_sigterm_every_established_stream_has_its_closed_line() {
     // Half end just before the signal, half are still live at it.
     connections.truncate(streams / 2);
     relay.process.signal("TERM");
-    assert_eq!(relay.process.wait_exit(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(
+        relay.process.wait_exit(Duration::from_secs(30)).await,
+        Some(0)
+    );
     drop(connections);
 
     let events = read_audit(&audit_path);

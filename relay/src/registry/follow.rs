@@ -148,12 +148,14 @@ pub(super) fn audit_changes(
         return;
     }
     for (kind, name, change) in before.changes_in(after) {
-        state.audit.record(|| crate::audit::AuditEvent::RegistryChanged {
-            source,
-            kind,
-            name,
-            change,
-        });
+        state
+            .audit
+            .record(|| crate::audit::AuditEvent::RegistryChanged {
+                source,
+                kind,
+                name,
+                change,
+            });
     }
 }
 

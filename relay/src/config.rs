@@ -138,6 +138,8 @@ pub struct RelayConfig {
     /// `X-Forwarded-*` headers say who the client is (`--trusted-proxy`);
     /// empty: nobody's.
     pub trusted_proxies: crate::trusted_proxies::TrustedProxies,
+    /// The audit log (`--audit-log`); `None`: no audit log.
+    pub audit: Option<crate::audit::AuditConfig>,
 }
 
 impl RelayConfig {
@@ -153,6 +155,7 @@ impl RelayConfig {
             limits: Limits::default(),
             cluster: None,
             trusted_proxies: crate::trusted_proxies::TrustedProxies::default(),
+            audit: None,
         }
     }
 }

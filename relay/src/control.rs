@@ -198,6 +198,13 @@ pub async fn run_session<T: PacketTransport>(
             Metrics::add(&state.metrics.authentication_failures, 1);
             state.sources.record_failure(peer.ip());
             tracing::warn!(%peer, client_id = %connect.client_id, reason = %refusal.reason, "control channel refused");
+            state
+                .audit
+                .record(|| crate::audit::AuditEvent::DeviceRefused {
+                    client_id: connect.client_id.clone(),
+                    address: peer.to_string(),
+                    reason: refusal.reason.clone(),
+                });
             return refuse_connect(&mut mqtt, refusal.code, write_timeout).await;
         }
     };
@@ -260,6 +267,13 @@ pub async fn run_session<T: PacketTransport>(
     };
     async {
         tracing::info!(keep_alive = connect.keep_alive, "device connected");
+        state
+            .audit
+            .record(|| crate::audit::AuditEvent::DeviceConnected {
+                device_id: session.identity.device_id.clone(),
+                module_id: session.identity.module_id.clone(),
+                address: peer.to_string(),
+            });
         // Replaces (and closes) the identity's previous channel right away, as IoT Hub does.
         state.presence.connect(&session.identity, handle);
         // In a cluster: answer this identity's stream creations and close
@@ -279,6 +293,14 @@ pub async fn run_session<T: PacketTransport>(
         state
             .presence
             .unregister(&session.identity, session.session_id);
+        state
+            .audit
+            .record(|| crate::audit::AuditEvent::DeviceDisconnected {
+                device_id: session.identity.device_id.clone(),
+                module_id: session.identity.module_id.clone(),
+                address: peer.to_string(),
+                reason: end.to_string(),
+            });
         if end.peer_stalled() {
             tracing::warn!(reason = %end, "device disconnected");
         } else {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod admin_api;
 pub mod admin_client;
+pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -19,6 +19,8 @@ Examples:
   relay serve --listen 0.0.0.0:443 --mqtt-listen 0.0.0.0:8883   # ports IoT Hub SDK programs cannot change
   relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
+  relay serve --audit-log /var/log/devstreams/audit.log --audit-log-max-size 50 --audit-log-max-files 10
+  relay serve --audit-log -                     # audit lines (JSON) on standard output, e.g. for journald
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
   relay serve --listen [::]:8443 --mqtt-listen [::]:8883   # IPv6 and IPv4 (dual-stack)
   relay serve --config /etc/devstreams/relay.toml   # keys: the flags' long names with _ for -
@@ -44,8 +46,9 @@ Several relays as one (cluster mode, NATS with JetStream):
   relay registry export registry.json                              # a single relay's registry (--data-dir) ...
   relay registry import registry.json --cluster nats://nats.internal:4222   # ... into the cluster
 
-Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_DATA_DIR, RELAY_ADMIN_URL, RELAY_TRUSTED_PROXIES, RELAY_CLUSTER,
-  RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug), DEVSTREAMS_LOG_FORMAT (text|json)";
+Environment: RELAY_LISTEN, RELAY_MQTT_LISTEN, RELAY_ADMIN_LISTEN, RELAY_AUDIT_LOG, RELAY_DATA_DIR, RELAY_ADMIN_URL, RELAY_TRUSTED_PROXIES,
+  RELAY_CLUSTER, RELAY_CLUSTER_CREDS, RELAY_CLUSTER_CA, RELAY_NODE_URL, RELAY_NODE_NAME, RUST_LOG (e.g. RUST_LOG=debug),
+  DEVSTREAMS_LOG_FORMAT (text|json)";
 
 #[derive(Parser)]
 #[command(name = "relay", version, about = "devstreams relay: pairs device and service WebSockets and copies bytes between them", after_help = EXAMPLES)]
@@ -268,6 +271,19 @@ struct ServeArgs {
     /// With --cluster: replicas of the cluster's buckets when this node creates them (at most the NATS cluster's size).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     cluster_replicas: usize,
+    /// Append one JSON line per event (stream requested, accepted/rejected, established, closed with bytes,
+    /// resumed; device connected/disconnected; registry changes) to FILE; `-` is standard output.
+    /// Repeatable (e.g. a file and -) or comma-separated. Off by default.
+    #[arg(long, env = "RELAY_AUDIT_LOG", value_delimiter = ',', value_name = "FILE|-",
+          value_parser = relay::audit::AuditOutput::parse)]
+    audit_log: Vec<relay::audit::AuditOutput>,
+    /// Rotate an audit log file before it grows past this size: MiB, or with a unit (64KiB, 1GiB); 0 = never.
+    #[arg(long, env = "RELAY_AUDIT_LOG_MAX_SIZE", value_name = "SIZE", default_value = "100",
+          value_parser = relay::audit::parse_size)]
+    audit_log_max_size: u64,
+    /// Rotated audit log files kept (FILE.1 newest … FILE.N oldest); older ones are deleted.
+    #[arg(long, env = "RELAY_AUDIT_LOG_MAX_FILES", value_name = "N", default_value_t = relay::audit::DEFAULT_MAX_FILES)]
+    audit_log_max_files: usize,
     /// Seconds between WebSocket pings on stream sockets; a side silent for 3 intervals is dropped (0 = off).
     #[arg(long, default_value_t = framing::pump::DEFAULT_PING_INTERVAL.as_secs(), value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=framing::pump::MAX_PING_INTERVAL.as_secs()))]
     ping_interval: u64,
@@ -486,6 +502,12 @@ fn serve(
     config.trusted_proxies =
         relay::trusted_proxies::TrustedProxies::new(arguments.trusted_proxy.clone());
     config.admin_listen = arguments.admin_listen;
+    if !arguments.audit_log.is_empty() {
+        let mut audit = relay::audit::AuditConfig::new(arguments.audit_log.clone());
+        audit.max_file_size = arguments.audit_log_max_size;
+        audit.max_files = arguments.audit_log_max_files;
+        config.audit = Some(audit);
+    }
     config.public_url = arguments.public_url;
     if let Some(url) = &config.public_url {
         if !(url.starts_with("wss://") || url.starts_with("ws://")) {

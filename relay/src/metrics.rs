@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bytes_device_to_service: Counter,
     pub bytes_service_to_device: Counter,
     pub control_channels_opened: Counter,
+    /// Audit events lost to a full queue (the disk did not keep up).
+    pub audit_events_dropped: Counter,
     streams_active: UnsignedGauge,
     streams_pending: UnsignedGauge,
     devices_connected: UnsignedGauge,
@@ -87,6 +89,7 @@ impl Default for Metrics {
             bytes_device_to_service: Counter::default(),
             bytes_service_to_device: Counter::default(),
             control_channels_opened: Counter::default(),
+            audit_events_dropped: Counter::default(),
             streams_active: UnsignedGauge::default(),
             streams_pending: UnsignedGauge::default(),
             devices_connected: UnsignedGauge::default(),
@@ -159,6 +162,11 @@ impl Default for Metrics {
                 "devstreams_control_channels_opened",
                 "Device control channels authenticated",
                 &metrics.control_channels_opened,
+            ),
+            (
+                "devstreams_audit_events_dropped",
+                "Audit events dropped because the audit log writer fell behind",
+                &metrics.audit_events_dropped,
             ),
         ];
         let mut registry = Registry::default();

@@ -66,6 +66,8 @@ impl RunningRelay {
         if let Some(cluster) = &self.state.cluster {
             cluster.leave().await;
         }
+        // Last: every stream has ended and recorded how.
+        self.state.audit.close().await;
     }
 
     pub fn active_streams(&self) -> usize {
@@ -237,11 +239,25 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
     };
     let (registry_source, snapshot) = registry_source;
     let snapshot_registry = Arc::new(SnapshotRegistry::new(snapshot));
-    let state = RelayState::new_in_cluster(
+    let metrics = crate::metrics::Metrics::default();
+    let audit = match &config.audit {
+        Some(audit_config) => crate::audit::Audit::open(
+            audit_config,
+            cluster
+                .as_ref()
+                .and_then(|cluster| cluster.node())
+                .map(|node| node.name.clone()),
+            metrics.audit_events_dropped.clone(),
+        )?,
+        None => crate::audit::Audit::disabled(),
+    };
+    let state = RelayState::assemble(
         config,
         snapshot_registry.clone(),
         StreamTokenKey::from_secret(&secret),
         cluster,
+        metrics,
+        audit,
     );
     let tls = acceptors.is_some();
     let cluster_description = state.cluster.as_ref().map(|cluster| match cluster.node() {

@@ -31,6 +31,8 @@ pub struct RelayState {
     pub metrics: Metrics,
     /// The streams being copied now, for the admin API.
     pub live_streams: Arc<crate::live::LiveStreams>,
+    /// The audit log (`--audit-log`); does nothing when off.
+    pub audit: crate::audit::Audit,
     /// The cluster this node belongs to (`relay serve --cluster`); `None`
     /// for a single relay.
     pub cluster: Option<Arc<Cluster>>,
@@ -59,6 +61,26 @@ impl RelayState {
         token_key: StreamTokenKey,
         cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
+        Self::assemble(
+            config,
+            registry,
+            token_key,
+            cluster,
+            Metrics::default(),
+            crate::audit::Audit::disabled(),
+        )
+    }
+
+    /// A node with its metrics and audit log made beforehand (the audit
+    /// log counts its drops in those metrics).
+    pub fn assemble(
+        config: RelayConfig,
+        registry: Arc<dyn Registry>,
+        token_key: StreamTokenKey,
+        cluster: Option<Arc<Cluster>>,
+        metrics: Metrics,
+        audit: crate::audit::Audit,
+    ) -> Arc<Self> {
         let admission = Admission::new(config.limits.clone());
         let max_pending = config.limits.max_pending_streams;
         let sources = Sources::new(config.limits.sources);
@@ -73,8 +95,9 @@ impl RelayState {
             pairing,
             admission,
             sources,
-            metrics: Metrics::default(),
+            metrics,
             live_streams: Arc::default(),
+            audit,
             cluster,
             tasks,
             stop_accepting,

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+use crate::audit::{AuditEvent, EndedBy};
 use crate::copy::{self, Interruption, RelayEnd};
 use crate::http_util::{
     error_code, error_response, switching_protocols, websocket_accept_key, Body,
@@ -84,6 +85,11 @@ pub fn upgrade(
         .is_some_and(|value| value.as_bytes() == b"1");
     let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, side = side.as_str());
     let task_state = state.clone();
+    let audited = AuditedStream {
+        stream_id: stream_id.clone(),
+        device_id: device_id.clone(),
+        stream_name: String::new(),
+    };
     state.tasks.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -101,7 +107,7 @@ pub fn upgrade(
             )
             .await;
             settle(
-                task_state, claim, socket, connection, side, resumable, stream_id,
+                task_state, claim, socket, connection, side, resumable, audited,
             )
             .await;
         }
@@ -112,6 +118,25 @@ pub fn upgrade(
 
 async fn close_with(mut socket: ServerWebSocket, code: u16, reason: &str) {
     copy::close_with(&mut socket, close_frame(code, reason)).await;
+}
+
+/// Which stream the audit log's lines are about.
+struct AuditedStream {
+    stream_id: String,
+    device_id: String,
+    /// Known once the first side has claimed the stream.
+    stream_name: String,
+}
+
+impl AuditedStream {
+    fn failed(&self, state: &RelayState, reason: &str) {
+        state.audit.record(|| AuditEvent::StreamFailed {
+            stream_id: self.stream_id.clone(),
+            device_id: self.device_id.clone(),
+            stream_name: self.stream_name.clone(),
+            reason: reason.to_string(),
+        });
+    }
 }
 
 /// How the first side's wait for the second ended.
@@ -142,7 +167,7 @@ async fn settle(
     connection: Arc<ConnectionGuard>,
     side: Side,
     resumable: bool,
-    stream_id: String,
+    mut audited: AuditedStream,
 ) {
     match claim {
         Claim::Join { sender, permit } => {
@@ -167,6 +192,7 @@ async fn settle(
         } => {
             let stream_name = details.stream_name.clone();
             tracing::debug!(waiting_for = side.other().as_str(), "first side connected");
+            audited.stream_name = stream_name.clone();
             let mut socket = socket;
             // The waiting side is read while it waits, so its pings and its
             // Close are answered. Its first data message (a server's banner,
@@ -197,6 +223,25 @@ async fn settle(
                     },
                 }
             };
+            let failure = match &waited {
+                Waited::Paired(_) => None,
+                Waited::Cancelled => {
+                    Some("the stream was cancelled before the other side connected")
+                }
+                Waited::Expired => {
+                    Some("the other side did not connect before the handshake deadline")
+                }
+                Waited::ShuttingDown => Some("the relay shut down before the other side connected"),
+                Waited::Moved => {
+                    Some("the relay is draining: the session resumes elsewhere (4012)")
+                }
+                Waited::ClosedByPeer => Some("the first side closed before the other connected"),
+                Waited::Lost => Some("the first side disconnected before the other connected"),
+                Waited::TooBig => Some("the first side sent a message over --max-message-size"),
+            };
+            if let Some(reason) = failure {
+                audited.failed(&state, &format!("{} side: {reason}", side.as_str()));
+            }
             if !matches!(waited, Waited::Paired(_)) {
                 // The stream is over: nobody may join it any more, and a side
                 // that joined just now is told so rather than dropped.
@@ -219,7 +264,7 @@ async fn settle(
                         *arrival,
                         early,
                         side,
-                        (&stream_id, details),
+                        (details, &audited),
                         resumable,
                     )
                     .await
@@ -284,7 +329,8 @@ async fn copy_stream(
     arrival: Arrival,
     early: Option<Message>,
     my_side: Side,
-    (stream_id, details): (&str, Arc<StreamDetails>),
+    // The live stream's id is the audit log's: the one the creation made.
+    (details, audited): (Arc<StreamDetails>, &AuditedStream),
     resumable: bool,
 ) {
     let stream_name = details.stream_name.clone();
@@ -301,9 +347,14 @@ async fn copy_stream(
     );
     let live = state
         .live_streams
-        .insert(stream_id, details, my_side == Side::Device);
+        .insert(&audited.stream_id, details, my_side == Side::Device);
     Metrics::add(&state.metrics.streams_established, 1);
     tracing::info!(stream_name, "stream established");
+    state.audit.record(|| AuditEvent::StreamEstablished {
+        stream_id: audited.stream_id.clone(),
+        device_id: audited.device_id.clone(),
+        stream_name: stream_name.clone(),
+    });
     let device_removed = async {
         match &permit {
             Some(permit) => permit.cancelled().await,
@@ -342,6 +393,40 @@ async fn copy_stream(
         )
         .await
     };
+    // Bytes each way, device to service first, as `my_side` says.
+    let by_direction = |first_to_second: u64, second_to_first: u64| match my_side {
+        Side::Device => (first_to_second, second_to_first),
+        Side::Service => (second_to_first, first_to_second),
+    };
+    let closed = |first_to_second: u64, second_to_first: u64, ended_by: EndedBy, reason: String| {
+        let (device_to_service, service_to_device) = by_direction(first_to_second, second_to_first);
+        state.audit.record(|| AuditEvent::StreamClosed {
+            stream_id: audited.stream_id.clone(),
+            device_id: audited.device_id.clone(),
+            stream_name: stream_name.clone(),
+            bytes_device_to_service: device_to_service,
+            bytes_service_to_device: service_to_device,
+            duration_ms: started.elapsed().as_millis() as u64,
+            ended_by,
+            reason,
+        });
+    };
+    // A cut drops the copy: its bytes so far are the live stream's counters
+    // (the ones the admin API shows), plus the early message sent first.
+    let cut = |reason: &str| {
+        let counters = &live.stream.counters;
+        closed(
+            counters
+                .first_to_second
+                .load(std::sync::atomic::Ordering::Relaxed)
+                + early_bytes,
+            counters
+                .second_to_first
+                .load(std::sync::atomic::Ordering::Relaxed),
+            EndedBy::Relay,
+            reason.to_string(),
+        )
+    };
     let report = tokio::select! {
         mut report = relay => {
             report.bytes_first_to_second += early_bytes;
@@ -349,23 +434,34 @@ async fn copy_stream(
         }
         _ = device_removed => {
             tracing::info!(stream_name, "stream cut: the device was removed or disabled");
+            cut("the device was removed, disabled or re-keyed");
             return;
         }
         _ = state.stop_streams.cancelled() => {
             tracing::info!(stream_name, "stream cut: the relay's drain deadline passed");
+            cut("the relay's drain deadline passed");
             return;
         }
     };
-    let (device_to_service, service_to_device) = match my_side {
-        Side::Device => (report.bytes_first_to_second, report.bytes_second_to_first),
-        Side::Service => (report.bytes_second_to_first, report.bytes_first_to_second),
-    };
+    let (device_to_service, service_to_device) =
+        by_direction(report.bytes_first_to_second, report.bytes_second_to_first);
     let side_of = |first: bool| {
         if first {
             my_side.as_str()
         } else {
             my_side.other().as_str()
         }
+    };
+    let side_named = |first: bool| match side_of(first) {
+        "device" => EndedBy::Device,
+        _ => EndedBy::Service,
+    };
+    let ended_by = match report.end {
+        RelayEnd::Closed { by_first, .. } => side_named(by_first),
+        RelayEnd::Lost { first_lost } => side_named(first_lost),
+        RelayEnd::Moved => EndedBy::Relay,
+        RelayEnd::ClosedByOperator => EndedBy::Operator,
+        RelayEnd::MessageTooBig { from_first } => side_named(from_first),
     };
     let ended = match report.end {
         RelayEnd::Closed { by_first, code } => {
@@ -400,6 +496,12 @@ async fn copy_stream(
         duration_ms = started.elapsed().as_millis() as u64,
         ended,
         "stream closed"
+    );
+    closed(
+        report.bytes_first_to_second,
+        report.bytes_second_to_first,
+        ended_by,
+        ended,
     );
     drop(permit);
 }

@@ -20,6 +20,7 @@ use rand::RngCore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::audit::AuditEvent;
 use crate::http_util::{error_code, error_response, throttled, Body, DEVICE_NOT_FOUND};
 use crate::limits::AdmissionError;
 use crate::metrics::Metrics;
@@ -55,7 +56,24 @@ pub fn timeout_header(headers: &HeaderMap, name: &str, cap: Duration) -> Result<
     }
 }
 
-fn new_stream_id() -> String {
+/// Records a refused or rejected creation in the audit log.
+fn audit_rejected(
+    state: &RelayState,
+    stream_id: &str,
+    device_id: &str,
+    status: StatusCode,
+    reason: &str,
+) {
+    state.audit.record(|| AuditEvent::StreamRejected {
+        stream_id: stream_id.to_string(),
+        device_id: device_id.to_string(),
+        status: status.as_u16(),
+        reason: reason.to_string(),
+    });
+}
+
+/// A fresh stream id: also the audit log's correlation id of the creation.
+pub fn new_stream_id() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -165,9 +183,36 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    match crate::rights::authorize(&state, &headers, Right::ServiceConnect) {
+    let stream_id = new_stream_id();
+    let authorized = crate::rights::authorize(&state, &headers, Right::ServiceConnect);
+    let policy = match &authorized {
+        Ok(policy) => Some(policy.name.clone()),
+        Err(Refusal::MissingRight { policy, .. }) => Some(policy.clone()),
+        Err(Refusal::BadCredentials(_)) => None,
+    };
+    state.audit.record(|| AuditEvent::StreamRequested {
+        stream_id: stream_id.clone(),
+        policy,
+        client_address: peer.to_string(),
+        device_id: device_id.clone(),
+        module_id: module_id.clone(),
+        stream_name: stream_name.clone(),
+        target: header(&headers, headers::TARGET).map(str::to_string),
+        resume: header(&headers, headers::RESUME)
+            .and_then(ResumeAsk::parse)
+            .map(ResumeAsk::as_str),
+        routed_from: None,
+    });
+    let rejected = |status: StatusCode, reason: &str| {
+        audit_rejected(&state, &stream_id, &device_id, status, reason)
+    };
+    match authorized {
         Ok(_) => {}
         Err(Refusal::BadCredentials(reason)) => {
+            rejected(
+                StatusCode::UNAUTHORIZED,
+                &format!("service credentials refused: {reason}"),
+            );
             Metrics::add(&state.metrics.authentication_failures, 1);
             state.sources.record_failure(peer.ip());
             tracing::warn!(%peer, device_id, %reason, "stream creation refused: bad service credentials");
@@ -178,6 +223,10 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
             );
         }
         Err(refusal @ Refusal::MissingRight { .. }) => {
+            rejected(
+                StatusCode::UNAUTHORIZED,
+                &format!("service credentials refused: {refusal}"),
+            );
             // Valid credentials: no slowdown, the client only used the wrong policy.
             tracing::warn!(%peer, device_id, %refusal, "stream creation refused: missing right");
             return error_response(
@@ -188,6 +237,7 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
         }
     }
     if let Err(reason) = validate_stream_name(&stream_name) {
+        rejected(StatusCode::BAD_REQUEST, reason);
         return error_response(
             StatusCode::BAD_REQUEST,
             error_code(StatusCode::BAD_REQUEST, 1),
@@ -201,14 +251,16 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     ) {
         (Ok(connect), Ok(response)) => (connect, response),
         (Err(reason), _) | (_, Err(reason)) => {
+            rejected(StatusCode::BAD_REQUEST, &reason);
             return error_response(
                 StatusCode::BAD_REQUEST,
                 error_code(StatusCode::BAD_REQUEST, 2),
                 &reason,
-            )
+            );
         }
     };
-    if let Err(refusal) = check_device(&state, &device_id).await {
+    if let Err((reason, refusal)) = check_device(&state, &device_id).await {
+        rejected(refusal.status(), reason);
         return refusal;
     }
     let deadlines =
@@ -232,11 +284,31 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
             if let crate::cluster::routing::Routed::Answered(response) =
                 crate::cluster::routing::route(&state, &cluster, &creation, peer, &deadlines).await
             {
+                let accepted = response.status() == StatusCode::OK
+                    && response
+                        .headers()
+                        .get(headers::IS_ACCEPTED)
+                        .map(|v| v.as_bytes())
+                        == Some(b"True");
+                if accepted {
+                    state.audit.record(|| AuditEvent::StreamAccepted {
+                        stream_id: stream_id.clone(),
+                        device_id: creation.identity.device_id.clone(),
+                    });
+                } else {
+                    audit_rejected(
+                        &state,
+                        &stream_id,
+                        &creation.identity.device_id,
+                        response.status(),
+                        "refused or rejected on the node holding the device (see its audit log)",
+                    );
+                }
                 return response;
             }
         }
     }
-    create_here(state, creation, peer, deadlines).await
+    create_here(state, creation, peer, deadlines, stream_id).await
 }
 
 /// What a creation asks, apart from the credentials already checked: all a
@@ -256,27 +328,40 @@ pub struct Creation {
 }
 
 /// The device must be registered and enabled (read from this node's copy).
-async fn check_device(state: &RelayState, device_id: &str) -> Result<(), Response<Body>> {
+/// A refusal comes with its reason for the audit log.
+async fn check_device(
+    state: &RelayState,
+    device_id: &str,
+) -> Result<(), (&'static str, Response<Body>)> {
     match crate::registry::usable_device(state.registry.as_ref(), device_id).await {
         Ok(Some(record)) if record.enabled => Ok(()),
-        Ok(Some(_)) => Err(error_response(
-            StatusCode::NOT_FOUND,
-            DEVICE_NOT_FOUND,
-            &format!("device {device_id} is disabled"),
+        Ok(Some(_)) => Err((
+            "device disabled",
+            error_response(
+                StatusCode::NOT_FOUND,
+                DEVICE_NOT_FOUND,
+                &format!("device {device_id} is disabled"),
+            ),
         )),
-        Ok(None) => Err(error_response(
-            StatusCode::NOT_FOUND,
-            DEVICE_NOT_FOUND,
-            &format!(
-                "device {device_id} is not registered: add it with `relay device add {device_id}`"
+        Ok(None) => Err((
+            "unknown device",
+            error_response(
+                StatusCode::NOT_FOUND,
+                DEVICE_NOT_FOUND,
+                &format!(
+                    "device {device_id} is not registered: add it with `relay device add {device_id}`"
+                ),
             ),
         )),
         Err(error) => {
             tracing::error!(%error, "registry lookup failed");
-            Err(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                503001,
-                "the relay's registry is unavailable; retry later",
+            Err((
+                "registry unavailable",
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    503001,
+                    "the relay's registry is unavailable; retry later",
+                ),
             ))
         }
     }
@@ -291,18 +376,27 @@ pub async fn create_here(
     creation: Creation,
     peer: std::net::SocketAddr,
     deadlines: CreationDeadlines,
+    stream_id: String,
 ) -> Response<Body> {
+    let device_id = creation.identity.device_id.clone();
     if state.cluster.is_some() {
         // On the holding node the registry copy is checked again: the
         // device may have been disabled since the entry node looked.
-        if let Err(refusal) = check_device(&state, &creation.identity.device_id).await {
+        if let Err((reason, refusal)) = check_device(&state, &device_id).await {
+            audit_rejected(&state, &stream_id, &device_id, refusal.status(), reason);
             return refusal;
         }
     }
-    let device_id = creation.identity.device_id.clone();
     let permit = match state.admission.admit(&device_id) {
         Ok(permit) => permit,
         Err(error) => {
+            audit_rejected(
+                &state,
+                &stream_id,
+                &device_id,
+                StatusCode::TOO_MANY_REQUESTS,
+                &error.to_string(),
+            );
             Metrics::add(&state.metrics.stream_creations_refused, 1);
             tracing::warn!(device_id, %error, "stream creation refused by limits");
             let retry_after = match error {
@@ -312,7 +406,6 @@ pub async fn create_here(
             return throttled(&error.to_string(), retry_after);
         }
     };
-    let stream_id = new_stream_id();
     let span = tracing::info_span!("stream", device_id = %device_id, stream_id = %stream_id, stream_name = %creation.stream_name);
     negotiate(state, creation, peer, stream_id, permit, deadlines)
         .instrument(span)
@@ -348,6 +441,9 @@ async fn negotiate(
     let device_id = identity.device_id.clone();
     let module_id = identity.module_id.clone();
     let expiry = deadlines.token_expiry();
+    let rejected = |status: StatusCode, reason: &str| {
+        audit_rejected(&state, &stream_id, &device_id, status, reason)
+    };
     Metrics::add(&state.metrics.streams_requested, 1);
     tracing::info!(%peer, module_id = module_id.as_deref().unwrap_or(""), "stream requested");
 
@@ -357,6 +453,10 @@ async fn negotiate(
     let Some(session) = state.presence.wait_for(&identity, connect_wait).await else {
         let waited = deadlines.connect_wait();
         tracing::info!(?waited, "stream failed: device not connected");
+        rejected(
+            StatusCode::NOT_FOUND,
+            &format!("device not connected (waited {} s)", waited.as_secs()),
+        );
         return error_response(
             StatusCode::NOT_FOUND,
             headers::ERROR_DEVICE_NOT_ONLINE,
@@ -384,6 +484,7 @@ async fn negotiate(
         Ok(registration) => registration,
         Err(full) => {
             Metrics::add(&state.metrics.stream_creations_refused, 1);
+            rejected(StatusCode::TOO_MANY_REQUESTS, &full.to_string());
             return throttled(&full.to_string(), 5);
         }
     };
@@ -407,6 +508,10 @@ async fn negotiate(
         resume: resume_asked,
     };
     let Ok(answer) = session.send_request(stream_request) else {
+        rejected(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the device has too many stream requests waiting",
+        );
         return throttled(
             &format!("device {device_id} has too many stream requests waiting; retry later"),
             1,
@@ -418,6 +523,10 @@ async fn negotiate(
         Ok(Ok(response)) => response,
         Ok(Err(_)) => {
             tracing::info!("stream failed: device disconnected before answering");
+            rejected(
+                StatusCode::GATEWAY_TIMEOUT,
+                "device disconnected before answering",
+            );
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 error_code(StatusCode::GATEWAY_TIMEOUT, 1),
@@ -429,6 +538,13 @@ async fn negotiate(
         Err(_) => {
             let waited = answer_by.saturating_duration_since(asked);
             tracing::info!(?waited, "stream failed: device did not answer");
+            rejected(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "device did not answer within {} s",
+                    waited.as_secs_f64().round()
+                ),
+            );
             return error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 error_code(StatusCode::GATEWAY_TIMEOUT, 1),
@@ -451,6 +567,16 @@ async fn negotiate(
             Some(target) => format!("device {device_id} rejected stream {stream_name} (target {target}): the device does not expose that target, or the target refused the connection; see the device's log"),
             None => format!("device {device_id} rejected stream {stream_name}; see the device's log for why"),
         };
+        rejected(
+            StatusCode::OK,
+            &match target {
+                Some(target) => format!(
+                    "rejected by the device (status {}, target {target})",
+                    response.status
+                ),
+                None => format!("rejected by the device (status {})", response.status),
+            },
+        );
         let body = serde_json::json!({ "errorCode": 400_000 + i64::from(response.status % 1000), "message": message }).to_string();
         return Response::builder()
             .status(StatusCode::OK)
@@ -464,6 +590,16 @@ async fn negotiate(
     }
     Metrics::add(&state.metrics.streams_accepted, 1);
     tracing::info!("stream accepted by the device");
+    state.audit.record(|| AuditEvent::StreamAccepted {
+        stream_id: stream_id.clone(),
+        device_id: device_id.clone(),
+    });
+    if response.resume && resume_asked == Some(ResumeAsk::Continue) {
+        state.audit.record(|| AuditEvent::StreamResumed {
+            stream_id: stream_id.clone(),
+            device_id: device_id.clone(),
+        });
+    }
     let service_token = state
         .token_key
         .issue(&stream_id, &device_id, Side::Service, expiry);

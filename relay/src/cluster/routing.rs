@@ -281,8 +281,28 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
                     .and_then(framing::topics::ResumeAsk::parse),
                 origin: Default::default(),
             };
-            let response =
-                crate::streams_api::create_here(state.clone(), creation, peer, deadlines).await;
+            let stream_id = crate::streams_api::new_stream_id();
+            state
+                .audit
+                .record(|| crate::audit::AuditEvent::StreamRequested {
+                    stream_id: stream_id.clone(),
+                    policy: None,
+                    client_address: peer.to_string(),
+                    device_id: creation.identity.device_id.clone(),
+                    module_id: creation.identity.module_id.clone(),
+                    stream_name: creation.stream_name.clone(),
+                    target: creation.target.clone(),
+                    resume: creation.resume.map(framing::topics::ResumeAsk::as_str),
+                    routed_from: Some(request.from_node.clone()),
+                });
+            let response = crate::streams_api::create_here(
+                state.clone(),
+                creation,
+                peer,
+                deadlines,
+                stream_id,
+            )
+            .await;
             RoutedAnswer::from_response(response).await
         }
         Err(error) => {

@@ -114,7 +114,9 @@ pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, sou
             Ok(Ok(Some(snapshot))) => {
                 failing = false;
                 let devices = snapshot.device_count();
+                let before = registry.current();
                 let revoked = registry.replace(snapshot);
+                audit_changes(&state, "data_dir", &before, &registry.current());
                 tracing::debug!(devices, revoked = revoked.len(), "registry reloaded");
                 cut(&state, &revoked);
             }
@@ -130,6 +132,30 @@ pub async fn follow(state: Arc<RelayState>, registry: Arc<SnapshotRegistry>, sou
             }
         }
         registry.check_finished(covers);
+    }
+}
+
+/// Records in the audit log what changed between two snapshots; `source`
+/// says where the change came from (`data_dir`: a `relay` command on the
+/// data dir, or an import; `cluster`: any node or command on the cluster).
+pub(super) fn audit_changes(
+    state: &RelayState,
+    source: &'static str,
+    before: &super::Snapshot,
+    after: &super::Snapshot,
+) {
+    if !state.audit.is_enabled() {
+        return;
+    }
+    for (kind, name, change) in before.changes_in(after) {
+        state
+            .audit
+            .record(|| crate::audit::AuditEvent::RegistryChanged {
+                source,
+                kind,
+                name,
+                change,
+            });
     }
 }
 

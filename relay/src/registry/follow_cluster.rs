@@ -274,7 +274,9 @@ fn publish(
     *changed = false;
     let snapshot = source.snapshot();
     let devices = snapshot.device_count();
+    let before = registry.current();
     let revoked = registry.replace(snapshot);
+    super::follow::audit_changes(state, "cluster", &before, &registry.current());
     tracing::debug!(
         devices,
         revoked = revoked.len(),

@@ -75,6 +75,55 @@ impl Snapshot {
         revoked.sort();
         revoked
     }
+
+    /// What changed from `self` to `next`, for the audit log: `(kind, name,
+    /// change)` with kind `device` or `policy` and change `added`,
+    /// `removed`, `enabled`, `disabled` or `key_rotated`. Sorted; no keys.
+    pub fn changes_in(&self, next: &Snapshot) -> Vec<(&'static str, String, &'static str)> {
+        let mut changes = Vec::new();
+        for (device_id, after) in &next.devices {
+            match self.devices.get(device_id) {
+                None => changes.push(("device", device_id.clone(), "added")),
+                Some(before) => {
+                    if before.enabled != after.enabled {
+                        let change = if after.enabled { "enabled" } else { "disabled" };
+                        changes.push(("device", device_id.clone(), change));
+                    }
+                    if before.primary_key != after.primary_key
+                        || before.secondary_key != after.secondary_key
+                    {
+                        changes.push(("device", device_id.clone(), "key_rotated"));
+                    }
+                }
+            }
+        }
+        for device_id in self.devices.keys() {
+            if !next.devices.contains_key(device_id) {
+                changes.push(("device", device_id.clone(), "removed"));
+            }
+        }
+        for (name, after) in &next.policies {
+            match self.policies.get(name) {
+                None => changes.push(("policy", name.clone(), "added")),
+                Some(before) => {
+                    if before.primary_key != after.primary_key
+                        || before.secondary_key != after.secondary_key
+                    {
+                        changes.push(("policy", name.clone(), "key_rotated"));
+                    } else if before != after {
+                        changes.push(("policy", name.clone(), "changed"));
+                    }
+                }
+            }
+        }
+        for name in self.policies.keys() {
+            if !next.policies.contains_key(name) {
+                changes.push(("policy", name.clone(), "removed"));
+            }
+        }
+        changes.sort();
+        changes
+    }
 }
 
 /// What one check of the store answers for: the refreshes asked for and the

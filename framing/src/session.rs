@@ -58,7 +58,11 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// eighth of the replay buffer, when that is smaller).
 pub const ACK_EVERY: u64 = 256 * 1024;
 /// Most acknowledged read buffers a session keeps for reuse.
-const MAX_SPARE_BUFFERS: usize = 8;
+const MAX_SPARE_BUFFERS: usize = 64;
+/// How long spare read buffers outlive the last unacknowledged byte: long
+/// enough to ride over a pause in a transfer, short enough that a session
+/// gone quiet soon holds nothing.
+const SPARE_LINGER: Duration = Duration::from_secs(1);
 /// Largest text (control) message a session accepts.
 const MAX_CONTROL_MESSAGE: usize = 1024;
 /// How long to wait for a final Close frame to be written.
@@ -333,8 +337,11 @@ struct Ledger {
     /// Freeing each and allocating anew made the allocator hand memory back
     /// to the system and fault it in again, page by page: a quarter more CPU
     /// per byte in bulk transfers than the plain pump. Emptied whenever the
-    /// replay buffer empties, so a quiet session holds none.
+    /// replay buffer has stayed empty for [`SPARE_LINGER`], so a quiet
+    /// session holds none.
     spare: Vec<BytesMut>,
+    /// When the replay buffer last became empty with spares kept.
+    emptied_at: Option<Instant>,
 }
 
 impl Ledger {
@@ -369,8 +376,8 @@ impl Ledger {
                 self.acked = count;
             }
         }
-        if self.replay.is_empty() && std::env::var_os("KEEP_SPARE").is_none() {
-            self.spare = Vec::new();
+        if self.replay.is_empty() && !self.spare.is_empty() && self.emptied_at.is_none() {
+            self.emptied_at = Some(Instant::now());
         }
         true
     }
@@ -488,6 +495,7 @@ where
             sent: 0,
             attached: false,
             spare: Vec::new(),
+            emptied_at: None,
         }),
         room: Notify::new(),
         work: Notify::new(),
@@ -726,10 +734,9 @@ async fn read_local<R: LocalReader>(
                 None
             } else {
                 let buffer_room = shared.capacity.saturating_sub(ledger.replay_bytes);
-                if ledger.attached {
-                    let unsent = ledger.read_total.saturating_sub(ledger.sent);
-                    let ahead_room = shared.read_ahead.saturating_sub(unsent) as usize;
-                    Some(buffer_room.min(ahead_room))
+                let unsent = ledger.read_total.saturating_sub(ledger.sent);
+                if ledger.attached && unsent >= shared.read_ahead {
+                    Some(0)
                 } else {
                     Some(buffer_room)
                 }
@@ -745,7 +752,10 @@ async fn read_local<R: LocalReader>(
         }
         let room = room.unwrap_or_default();
         let take_buffer = |size| shared.ledger().read_buffer(size);
-        match reader.read_chunk(read_chunk.min(room).max(1), take_buffer).await {
+        match reader
+            .read_chunk(read_chunk.min(room).max(1), take_buffer)
+            .await
+        {
             Ok(chunk) if chunk.is_empty() => {
                 shared.ledger().local_fin = true;
                 shared.work.notify_one();
@@ -755,6 +765,7 @@ async fn read_local<R: LocalReader>(
                 ledger.read_total += chunk.len() as u64;
                 ledger.replay_bytes += chunk.len();
                 ledger.replay.push_back(chunk);
+                ledger.emptied_at = None;
                 drop(ledger);
                 shared.work.notify_one();
             }
@@ -811,7 +822,20 @@ where
                 let ack_at = (ledger.received > ledger.ack_sent)
                     .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
                     .flatten();
-                Step::Idle(ack_at)
+                let spare_expiry = if ledger.replay.is_empty() {
+                    ledger.emptied_at.map(|emptied| emptied + SPARE_LINGER)
+                } else {
+                    None
+                };
+                let spare_expiry = match spare_expiry {
+                    Some(expiry) if expiry <= Instant::now() => {
+                        ledger.spare = Vec::new();
+                        ledger.emptied_at = None;
+                        None
+                    }
+                    other => other,
+                };
+                Step::Idle(earliest(ack_at, spare_expiry))
             }
         };
         match step {
@@ -851,6 +875,14 @@ where
                 }
             }
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> {
+    match (first, second) {
+        (Some(first), Some(second)) => Some(first.min(second)),
+        (first, second) => first.or(second),
     }
 }
 
@@ -1002,6 +1034,7 @@ mod tests {
             sent: 0,
             attached: false,
             spare: Vec::new(),
+            emptied_at: None,
         }
     }
 
@@ -1012,7 +1045,7 @@ mod tests {
     }
 
     #[test]
-    fn acknowledged_read_buffers_are_reused_while_data_flows_and_dropped_when_all_is_acked() {
+    fn acknowledged_read_buffers_are_reused_while_data_flows() {
         let mut ledger = ledger();
         for _ in 0..3 {
             let mut buffer = ledger.read_buffer(1024);
@@ -1029,14 +1062,18 @@ mod tests {
         assert_eq!((first.len(), rest.len()), (400, 600));
         drop((first, rest));
         assert!(ledger.acknowledge(500));
-        assert!(ledger.spare.is_empty(), "the first chunk is half acknowledged");
+        assert!(
+            ledger.spare.is_empty(),
+            "the first chunk is half acknowledged"
+        );
         assert!(ledger.acknowledge(2000));
         assert_eq!(ledger.spare.len(), 2, "two whole chunks acknowledged");
         let reused = ledger.read_buffer(1024);
         assert!(reused.is_empty() && reused.capacity() >= 1024);
         assert_eq!(ledger.spare.len(), 1);
         assert!(ledger.acknowledge(3000));
-        assert!(ledger.spare.is_empty(), "nothing in flight: no buffer kept");
+        assert_eq!(ledger.spare.len(), 2, "kept a moment after the last ack");
+        assert!(ledger.emptied_at.is_some(), "and their expiry is set");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Join};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -33,10 +33,17 @@ pub trait LocalConnection: Send {
 
 /// The reading direction of a [`LocalConnection`].
 pub trait LocalReader: Send {
-    /// Waits for input, then reads at most `limit` bytes; an empty chunk is
-    /// the end of input. Cancel-safe: when the future is dropped, no byte
-    /// is lost.
-    fn read_chunk(&mut self, limit: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+    /// Waits for input, then reads at most `limit` bytes into a buffer from
+    /// `buffer` (asked with `limit`; it may be larger); an empty chunk is the
+    /// end of input. Cancel-safe: when the future is dropped, no byte is
+    /// lost.
+    fn read_chunk<F>(
+        &mut self,
+        limit: usize,
+        buffer: F,
+    ) -> impl Future<Output = io::Result<Bytes>> + Send
+    where
+        F: FnMut(usize) -> BytesMut + Send;
 }
 
 impl LocalConnection for TcpStream {
@@ -58,12 +65,15 @@ impl LocalConnection for TcpStream {
 }
 
 impl LocalReader for OwnedReadHalf {
-    async fn read_chunk(&mut self, limit: usize) -> io::Result<Bytes> {
+    async fn read_chunk<F>(&mut self, limit: usize, mut buffer: F) -> io::Result<Bytes>
+    where
+        F: FnMut(usize) -> BytesMut + Send,
+    {
         loop {
             // Wait for data before taking a buffer, so an idle stream holds none.
             self.readable().await?;
-            let mut buffer = BytesMut::with_capacity(limit);
-            match self.try_read_buf(&mut buffer) {
+            let mut buffer = buffer(limit);
+            match self.try_read_buf(&mut (&mut buffer).limit(limit)) {
                 Ok(_) => return Ok(buffer.freeze()),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),
@@ -96,10 +106,13 @@ where
 pub struct ChunkReader<R>(pub R);
 
 impl<R: AsyncRead + Unpin + Send> LocalReader for ChunkReader<R> {
-    async fn read_chunk(&mut self, limit: usize) -> io::Result<Bytes> {
-        let mut buffer = BytesMut::with_capacity(limit);
+    async fn read_chunk<F>(&mut self, limit: usize, mut buffer: F) -> io::Result<Bytes>
+    where
+        F: FnMut(usize) -> BytesMut + Send,
+    {
+        let mut buffer = buffer(limit);
         // `read_buf` is cancel-safe: dropped before it completes, it read nothing.
-        self.0.read_buf(&mut buffer).await?;
+        self.0.read_buf(&mut (&mut buffer).limit(limit)).await?;
         Ok(buffer.freeze())
     }
 }

@@ -342,7 +342,7 @@ where
         }
         tokio::select! {
             // TCP waits for data before taking a buffer, so an idle stream holds none.
-            chunk = reader.read_chunk(options.read_chunk), if !finished_sending => {
+            chunk = reader.read_chunk(options.read_chunk, bytes::BytesMut::with_capacity), if !finished_sending => {
                 match chunk {
                     Ok(chunk) if chunk.is_empty() && options.half_close => {
                         if let Err(error) = sink.send(Message::Binary(bytes::Bytes::new())).await {

@@ -27,7 +27,7 @@ use std::io;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
@@ -57,6 +57,12 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Bulk transfers are acknowledged at least every this many bytes (or an
 /// eighth of the replay buffer, when that is smaller).
 pub const ACK_EVERY: u64 = 256 * 1024;
+/// Most acknowledged read buffers a session keeps for reuse.
+const MAX_SPARE_BUFFERS: usize = 64;
+/// How long spare read buffers outlive the last unacknowledged byte: long
+/// enough to ride over a pause in a transfer, short enough that a session
+/// gone quiet soon holds nothing.
+const SPARE_LINGER: Duration = Duration::from_secs(1);
 /// Largest text (control) message a session accepts.
 const MAX_CONTROL_MESSAGE: usize = 1024;
 /// How long to wait for a final Close frame to be written.
@@ -319,6 +325,23 @@ struct Ledger {
     remote_fin: bool,
     ack_sent: u64,
     unacked_since: Option<Instant>,
+    /// Our position handed to the current carrier's sink.
+    sent: u64,
+    /// Whether a carrier is attached. While one is, the local reader stays
+    /// at most [`Shared::read_ahead`] bytes ahead of `sent`, so bulk data is
+    /// read, sent and freed in small hot buffers (as the plain pump does)
+    /// instead of megabytes read ahead into cold memory; while none is, it
+    /// fills the replay buffer.
+    attached: bool,
+    /// Acknowledged read buffers kept for the next reads while data flows.
+    /// Freeing each and allocating anew made the allocator hand memory back
+    /// to the system and fault it in again, page by page: a quarter more CPU
+    /// per byte in bulk transfers than the plain pump. Emptied whenever the
+    /// replay buffer has stayed empty for [`SPARE_LINGER`], so a quiet
+    /// session holds none.
+    spare: Vec<BytesMut>,
+    /// When the replay buffer last became empty with spares kept.
+    emptied_at: Option<Instant>,
 }
 
 impl Ledger {
@@ -341,7 +364,9 @@ impl Ledger {
             };
             let drop_bytes = (count - self.acked).min(front.len() as u64) as usize;
             if drop_bytes == front.len() {
-                self.replay.pop_front();
+                if let Some(chunk) = self.replay.pop_front() {
+                    self.recycle(chunk);
+                }
             } else {
                 *front = front.slice(drop_bytes..);
             }
@@ -351,7 +376,36 @@ impl Ledger {
                 self.acked = count;
             }
         }
+        if self.replay.is_empty() && !self.spare.is_empty() && self.emptied_at.is_none() {
+            self.emptied_at = Some(Instant::now());
+        }
         true
+    }
+
+    /// Keeps an acknowledged chunk's memory for a later read, when nothing
+    /// else (a WebSocket frame being written) still holds it.
+    fn recycle(&mut self, chunk: Bytes) {
+        if self.spare.len() >= MAX_SPARE_BUFFERS {
+            return;
+        }
+        if let Ok(mut buffer) = chunk.try_into_mut() {
+            buffer.clear();
+            self.spare.push(buffer);
+        }
+    }
+
+    /// A buffer for one read of up to `size` bytes: a spare one when there
+    /// is one, else a new one.
+    fn read_buffer(&mut self, size: usize) -> BytesMut {
+        match self.spare.pop() {
+            Some(mut buffer) => {
+                // Moves the (empty) view back to the start of its memory;
+                // allocates only when the spare one is too small.
+                buffer.reserve(size);
+                buffer
+            }
+            None => BytesMut::with_capacity(size),
+        }
     }
 
     /// Up to `limit` bytes starting at `offset`, from the replay buffer.
@@ -389,6 +443,7 @@ struct Shared {
     work: Notify,
     capacity: usize,
     ack_every: u64,
+    read_ahead: u64,
 }
 
 impl Shared {
@@ -437,11 +492,16 @@ where
             remote_fin: false,
             ack_sent: 0,
             unacked_since: None,
+            sent: 0,
+            attached: false,
+            spare: Vec::new(),
+            emptied_at: None,
         }),
         room: Notify::new(),
         work: Notify::new(),
         capacity,
         ack_every: ACK_EVERY.min((capacity as u64 / 8).max(1)),
+        read_ahead: 2 * options.read_chunk.max(1) as u64,
     };
     let mut resumes = 0u32;
     let mut bytes_replayed = 0u64;
@@ -508,7 +568,12 @@ where
                     }
                 }
             }
-            shared.ledger().ack_sent = received;
+            {
+                let mut ledger = shared.ledger();
+                ledger.ack_sent = received;
+                ledger.sent = peer_received;
+                ledger.attached = true;
+            }
             // The peer's count may have freed the whole replay buffer with
             // no ack to come: the local reader must hear of the room.
             shared.room.notify_one();
@@ -621,7 +686,13 @@ async fn wait_for_carrier<S, F>(
 where
     F: std::future::Future<Output = io::Error>,
 {
-    let received = shared.ledger().received;
+    let received = {
+        let mut ledger = shared.ledger();
+        ledger.attached = false;
+        ledger.received
+    };
+    // Without a carrier the reader may fill the whole replay buffer.
+    shared.room.notify_one();
     tracing::info!(%reason, received, "session stream lost; waiting to resume");
     if let Some(losses) = losses {
         if losses.try_send(Loss { received, reason }).is_err() {
@@ -662,7 +733,13 @@ async fn read_local<R: LocalReader>(
             if ledger.local_fin {
                 None
             } else {
-                Some(shared.capacity.saturating_sub(ledger.replay_bytes))
+                let buffer_room = shared.capacity.saturating_sub(ledger.replay_bytes);
+                let unsent = ledger.read_total.saturating_sub(ledger.sent);
+                if ledger.attached && unsent >= shared.read_ahead {
+                    Some(0)
+                } else {
+                    Some(buffer_room)
+                }
             }
         };
         match room {
@@ -674,7 +751,11 @@ async fn read_local<R: LocalReader>(
             Some(_) => {}
         }
         let room = room.unwrap_or_default();
-        match reader.read_chunk(read_chunk.min(room).max(1)).await {
+        let take_buffer = |size| shared.ledger().read_buffer(size);
+        match reader
+            .read_chunk(read_chunk.min(room).max(1), take_buffer)
+            .await
+        {
             Ok(chunk) if chunk.is_empty() => {
                 shared.ledger().local_fin = true;
                 shared.work.notify_one();
@@ -684,6 +765,7 @@ async fn read_local<R: LocalReader>(
                 ledger.read_total += chunk.len() as u64;
                 ledger.replay_bytes += chunk.len();
                 ledger.replay.push_back(chunk);
+                ledger.emptied_at = None;
                 drop(ledger);
                 shared.work.notify_one();
             }
@@ -715,7 +797,7 @@ where
     let lost = |error: tokio_tungstenite::tungstenite::Error| CarrierEnd::Lost(error.to_string());
     loop {
         let step = {
-            let ledger = shared.ledger();
+            let mut ledger = shared.ledger();
             let ack_due = ledger.received > ledger.ack_sent
                 && (ledger.received - ledger.ack_sent >= shared.ack_every
                     || ledger.remote_fin
@@ -725,6 +807,12 @@ where
             if ack_due {
                 Step::Ack(ledger.received)
             } else if let Some(data) = ledger.data_from(next, DEFAULT_READ_CHUNK) {
+                let unsent_before = ledger.read_total.saturating_sub(ledger.sent);
+                ledger.sent = next + data.len() as u64;
+                if unsent_before >= shared.read_ahead {
+                    // The reader was held back by the read-ahead bound.
+                    shared.room.notify_one();
+                }
                 Step::Data(data)
             } else if ledger.local_fin && next == ledger.read_total {
                 Step::Fin
@@ -734,7 +822,20 @@ where
                 let ack_at = (ledger.received > ledger.ack_sent)
                     .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
                     .flatten();
-                Step::Idle(ack_at)
+                let spare_expiry = if ledger.replay.is_empty() {
+                    ledger.emptied_at.map(|emptied| emptied + SPARE_LINGER)
+                } else {
+                    None
+                };
+                let spare_expiry = match spare_expiry {
+                    Some(expiry) if expiry <= Instant::now() => {
+                        ledger.spare = Vec::new();
+                        ledger.emptied_at = None;
+                        None
+                    }
+                    other => other,
+                };
+                Step::Idle(earliest(ack_at, spare_expiry))
             }
         };
         match step {
@@ -774,6 +875,14 @@ where
                 }
             }
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> {
+    match (first, second) {
+        (Some(first), Some(second)) => Some(first.min(second)),
+        (first, second) => first.or(second),
     }
 }
 
@@ -922,6 +1031,10 @@ mod tests {
             remote_fin: false,
             ack_sent: 0,
             unacked_since: None,
+            sent: 0,
+            attached: false,
+            spare: Vec::new(),
+            emptied_at: None,
         }
     }
 
@@ -929,6 +1042,38 @@ mod tests {
         ledger.read_total += data.len() as u64;
         ledger.replay_bytes += data.len();
         ledger.replay.push_back(Bytes::from_static(data));
+    }
+
+    #[test]
+    fn acknowledged_read_buffers_are_reused_while_data_flows() {
+        let mut ledger = ledger();
+        for _ in 0..3 {
+            let mut buffer = ledger.read_buffer(1024);
+            buffer.extend_from_slice(&[7u8; 1000]);
+            let chunk = buffer.freeze();
+            ledger.read_total += chunk.len() as u64;
+            ledger.replay_bytes += chunk.len();
+            ledger.replay.push_back(chunk);
+        }
+        // Sent in two pieces, as the sender slices a chunk; the pieces are
+        // dropped once written.
+        let first = ledger.data_from(0, 400).expect("data");
+        let rest = ledger.data_from(400, 4096).expect("data");
+        assert_eq!((first.len(), rest.len()), (400, 600));
+        drop((first, rest));
+        assert!(ledger.acknowledge(500));
+        assert!(
+            ledger.spare.is_empty(),
+            "the first chunk is half acknowledged"
+        );
+        assert!(ledger.acknowledge(2000));
+        assert_eq!(ledger.spare.len(), 2, "two whole chunks acknowledged");
+        let reused = ledger.read_buffer(1024);
+        assert!(reused.is_empty() && reused.capacity() >= 1024);
+        assert_eq!(ledger.spare.len(), 1);
+        assert!(ledger.acknowledge(3000));
+        assert_eq!(ledger.spare.len(), 2, "kept a moment after the last ack");
+        assert!(ledger.emptied_at.is_some(), "and their expiry is set");
     }
 
     #[test]

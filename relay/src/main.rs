@@ -580,7 +580,7 @@ fn serve(
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
         }
         if let Some(admin_address) = relay.admin_address {
-            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/)");
+            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/, web console at http://{admin_address}/console/)");
         }
         println!(
             "Service connection string: {}",

@@ -94,7 +94,9 @@ fn in_file(path: &std::path::Path, device_id: &str, change: DeviceChange) -> Cha
     let record = match change {
         DeviceChange::Add => Some(registry.add_device(device_id)?),
         DeviceChange::Enable => registry.set_device_enabled(device_id, true).map(|_| None)?,
-        DeviceChange::Disable => registry.set_device_enabled(device_id, false).map(|_| None)?,
+        DeviceChange::Disable => registry
+            .set_device_enabled(device_id, false)
+            .map(|_| None)?,
         DeviceChange::RotateKey => Some(registry.rotate_device_key(device_id, false)?),
         DeviceChange::Remove => registry.remove_device(device_id).map(|_| None)?,
     };
@@ -111,8 +113,14 @@ async fn in_cluster(
 ) -> Changed {
     let record = match change {
         DeviceChange::Add => Some(cluster.add_device(device_id).await?),
-        DeviceChange::Enable => cluster.set_device_enabled(device_id, true).await.map(|_| None)?,
-        DeviceChange::Disable => cluster.set_device_enabled(device_id, false).await.map(|_| None)?,
+        DeviceChange::Enable => cluster
+            .set_device_enabled(device_id, true)
+            .await
+            .map(|_| None)?,
+        DeviceChange::Disable => cluster
+            .set_device_enabled(device_id, false)
+            .await
+            .map(|_| None)?,
         DeviceChange::RotateKey => Some(cluster.rotate_device_key(device_id, false).await?),
         DeviceChange::Remove => cluster.remove_device(device_id).await.map(|_| None)?,
     };

@@ -13,11 +13,7 @@ const SCRIPT: &str = include_str!("assets/console.js");
 pub fn serve(name: &str) -> http::Response<AdminBody> {
     match name {
         "console.css" => super::response(StatusCode::OK, "text/css; charset=utf-8", STYLESHEET),
-        "console.js" => super::response(
-            StatusCode::OK,
-            "text/javascript; charset=utf-8",
-            SCRIPT,
-        ),
+        "console.js" => super::response(StatusCode::OK, "text/javascript; charset=utf-8", SCRIPT),
         _ => super::response(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",

@@ -114,8 +114,7 @@ pub async fn handle(
                 let filter = pages::ActivityFilter {
                     device: query_value(&query, "device").unwrap_or_default(),
                     kind: query_value(&query, "kind").unwrap_or_default(),
-                    since_minutes: query_value(&query, "since")
-                        .and_then(|text| text.parse().ok()),
+                    since_minutes: query_value(&query, "since").and_then(|text| text.parse().ok()),
                 };
                 html(StatusCode::OK, pages::activity(&state, &user, &filter))
             }
@@ -215,16 +214,14 @@ pub async fn handle(
 /// The session of the request and its policy's current record, when valid.
 fn signed_in(state: &RelayState, headers: &HeaderMap) -> Option<(SignedIn, PolicyRecord)> {
     let session_id = sessions::session_id(headers)?;
-    state
-        .console
-        .resume(&session_id, Instant::now(), |policy| {
-            state
-                .registry
-                .policy(policy)
-                .ok()
-                .flatten()
-                .filter(|record| record.rights.has(Right::RegistryRead))
-        })
+    state.console.resume(&session_id, Instant::now(), |policy| {
+        state
+            .registry
+            .policy(policy)
+            .ok()
+            .flatten()
+            .filter(|record| record.rights.has(Right::RegistryRead))
+    })
 }
 
 /// `POST /console/sign-in`: a policy name and key (or a whole connection
@@ -240,8 +237,14 @@ async fn sign_in(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let mut policy_name = form_value(form, "policy").unwrap_or_default().trim().to_string();
-    let mut key_text = form_value(form, "key").unwrap_or_default().trim().to_string();
+    let mut policy_name = form_value(form, "policy")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut key_text = form_value(form, "key")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     if key_text.contains("SharedAccessKey=") {
         for part in key_text.clone().split(';') {
             if let Some(name) = part.strip_prefix("SharedAccessKeyName=") {
@@ -302,12 +305,18 @@ async fn device_change(
             );
             let notice = match connection_string {
                 Some(connection_string) => pages::Notice::ConnectionString {
-                    text: format!("{} {device_id}: its connection string is shown this once.", change.done()),
+                    text: format!(
+                        "{} {device_id}: its connection string is shown this once.",
+                        change.done()
+                    ),
                     connection_string,
                 },
                 None => pages::Notice::Done(format!("{} {device_id}.", change.done())),
             };
-            html(StatusCode::OK, pages::devices(state, user, "", Some(notice)))
+            html(
+                StatusCode::OK,
+                pages::devices(state, user, "", Some(notice)),
+            )
         }
         Err(error) => html(
             StatusCode::BAD_REQUEST,
@@ -317,7 +326,9 @@ async fn device_change(
 }
 
 /// Reads a form body, bounded in size and time.
-async fn read_form(request: Request<Incoming>) -> Result<Vec<(String, String)>, Response<AdminBody>> {
+async fn read_form(
+    request: Request<Incoming>,
+) -> Result<Vec<(String, String)>, Response<AdminBody>> {
     let body = Limited::new(request.into_body(), MAX_FORM_SIZE);
     let bytes = match tokio::time::timeout(FORM_DEADLINE, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -351,8 +362,16 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 
 /// A response with the headers every console answer carries: no caching,
 /// no framing, no sniffing, scripts and styles from the console only.
-pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<AdminBody> {
-    let mut answer = Response::new(Full::new(body.into()).map_err(|never: Infallible| match never {}).boxed_unsync());
+pub fn response(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<AdminBody> {
+    let mut answer = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
     *answer.status_mut() = status;
     let headers = answer.headers_mut();
     let mut put = |name: header::HeaderName, value: &str| {

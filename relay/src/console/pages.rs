@@ -89,10 +89,7 @@ pub fn format_time(unix: u64) -> String {
 
 fn time_cell(value: &Value) -> String {
     match value.as_u64() {
-        Some(unix) => format!(
-            "<time data-unix=\"{unix}\">{}</time>",
-            format_time(unix)
-        ),
+        Some(unix) => format!("<time data-unix=\"{unix}\">{}</time>", format_time(unix)),
         None => "—".to_string(),
     }
 }
@@ -115,7 +112,10 @@ pub fn format_bytes(bytes: u64) -> String {
 
 fn bytes_cell(value: &Value) -> String {
     let bytes = value.as_u64().unwrap_or(0);
-    format!("<span data-bytes=\"{bytes}\">{}</span>", format_bytes(bytes))
+    format!(
+        "<span data-bytes=\"{bytes}\">{}</span>",
+        format_bytes(bytes)
+    )
 }
 
 fn csrf_field(user: &SignedIn) -> String {
@@ -127,7 +127,13 @@ fn csrf_field(user: &SignedIn) -> String {
 
 /// The page around `content`; `page` names the navigation entry and tells
 /// the script what to keep current.
-fn layout(title: &str, page: &str, user: Option<&SignedIn>, notice: Option<&Notice>, content: &str) -> String {
+fn layout(
+    title: &str,
+    page: &str,
+    user: Option<&SignedIn>,
+    notice: Option<&Notice>,
+    content: &str,
+) -> String {
     let mut html = String::new();
     let _ = write!(
         html,
@@ -156,7 +162,11 @@ fn layout(title: &str, page: &str, user: Option<&SignedIn>, notice: Option<&Noti
             ("streams", "Live streams", format!("{ROOT}/streams")),
             ("activity", "Activity", format!("{ROOT}/activity")),
         ] {
-            let current = if id == page { " aria-current=\"page\"" } else { "" };
+            let current = if id == page {
+                " aria-current=\"page\""
+            } else {
+                ""
+            };
             let _ = write!(html, "<li><a href=\"{href}\"{current}>{label}</a></li>");
         }
         let _ = write!(
@@ -167,7 +177,11 @@ fn layout(title: &str, page: &str, user: Option<&SignedIn>, notice: Option<&Noti
             escape(&user.policy)
         );
     }
-    let _ = write!(html, "</header><main id=\"main\"><h1>{}</h1>", escape(title));
+    let _ = write!(
+        html,
+        "</header><main id=\"main\"><h1>{}</h1>",
+        escape(title)
+    );
     if let Some(notice) = notice {
         html.push_str(&notice_html(notice));
     }
@@ -208,11 +222,21 @@ pub fn sign_in(problem: Option<&str>) -> String {
 }
 
 pub fn message(user: &SignedIn, title: &str, text: &str) -> String {
-    layout(title, "message", Some(user), Some(&Notice::Failed(text.to_string())), "")
+    layout(
+        title,
+        "message",
+        Some(user),
+        Some(&Notice::Failed(text.to_string())),
+        "",
+    )
 }
 
 pub fn not_found(user: &SignedIn, path: &str) -> String {
-    message(user, "Not found", &format!("The console has no page {path}."))
+    message(
+        user,
+        "Not found",
+        &format!("The console has no page {path}."),
+    )
 }
 
 pub fn overview(state: &RelayState, user: &SignedIn) -> String {
@@ -242,13 +266,23 @@ pub fn overview(state: &RelayState, user: &SignedIn) -> String {
     );
     let node = snapshot["node"]
         .as_str()
-        .map(|name| format!("This node: <strong>{}</strong> (each node shows its own devices and streams).", escape(name)))
+        .map(|name| {
+            format!(
+                "This node: <strong>{}</strong> (each node shows its own devices and streams).",
+                escape(name)
+            )
+        })
         .unwrap_or_else(|| "A single relay (not clustered).".to_string());
     let _ = write!(content, "<p class=\"node\">{node}</p>");
     layout("Overview", "overview", Some(user), None, &content)
 }
 
-pub fn devices(state: &RelayState, user: &SignedIn, search: &str, notice: Option<Notice>) -> String {
+pub fn devices(
+    state: &RelayState,
+    user: &SignedIn,
+    search: &str,
+    notice: Option<Notice>,
+) -> String {
     let list = crate::admin_api::list_devices(state);
     let devices = list["devices"].as_array().cloned().unwrap_or_default();
     let search_lower = search.to_lowercase();
@@ -287,7 +321,11 @@ pub fn devices(state: &RelayState, user: &SignedIn, search: &str, notice: Option
             (false, false, _) => "offline, disabled",
         };
         let path = format!("{ROOT}/devices/{}", segment(device_id));
-        let toggle = if enabled { ("disable", "Disable") } else { ("enable", "Enable") };
+        let toggle = if enabled {
+            ("disable", "Disable")
+        } else {
+            ("enable", "Enable")
+        };
         let actions = if registered {
             format!(
                 "<form method=\"post\" action=\"{path}/{action}\">{csrf}<button type=\"submit\" data-action=\"{action}\">{label}</button></form>\
@@ -352,14 +390,24 @@ pub fn streams(state: &RelayState, user: &SignedIn, notice: Option<Notice>) -> S
         "<p class=\"empty\" id=\"no-streams\"{}>No live streams.</p>",
         if streams.is_empty() { "" } else { " hidden" }
     );
-    layout("Live streams", "streams", Some(user), notice.as_ref(), &content)
+    layout(
+        "Live streams",
+        "streams",
+        Some(user),
+        notice.as_ref(),
+        &content,
+    )
 }
 
 /// One live stream's row (the script builds the same for new streams).
 fn stream_row(user: &SignedIn, stream: &Value) -> String {
     let stream_id = stream["streamId"].as_str().unwrap_or_default();
     let device = match stream["moduleId"].as_str() {
-        Some(module) => format!("{}/{}", stream["deviceId"].as_str().unwrap_or_default(), module),
+        Some(module) => format!(
+            "{}/{}",
+            stream["deviceId"].as_str().unwrap_or_default(),
+            module
+        ),
         None => stream["deviceId"].as_str().unwrap_or_default().to_string(),
     };
     format!(
@@ -380,9 +428,9 @@ fn stream_row(user: &SignedIn, stream: &Value) -> String {
 }
 
 pub fn activity(state: &RelayState, user: &SignedIn, filter: &ActivityFilter) -> String {
-    let since = filter
-        .since_minutes
-        .and_then(|minutes| SystemTime::now().checked_sub(Duration::from_secs(minutes.saturating_mul(60))));
+    let since = filter.since_minutes.and_then(|minutes| {
+        SystemTime::now().checked_sub(Duration::from_secs(minutes.saturating_mul(60)))
+    });
     let device_lower = filter.device.to_lowercase();
     let mut content = String::new();
     let _ = write!(
@@ -393,13 +441,28 @@ pub fn activity(state: &RelayState, user: &SignedIn, filter: &ActivityFilter) ->
         escape(&filter.device)
     );
     for kind in EVENT_KINDS {
-        let selected = if *kind == filter.kind { " selected" } else { "" };
-        let _ = write!(content, "<option value=\"{kind}\"{selected}>{}</option>", kind.replace('_', " "));
+        let selected = if *kind == filter.kind {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(
+            content,
+            "<option value=\"{kind}\"{selected}>{}</option>",
+            kind.replace('_', " ")
+        );
     }
     content.push_str("</select> <label for=\"filter-since\">Since</label> <select id=\"filter-since\" name=\"since\"><option value=\"\">all kept</option>");
     for (minutes, label) in [(15, "15 minutes"), (60, "1 hour"), (1440, "24 hours")] {
-        let selected = if filter.since_minutes == Some(minutes) { " selected" } else { "" };
-        let _ = write!(content, "<option value=\"{minutes}\"{selected}>{label}</option>");
+        let selected = if filter.since_minutes == Some(minutes) {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(
+            content,
+            "<option value=\"{minutes}\"{selected}>{label}</option>"
+        );
     }
     content.push_str(
         "</select> <button type=\"submit\">Filter</button></form>\
@@ -414,7 +477,10 @@ pub fn activity(state: &RelayState, user: &SignedIn, filter: &ActivityFilter) ->
         let Ok(Value::Object(fields)) = serde_json::to_value(&event) else {
             continue;
         };
-        let kind = fields.get("event").and_then(Value::as_str).unwrap_or_default();
+        let kind = fields
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let device = ["device_id", "client_id"]
             .iter()
             .find_map(|key| fields.get(*key).and_then(Value::as_str))
@@ -435,7 +501,9 @@ pub fn activity(state: &RelayState, user: &SignedIn, filter: &ActivityFilter) ->
             .iter()
             .filter(|(key, _)| !matches!(key.as_str(), "event" | "device_id" | "client_id"))
             .map(|(key, value)| {
-                let value = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                let value = value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_string);
                 format!("{}={}", escape(key), escape(&value))
             })
             .collect();
@@ -461,7 +529,10 @@ mod tests {
 
     #[test]
     fn escaping_and_formats() {
-        assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_bytes(512), "512 B");
         assert_eq!(format_bytes(1536), "1.5 KiB");

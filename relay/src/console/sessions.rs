@@ -68,12 +68,9 @@ fn random_token() -> String {
 
 /// Whether `key` is one of the policy's keys, in constant time per key.
 pub fn policy_has_key(policy: &PolicyRecord, key: &[u8]) -> bool {
-    policy
-        .key_bytes()
-        .iter()
-        .fold(false, |found, candidate| {
-            found | bool::from(candidate.as_slice().ct_eq(key))
-        })
+    policy.key_bytes().iter().fold(false, |found, candidate| {
+        found | bool::from(candidate.as_slice().ct_eq(key))
+    })
 }
 
 /// Whether two tokens are equal, in time independent of where they differ.
@@ -241,7 +238,9 @@ mod tests {
         let sessions = Sessions::default();
         let now = Instant::now();
         let id = sessions.start("registryReadWrite", b"old".to_vec(), now);
-        assert!(sessions.resume(&id, now, |_| Some(policy(b"new"))).is_none());
+        assert!(sessions
+            .resume(&id, now, |_| Some(policy(b"new")))
+            .is_none());
         let id = sessions.start("registryReadWrite", b"old".to_vec(), now);
         assert!(sessions.resume(&id, now, |_| None).is_none());
         assert!(sessions

@@ -626,6 +626,59 @@ async fn a_change_without_the_csrf_token_is_refused_and_data_needs_a_session() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Disabled Stays"), "{body}");
 
+    // Signing out ends the session on the relay, not only in the browser.
+    let (status, _, _) = request(
+        &relay,
+        "POST",
+        "/console/sign-out",
+        Some(&cookie),
+        &format!("csrf={token}"),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, _, _) = request(&relay, "GET", "/console/data", Some(&cookie), "").await;
+    assert_eq!(
+        status, 401,
+        "the old cookie is worth nothing after sign-out"
+    );
+
+    // A policy with registry-read only may look, not change.
+    let output = relay
+        .cli(&["policy", "add", "looker", "--rights", "registry-read"])
+        .await;
+    assert!(output.status.success(), "relay policy add");
+    let looker = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let looker_key = looker
+        .split(';')
+        .find_map(|part| part.strip_prefix("SharedAccessKey="))
+        .expect("a key");
+    let form = format!(
+        "policy=looker&key={}",
+        percent_encoding::utf8_percent_encode(looker_key, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let (status, headers, _) = request(&relay, "POST", "/console/sign-in", None, &form).await;
+    assert_eq!(status, 303, "registry-read signs in");
+    let looker_cookie = header(&headers, "set-cookie")
+        .and_then(|cookie| cookie.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let (_, _, page) = request(&relay, "GET", "/console/devices", Some(&looker_cookie), "").await;
+    let looker_token = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page");
+    let (status, _, body) = request(
+        &relay,
+        "POST",
+        "/console/devices/Stays/enable",
+        Some(&looker_cookie),
+        &format!("csrf={looker_token}"),
+    )
+    .await;
+    assert_eq!(status, 403, "registry-read may not change: {body}");
+    assert!(body.contains("registry-write"), "names the right: {body}");
+
     // Failed sign-ins count as authentication failures (and slow the source down).
     let before = authentication_failures(&relay).await;
     let (status, _, _) = request(

@@ -247,27 +247,36 @@ fn absolute_path(program: &str) -> PathBuf {
         .unwrap_or(found)
 }
 
-/// Sends SIGKILL to the processes whose command line names `directory`.
-fn kill_processes_using(directory: &Path) {
+/// The processes whose command line names `directory`.
+fn processes_using(directory: &Path) -> Vec<u32> {
     let needle = directory.to_string_lossy().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let command_line = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&command_line).contains(&needle) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let command_line = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&command_line)
+                .contains(&needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Gives the processes using `directory` a moment to exit on their own (a
+/// closed browser session), then sends SIGKILL to those left, by PID.
+fn kill_processes_using(directory: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !processes_using(directory).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in processes_using(directory) {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
     }
 }
 

@@ -258,10 +258,21 @@ async fn sign_in(
     }
     let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &key_text)
         .unwrap_or_default();
-    let policy = state.registry.policy(&policy_name).ok().flatten();
-    let accepted = policy
-        .as_ref()
-        .filter(|policy| !key.is_empty() && sessions::policy_has_key(policy, &key));
+    let lookup = || {
+        state
+            .registry
+            .policy(&policy_name)
+            .ok()
+            .flatten()
+            .filter(|policy| !key.is_empty() && sessions::policy_has_key(policy, &key))
+    };
+    let mut accepted = lookup();
+    if accepted.is_none() {
+        // A policy added or re-keyed a moment ago: look once more, as the
+        // relay does for a device before refusing it.
+        state.registry.refresh().await;
+        accepted = lookup();
+    }
     let Some(policy) = accepted else {
         Metrics::add(&state.metrics.authentication_failures, 1);
         state.sources.record_failure(peer.ip());

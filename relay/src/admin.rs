@@ -1,19 +1,24 @@
 //! The admin listener (`--admin-listen`, off by default): `/metrics`,
-//! `/health` (`/health/live`, `/health/ready`) and the JSON API
-//! ([`crate::admin_api`], SAS-authenticated) on plain HTTP, for a Prometheus scraper and probes on a private
+//! `/health` (`/health/live`, `/health/ready`), the JSON API
+//! ([`crate::admin_api`], SAS-authenticated) and the web console
+//! ([`crate::console`], under `/console`, sign-in with a policy key) on
+//! plain HTTP, for a Prometheus scraper, probes and operators on a private
 //! network. The counters say how busy the relay is and how often clients
 //! fail to authenticate, which is no business of the internet, so the main
 //! listener does not serve them.
 //!
 //! Bind it to loopback or an internal address: it has no TLS, and only the
-//! JSON API asks for credentials. It still has the header deadline and its own small
+//! JSON API and the console ask for credentials. It still has the header deadline and its own small
 //! connection cap, so a stuck scraper cannot pile up sockets.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +30,10 @@ use crate::listeners::accept_until_stopped;
 use crate::metrics::Gauges;
 use crate::routing::{parse_route, Route};
 use crate::state::RelayState;
+
+/// What the admin listener answers with: a whole body, or the console's
+/// stream of live updates.
+pub type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Admin connections open at once; scrapers and probes need a handful.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -52,9 +61,18 @@ pub(crate) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener) {
 async fn serve(state: Arc<RelayState>, tcp: TcpStream, peer: SocketAddr) {
     framing::transport::configure_socket(&tcp);
     let service_state = state.clone();
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let state = service_state.clone();
-        async move { Ok::<_, Infallible>(route(&state, &request)) }
+        async move {
+            let path = request.uri().path();
+            if path == "/" || path == crate::console::ROOT || path.starts_with("/console/") {
+                // The admin listener speaks plain HTTP: the cookie is not `Secure`.
+                return Ok::<_, Infallible>(
+                    crate::console::handle(state, request, peer, false).await,
+                );
+            }
+            Ok(route(&state, &request).map(BodyExt::boxed_unsync))
+        }
     });
     let limits = &state.config.limits;
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -91,7 +109,8 @@ fn route(state: &RelayState, request: &Request<Incoming>) -> Response<Body> {
         Route::Metrics => metrics(state),
         _ => not_found(&format!(
             "no endpoint {} {path} on the admin listener: it serves GET /metrics, GET /health, \
-             GET /health/live, GET /health/ready and the JSON API under /api/ (README: Admin API)",
+             GET /health/live, GET /health/ready, the JSON API under /api/ and the web console under \
+             /console/ (README: Admin API, Web console)",
             request.method()
         )),
     }

@@ -138,7 +138,7 @@ fn json_response(status: StatusCode, value: Value) -> Response<Body> {
         .expect("a response built from valid parts is valid")
 }
 
-fn node_name(state: &RelayState) -> Value {
+pub(crate) fn node_name(state: &RelayState) -> Value {
     state
         .cluster
         .as_ref()
@@ -147,7 +147,7 @@ fn node_name(state: &RelayState) -> Value {
 }
 
 /// Registered devices and any connected identity, with live state.
-fn list_devices(state: &RelayState) -> Value {
+pub(crate) fn list_devices(state: &RelayState) -> Value {
     let mut connections: BTreeMap<String, Vec<SessionInfo>> = BTreeMap::new();
     for session in state.presence.sessions() {
         connections
@@ -223,7 +223,7 @@ fn list_devices(state: &RelayState) -> Value {
     json!({ "node": node_name(state), "devices": list })
 }
 
-fn list_streams(state: &RelayState) -> Value {
+pub(crate) fn list_streams(state: &RelayState) -> Value {
     let now = std::time::SystemTime::now();
     let list: Vec<Value> = state
         .live_streams

@@ -247,9 +247,12 @@ struct Inner {
 }
 
 /// The relay's handle on its audit log: cheap to clone, off by default.
+/// Whether on or off, the recent events are kept in memory for the web
+/// console ([`crate::recent_events`]).
 #[derive(Clone, Default)]
 pub struct Audit {
     inner: Option<Arc<Inner>>,
+    recent: Arc<crate::recent_events::RecentEvents>,
 }
 
 impl Audit {
@@ -292,6 +295,7 @@ impl Audit {
             .spawn(move || write_until_closed(receiver, sinks, writer_node))
             .context("cannot start the audit log writer")?;
         Ok(Self {
+            recent: Arc::default(),
             inner: Some(Arc::new(Inner {
                 sender,
                 node,
@@ -306,13 +310,14 @@ impl Audit {
         self.inner.is_some()
     }
 
-    /// Queues the event `build` makes, without ever waiting; `build` runs
-    /// only when the audit log is on.
+    /// Keeps the event `build` makes among the recent events and queues it
+    /// for the audit log when that is on, without ever waiting.
     pub fn record(&self, build: impl FnOnce() -> AuditEvent) {
+        let event = build();
+        self.recent.push(SystemTime::now(), event.clone());
         let Some(inner) = &self.inner else {
             return;
         };
-        let event = build();
         if inner.closed.load(Ordering::Acquire) {
             inner.dropped.inc();
             tracing::warn!(event = ?event, "audit event after the audit log was closed: not written");
@@ -369,6 +374,11 @@ impl Audit {
                 "the audit log writer did not finish in time; its last lines may be missing"
             );
         }
+    }
+
+    /// The recent events (with or without an audit log), newest first.
+    pub fn recent(&self) -> Vec<(SystemTime, AuditEvent)> {
+        self.recent.newest_first()
     }
 
     /// The node name on each line, when clustered.

@@ -19,6 +19,7 @@ Examples:
   relay serve --listen 0.0.0.0:443 --mqtt-listen 0.0.0.0:8883   # ports IoT Hub SDK programs cannot change
   relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
+                                                # web console: http://127.0.0.1:9090/console/ (sign in: relay policy show registryReadWrite)
   relay serve --audit-log /var/log/devstreams/audit.log --audit-log-max-size 50 --audit-log-max-files 10
   relay serve --audit-log -                     # audit lines (JSON) on standard output, e.g. for journald
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
@@ -177,8 +178,8 @@ struct ServeArgs {
     #[arg(long)]
     no_mqtt: bool,
     /// Address of the admin listener: /metrics (Prometheus), /health, /health/live, /health/ready and the
-    /// JSON API under /api/ (SAS token of a policy with registry-read/-write) on plain HTTP.
-    /// Off by default; bind it to loopback or a private network, never the internet.
+    /// JSON API under /api/ (SAS token of a policy with registry-read/-write) and the web console under
+    /// /console/ (sign in with such a policy's name and key) on plain HTTP. Off by default; bind it to loopback or a private network, never the internet.
     #[arg(long, env = "RELAY_ADMIN_LISTEN", value_name = "ADDRESS")]
     admin_listen: Option<SocketAddr>,
     /// Base URL of the streaming endpoint handed to clients, e.g. wss://relay.example.com:443.
@@ -580,7 +581,7 @@ fn serve(
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
         }
         if let Some(admin_address) = relay.admin_address {
-            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/)");
+            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/, web console at http://{admin_address}/console/)");
         }
         println!(
             "Service connection string: {}",

@@ -33,6 +33,8 @@ pub struct RelayState {
     pub live_streams: Arc<crate::live::LiveStreams>,
     /// The audit log (`--audit-log`); does nothing when off.
     pub audit: crate::audit::Audit,
+    /// The web console's sign-in sessions (in memory only).
+    pub console: crate::console::sessions::Sessions,
     /// The cluster this node belongs to (`relay serve --cluster`); `None`
     /// for a single relay.
     pub cluster: Option<Arc<Cluster>>,
@@ -98,6 +100,7 @@ impl RelayState {
             metrics,
             live_streams: Arc::default(),
             audit,
+            console: Default::default(),
             cluster,
             tasks,
             stop_accepting,

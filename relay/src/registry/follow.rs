@@ -144,9 +144,7 @@ pub(super) fn audit_changes(
     before: &super::Snapshot,
     after: &super::Snapshot,
 ) {
-    if !state.audit.is_enabled() {
-        return;
-    }
+    // Also without --audit-log: the console's Activity page shows them.
     for (kind, name, change) in before.changes_in(after) {
         state
             .audit

@@ -128,25 +128,14 @@ fn main() -> ExitCode {
         positionals: framing::config_file::Positionals::Included,
     });
     let arguments = parsed.arguments;
-    if let Some(shell) = arguments.completions {
-        return match framing::manuals::write_completions(
-            Arguments::command(),
-            shell,
-            &mut std::io::stdout(),
-        ) {
+    if let Some(answered) = framing::manuals::answer_manual_flags(
+        Arguments::command(),
+        arguments.completions,
+        arguments.man.as_deref(),
+    ) {
+        return match answered {
             Ok(()) => ExitCode::SUCCESS,
-            Err(error) => fail(&format!(
-                "cannot write the completion script to stdout: {error}"
-            )),
-        };
-    }
-    if let Some(directory) = &arguments.man {
-        return match framing::manuals::print_man_pages(Arguments::command(), Some(directory)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => fail(&format!(
-                "cannot write the man page into {}: {error}",
-                directory.display()
-            )),
+            Err(message) => fail(&message),
         };
     }
     let connection_string = match framing::config_file::value_or_file(

@@ -77,6 +77,30 @@ fn write_page_and_subpages(
     Ok(())
 }
 
+/// Answers the hidden `--completions SHELL` and `--man DIRECTORY` flags of
+/// the programs whose positional arguments leave no room for subcommands:
+/// `None` when neither was given, else what writing them gave (an error
+/// says what could not be written).
+pub fn answer_manual_flags(
+    command: clap::Command,
+    completions: Option<Shell>,
+    man: Option<&Path>,
+) -> Option<Result<(), String>> {
+    if let Some(shell) = completions {
+        return Some(
+            write_completions(command, shell, &mut io::stdout())
+                .map_err(|error| format!("cannot write the completion script to stdout: {error}")),
+        );
+    }
+    let directory = man?;
+    Some(print_man_pages(command, Some(directory)).map_err(|error| {
+        format!(
+            "cannot write the man page into {}: {error}",
+            directory.display()
+        )
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -815,3 +815,35 @@ pub async fn start_echo_server_on(port: u16) -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+/// Runs `echo-sample service` once against `device_id` (an echo-sample
+/// device) with `message`, and checks it succeeded and the message came back;
+/// returns its stdout for further checks. `extra` goes before `--message`
+/// (e.g. `--proxy URL`).
+pub async fn echo_sample_service(
+    connection_string: &str,
+    device_id: &str,
+    ca: &str,
+    extra: &[&str],
+    message: &str,
+) -> String {
+    let mut arguments = vec!["service", connection_string, device_id, "--ca-cert", ca];
+    arguments.extend_from_slice(extra);
+    arguments.extend_from_slice(&["--message", message]);
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(binary("echo-sample"))
+            .args(&arguments)
+            .output(),
+    )
+    .await
+    .expect("echo-sample service finishes")
+    .expect("echo-sample service runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && stdout.contains(&format!("Received stream data: {message}")),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use devstreams_tests::{
-    binary, require_sshd, start_device_proxy, start_service_proxy, wait_until_device_connected,
-    Process, Relay, Sshd,
+    echo_sample_service, require_sshd, start_device_proxy, start_service_proxy,
+    wait_until_device_connected, Process, Relay, Sshd,
 };
 
 /// Whether this machine has IPv6 loopback; panics in CI, which must.
@@ -92,29 +92,14 @@ async fn ssh_and_the_echo_sample_work_over_ipv6_loopback() {
     )
     .await;
     wait_until_device_connected(&relay, "EchoDevice").await;
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(binary("echo-sample"))
-            .args([
-                "service",
-                &relay.service_connection_string,
-                "EchoDevice",
-                "--ca-cert",
-                &ca,
-                "--message",
-                "hello over ipv6",
-            ])
-            .output(),
+    echo_sample_service(
+        &relay.service_connection_string,
+        "EchoDevice",
+        &ca,
+        &[],
+        "hello over ipv6",
     )
-    .await
-    .expect("echo-sample service finishes")
-    .expect("echo-sample service runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        stdout.contains("Received stream data: hello over ipv6"),
-        "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    .await;
     let log = relay.process.log();
     assert!(log.contains("peer=[::1]:"), "{log}");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use devstreams_tests::proxies::{require_microsocks, require_tinyproxy, ProxyProgram, ProxyServer};
 use devstreams_tests::{
-    echo_round_trip, free_port, spawn_device_proxy_with_environment,
+    echo_round_trip, echo_sample_service, free_port, spawn_device_proxy_with_environment,
     spawn_service_proxy_with_environment, start_device_proxy, start_echo_server,
     start_service_proxy, Process, Relay,
 };
@@ -306,35 +306,14 @@ async fn echo_sample_device_and_service_round_trip_through_a_socks5_server() {
     )
     .await;
     proxy.wait_for_tunnels(1, WAIT).await;
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(devstreams_tests::binary("echo-sample"))
-            .args([
-                "service",
-                &relay.service_connection_string,
-                "MyDevice",
-                "--ca-cert",
-                &ca,
-                "--proxy",
-                &proxy_url,
-                "--message",
-                "echo through SOCKS5",
-            ])
-            .output(),
+    echo_sample_service(
+        &relay.service_connection_string,
+        "MyDevice",
+        &ca,
+        &["--proxy", &proxy_url],
+        "echo through SOCKS5",
     )
-    .await
-    .expect("echo-sample service finishes")
-    .expect("echo-sample service runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("Received stream data: echo through SOCKS5"),
-        "{stdout}"
-    );
+    .await;
     // Control channel, stream creation, both stream WebSockets.
     proxy.wait_for_tunnels(4, WAIT).await;
 }

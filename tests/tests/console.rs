@@ -721,3 +721,55 @@ async fn authentication_failures(relay: &Relay) -> u64 {
         .and_then(|value| value.trim().parse().ok())
         .expect("the authentication failures counter")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clustered_overview_lists_every_node() {
+    if !devstreams_tests::cluster::require_nats_server() {
+        return;
+    }
+    let cluster = devstreams_tests::cluster::TestCluster::start(2, &[]).await;
+    let node = &cluster.nodes[0].relay;
+    let output = node
+        .cli(&[
+            "policy",
+            "show",
+            "registryReadWrite",
+            "--cluster",
+            &cluster.nats.url(),
+        ])
+        .await;
+    assert!(
+        output.status.success(),
+        "relay policy show --cluster: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let connection_string = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let key = connection_string
+        .split(';')
+        .find_map(|part| part.strip_prefix("SharedAccessKey="))
+        .expect("a key in the connection string");
+    let form = format!(
+        "policy=registryReadWrite&key={}",
+        percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let (status, headers, body) = request(node, "POST", "/console/sign-in", None, &form).await;
+    assert_eq!(status, 303, "{body}");
+    let cookie = header(&headers, "set-cookie")
+        .and_then(|value| value.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    // Heartbeats land within seconds of a node's start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body) = request(node, "GET", "/console", Some(&cookie), "").await;
+        assert_eq!(status, 200, "{body}");
+        if body.contains("Cluster nodes") && body.contains("relay-1") && body.contains("relay-2") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the overview never listed both nodes:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

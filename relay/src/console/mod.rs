@@ -101,7 +101,13 @@ pub async fn handle(
 
     if method == Method::GET {
         return match segments.as_slice() {
-            ["console"] => html(StatusCode::OK, pages::overview(&state, &user)),
+            ["console"] => {
+                let nodes = cluster_nodes(&state).await;
+                html(
+                    StatusCode::OK,
+                    pages::overview(&state, &user, nodes.as_deref()),
+                )
+            }
             ["console", "devices"] => {
                 let search = query_value(&query, "q").unwrap_or_default();
                 html(StatusCode::OK, pages::devices(&state, &user, &search, None))
@@ -424,4 +430,19 @@ fn set_cookie(answer: &mut Response<AdminBody>, cookie: &str) {
     if let Ok(value) = http::HeaderValue::from_str(cookie) {
         answer.headers_mut().append(header::SET_COOKIE, value);
     }
+}
+
+/// The cluster's nodes as `relay cluster status` prints them, for the
+/// overview; `None` for a single relay. NATS gets a few seconds at most
+/// (each read inside has its own deadline), and a failure is shown as such.
+async fn cluster_nodes(state: &RelayState) -> Option<String> {
+    let cluster = state.cluster.as_ref()?;
+    Some(
+        match crate::cluster::heartbeat::read_all(cluster.jetstream()).await {
+            Ok(heartbeats) => {
+                crate::cluster::heartbeat::render_status(&heartbeats, std::time::SystemTime::now())
+            }
+            Err(error) => format!("cannot read the cluster's nodes: {error:#}"),
+        },
+    )
 }

@@ -239,7 +239,7 @@ pub fn not_found(user: &SignedIn, path: &str) -> String {
     )
 }
 
-pub fn overview(state: &RelayState, user: &SignedIn) -> String {
+pub fn overview(state: &RelayState, user: &SignedIn, cluster_nodes: Option<&str>) -> String {
     let snapshot = super::live::snapshot(state, false);
     let number = |key: &str| snapshot[key].as_u64().unwrap_or(0);
     let mut content = String::new();
@@ -274,6 +274,13 @@ pub fn overview(state: &RelayState, user: &SignedIn) -> String {
         })
         .unwrap_or_else(|| "A single relay (not clustered).".to_string());
     let _ = write!(content, "<p class=\"node\">{node}</p>");
+    if let Some(nodes) = cluster_nodes {
+        let _ = write!(
+            content,
+            "<section class=\"panel\"><h2>Cluster nodes</h2><pre id=\"cluster-nodes\">{}</pre></section>",
+            escape(nodes)
+        );
+    }
     layout("Overview", "overview", Some(user), None, &content)
 }
 

@@ -548,6 +548,9 @@ async fn relay_memory_returns_after_many_control_channels_close() {
     let baseline = resident_kib(relay_pid);
 
     let channels = 600;
+    // 2 events per channel in the console's activity ring, a few hundred
+    // bytes each.
+    const ACTIVITY_RING_ALLOWANCE_KIB: u64 = 1024;
     let mut clients = Vec::with_capacity(channels);
     for batch in 0..channels / 50 {
         let connects: Vec<_> = (0..50)
@@ -574,7 +577,9 @@ async fn relay_memory_returns_after_many_control_channels_close() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let memory = resident_kib(relay_pid);
-        if memory <= baseline + (peak - baseline) / 2 {
+        // The console's activity ring keeps the channels' connected and
+        // disconnected events (bounded at 5,000 events): that much stays.
+        if memory <= baseline + (peak - baseline) / 2 + ACTIVITY_RING_ALLOWANCE_KIB {
             eprintln!("relay memory: baseline {baseline} KiB, with {channels} channels {peak} KiB, after {memory} KiB");
             break;
         }

@@ -56,13 +56,31 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Bulk transfers are acknowledged at least every this many bytes (or an
 /// eighth of the replay buffer, when that is smaller).
-pub const ACK_EVERY: u64 = 256 * 1024;
+pub const ACK_EVERY: u64 = 128 * 1024;
+/// Least unacknowledged bytes a session keeps in flight while a carrier is
+/// attached; see [`Ledger::window`].
+const MIN_WINDOW: usize = 512 * 1024;
+/// The fastest path the in-flight window is sized for, in bytes per
+/// second: the window is the ack round trip times this, so a path with a
+/// longer round trip gets a larger window (up to the replay buffer).
+const WINDOW_RATE: f64 = 1e9;
+/// How long the shortest ack round trip seen stays the estimate; a newer
+/// sample replaces it after this even when longer (the path changed).
+const ROUND_TRIP_MEMORY: Duration = Duration::from_secs(10);
+/// Most send times remembered for round-trip samples.
+const MAX_SEND_MARKS: usize = 256;
 /// Most acknowledged read buffers a session keeps for reuse.
 const MAX_SPARE_BUFFERS: usize = 64;
 /// How long spare read buffers outlive the last unacknowledged byte: long
 /// enough to ride over a pause in a transfer, short enough that a session
 /// gone quiet soon holds nothing.
 const SPARE_LINGER: Duration = Duration::from_secs(1);
+#[cfg(test)]
+thread_local! {
+    /// Spare buffers the ledger last held, for tests on this thread.
+    static SPARES_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Largest text (control) message a session accepts.
 const MAX_CONTROL_MESSAGE: usize = 1024;
 /// How long to wait for a final Close frame to be written.
@@ -342,6 +360,11 @@ struct Ledger {
     spare: Vec<BytesMut>,
     /// When the replay buffer last became empty with spares kept.
     emptied_at: Option<Instant>,
+    /// (position after a data message, when it was handed to the carrier):
+    /// the oldest ones answered by each ack give a round-trip sample.
+    send_marks: VecDeque<(u64, Instant)>,
+    /// Shortest ack round trip on this carrier lately, and when it was seen.
+    round_trip: Option<(Duration, Instant)>,
 }
 
 impl Ledger {
@@ -382,6 +405,48 @@ impl Ledger {
         true
     }
 
+    /// Most unacknowledged bytes to keep while a carrier is attached.
+    ///
+    /// Reading as far ahead as the replay buffer allows filled every socket
+    /// buffer on the way with megabytes the caches could not hold: a fifth
+    /// more CPU per byte than the plain pump on loopback, for no gain. The
+    /// window is what the path needs instead: the shortest ack round trip
+    /// times [`WINDOW_RATE`], at least [`MIN_WINDOW`] and at most the replay
+    /// buffer. Until a round trip is measured (a new carrier), the minimum.
+    fn window(&self, capacity: usize) -> usize {
+        let needed = self.round_trip.map_or(0.0, |(round_trip, _)| {
+            round_trip.as_secs_f64() * WINDOW_RATE
+        });
+        (needed as usize).clamp(MIN_WINDOW.min(capacity), capacity)
+    }
+
+    /// Remembers when the data up to `position` went out.
+    fn mark_sent(&mut self, position: u64, now: Instant) {
+        if self.send_marks.len() < MAX_SEND_MARKS {
+            self.send_marks.push_back((position, now));
+        }
+    }
+
+    /// Takes a round-trip sample from an ack of `count` received at `now`.
+    fn sample_round_trip(&mut self, count: u64, now: Instant) {
+        let mut answered = None;
+        while let Some(&(position, sent_at)) = self.send_marks.front() {
+            if position > count {
+                break;
+            }
+            answered = Some(sent_at);
+            self.send_marks.pop_front();
+        }
+        let Some(sent_at) = answered else { return };
+        let sample = now.saturating_duration_since(sent_at);
+        let keep = self.round_trip.is_some_and(|(shortest, seen)| {
+            shortest <= sample && now.saturating_duration_since(seen) < ROUND_TRIP_MEMORY
+        });
+        if !keep {
+            self.round_trip = Some((sample, now));
+        }
+    }
+
     /// Keeps an acknowledged chunk's memory for a later read, when nothing
     /// else (a WebSocket frame being written) still holds it.
     fn recycle(&mut self, chunk: Bytes) {
@@ -392,6 +457,7 @@ impl Ledger {
             buffer.clear();
             self.spare.push(buffer);
         }
+        self.report_spares();
     }
 
     /// A buffer for one read of up to `size` bytes: a spare one when there
@@ -407,6 +473,30 @@ impl Ledger {
             None => BytesMut::with_capacity(size),
         }
     }
+
+    /// Drops the spare read buffers once the replay buffer has stayed empty
+    /// for [`SPARE_LINGER`]; until then, returns when to look again.
+    fn expire_spares(&mut self, now: Instant) -> Option<Instant> {
+        if !self.replay.is_empty() {
+            return None;
+        }
+        let expiry = self.emptied_at? + SPARE_LINGER;
+        if expiry > now {
+            return Some(expiry);
+        }
+        self.spare = Vec::new();
+        self.emptied_at = None;
+        self.report_spares();
+        None
+    }
+
+    #[cfg(test)]
+    fn report_spares(&self) {
+        SPARES_HELD.with(|held| held.set(self.spare.len()));
+    }
+
+    #[cfg(not(test))]
+    fn report_spares(&self) {}
 
     /// Up to `limit` bytes starting at `offset`, from the replay buffer.
     fn data_from(&self, offset: u64, limit: usize) -> Option<Bytes> {
@@ -496,6 +586,8 @@ where
             attached: false,
             spare: Vec::new(),
             emptied_at: None,
+            send_marks: VecDeque::new(),
+            round_trip: None,
         }),
         room: Notify::new(),
         work: Notify::new(),
@@ -573,6 +665,9 @@ where
                 ledger.ack_sent = received;
                 ledger.sent = peer_received;
                 ledger.attached = true;
+                // A new carrier is a new path: measure it afresh.
+                ledger.send_marks.clear();
+                ledger.round_trip = None;
             }
             // The peer's count may have freed the whole replay buffer with
             // no ack to come: the local reader must hear of the room.
@@ -733,7 +828,12 @@ async fn read_local<R: LocalReader>(
             if ledger.local_fin {
                 None
             } else {
-                let buffer_room = shared.capacity.saturating_sub(ledger.replay_bytes);
+                let limit = if ledger.attached {
+                    ledger.window(shared.capacity)
+                } else {
+                    shared.capacity
+                };
+                let buffer_room = limit.saturating_sub(ledger.replay_bytes);
                 let unsent = ledger.read_total.saturating_sub(ledger.sent);
                 if ledger.attached && unsent >= shared.read_ahead {
                     Some(0)
@@ -793,7 +893,14 @@ async fn send_loop<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut next_ping = ping_interval.map(|interval| Instant::now() + interval);
+    // Two timers for the whole carrier, moved rather than made anew each
+    // time the sender goes idle (once per message in a bulk transfer).
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+    let ping_timer = tokio::time::sleep_until(
+        ping_interval.map_or(far_future, |interval| Instant::now() + interval),
+    );
+    let wake_timer = tokio::time::sleep_until(far_future);
+    tokio::pin!(ping_timer, wake_timer);
     let lost = |error: tokio_tungstenite::tungstenite::Error| CarrierEnd::Lost(error.to_string());
     loop {
         let step = {
@@ -809,6 +916,8 @@ where
             } else if let Some(data) = ledger.data_from(next, DEFAULT_READ_CHUNK) {
                 let unsent_before = ledger.read_total.saturating_sub(ledger.sent);
                 ledger.sent = next + data.len() as u64;
+                let sent = ledger.sent;
+                ledger.mark_sent(sent, Instant::now());
                 if unsent_before >= shared.read_ahead {
                     // The reader was held back by the read-ahead bound.
                     shared.room.notify_one();
@@ -822,19 +931,7 @@ where
                 let ack_at = (ledger.received > ledger.ack_sent)
                     .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
                     .flatten();
-                let spare_expiry = if ledger.replay.is_empty() {
-                    ledger.emptied_at.map(|emptied| emptied + SPARE_LINGER)
-                } else {
-                    None
-                };
-                let spare_expiry = match spare_expiry {
-                    Some(expiry) if expiry <= Instant::now() => {
-                        ledger.spare = Vec::new();
-                        ledger.emptied_at = None;
-                        None
-                    }
-                    other => other,
-                };
+                let spare_expiry = ledger.expire_spares(Instant::now());
                 Step::Idle(earliest(ack_at, spare_expiry))
             }
         };
@@ -862,15 +959,21 @@ where
                 }
             }
             Step::Complete => return CarrierEnd::Completed,
-            Step::Idle(ack_at) => {
+            Step::Idle(wake_at) => {
+                if let Some(wake_at) = wake_at {
+                    if wake_timer.deadline() != wake_at {
+                        wake_timer.as_mut().reset(wake_at);
+                    }
+                }
                 tokio::select! {
                     _ = shared.work.notified() => {}
-                    _ = sleep_until_optional(ack_at) => {}
-                    _ = sleep_until_optional(next_ping) => {
+                    () = &mut wake_timer, if wake_at.is_some() => {}
+                    () = &mut ping_timer, if ping_interval.is_some() => {
                         if let Err(error) = sink.send(Message::Ping(Bytes::new())).await {
                             return lost(error);
                         }
-                        next_ping = ping_interval.map(|interval| Instant::now() + interval);
+                        let interval = ping_interval.unwrap_or_default();
+                        ping_timer.as_mut().reset(Instant::now() + interval);
                     }
                 }
             }
@@ -883,14 +986,6 @@ fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> 
     match (first, second) {
         (Some(first), Some(second)) => Some(first.min(second)),
         (first, second) => first.or(second),
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_optional(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -909,18 +1004,27 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let silence_limit = ping_interval.map(|interval| interval * SILENT_INTERVALS);
+    // One timer for the whole carrier, moved only when it fires early: a
+    // timeout per message would register and cancel a timer for each.
+    let mut last_heard = Instant::now();
+    let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(silence);
     loop {
-        let next = match silence_limit {
-            Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
-                Ok(next) => next,
-                Err(_) => {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            () = &mut silence, if silence_limit.is_some() => {
+                let limit = silence_limit.unwrap_or_default();
+                let deadline = last_heard + limit;
+                if Instant::now() >= deadline {
                     return CarrierEnd::Lost(format!(
                         "the relay sent nothing for {limit:?} ({SILENT_INTERVALS} ping intervals)"
-                    ))
+                    ));
                 }
-            },
-            None => stream.next().await,
+                silence.as_mut().reset(deadline);
+                continue;
+            }
         };
+        last_heard = Instant::now();
         let data = match next {
             None => return CarrierEnd::Lost("the relay connection ended without a Close".into()),
             Some(Err(error)) => return CarrierEnd::Lost(error.to_string()),
@@ -942,7 +1046,11 @@ where
             Some(Ok(Message::Text(text))) => {
                 match Control::parse(text.as_str()) {
                     Ok(Control::Ack { received }) => {
-                        let valid = shared.ledger().acknowledge(received);
+                        let valid = {
+                            let mut ledger = shared.ledger();
+                            ledger.sample_round_trip(received, Instant::now());
+                            ledger.acknowledge(received)
+                        };
                         if !valid {
                             return CarrierEnd::ProtocolError(format!(
                                 "the peer acknowledged {received} bytes, more than were sent"
@@ -991,15 +1099,21 @@ where
                 Ok(count) => {
                     written += count;
                     let mut ledger = shared.ledger();
-                    ledger.received += count as u64;
-                    if ledger.unacked_since.is_none() {
+                    let first_unacked = ledger.unacked_since.is_none();
+                    if first_unacked {
                         ledger.unacked_since = Some(Instant::now());
                     }
-                    let due = ledger.received - ledger.ack_sent >= shared.ack_every;
+                    let before = ledger.received - ledger.ack_sent;
+                    ledger.received += count as u64;
+                    // Due just now, not for every write after it: the sender
+                    // acks everything received when it gets to it.
+                    let due_now = before < shared.ack_every
+                        && ledger.received - ledger.ack_sent >= shared.ack_every;
                     drop(ledger);
                     // Wake the sender for the first unacked byte (to arm its
-                    // timer) and whenever an ack is due at once.
-                    if due || written == count {
+                    // timer) and when an ack falls due at once; not for each
+                    // message of a bulk transfer.
+                    if first_unacked || due_now {
                         shared.work.notify_one();
                     }
                 }
@@ -1035,6 +1149,8 @@ mod tests {
             attached: false,
             spare: Vec::new(),
             emptied_at: None,
+            send_marks: VecDeque::new(),
+            round_trip: None,
         }
     }
 
@@ -1073,7 +1189,128 @@ mod tests {
         assert_eq!(ledger.spare.len(), 1);
         assert!(ledger.acknowledge(3000));
         assert_eq!(ledger.spare.len(), 2, "kept a moment after the last ack");
-        assert!(ledger.emptied_at.is_some(), "and their expiry is set");
+        let emptied = ledger.emptied_at.expect("their expiry is set");
+        assert_eq!(
+            ledger.expire_spares(emptied + SPARE_LINGER - Duration::from_millis(1)),
+            Some(emptied + SPARE_LINGER),
+            "still within the linger: look again when it ends"
+        );
+        assert_eq!(ledger.spare.len(), 2);
+        assert_eq!(ledger.expire_spares(emptied + SPARE_LINGER), None);
+        assert!(
+            ledger.spare.is_empty() && ledger.spare.capacity() == 0,
+            "a session gone quiet holds no read buffers"
+        );
+    }
+
+    /// The send loop's own timer drops the spares in real time: a session
+    /// that moved data and then went quiet for longer than the linger holds
+    /// none, with no further traffic to trigger it.
+    #[tokio::test]
+    async fn spare_buffers_are_dropped_after_the_linger_in_a_quiet_session() {
+        let options = SessionOptions {
+            ping_interval: None,
+            ..SessionOptions::default()
+        };
+        let (mut application, local) = tcp_pair().await;
+        let (websocket, mut peer, forwarder) = carrier_pair().await;
+        let (_offers_sender, offers) = mpsc::channel(1);
+        SPARES_HELD.with(|held| held.set(0));
+        let session = tokio::spawn(run_session(
+            local,
+            Carrier {
+                websocket,
+                peer_received: 0,
+                answer_resumed: false,
+            },
+            options,
+            offers,
+            None,
+        ));
+        // The peer: read the data, acknowledge all of it.
+        let block = pattern(64 * 1024, 3);
+        for _ in 0..8 {
+            application.write_all(&block).await.unwrap();
+        }
+        let mut received = 0usize;
+        while received < 8 * block.len() {
+            if let Some(Ok(Message::Binary(data))) = peer.next().await {
+                received += data.len();
+            }
+        }
+        peer.send(
+            Control::Ack {
+                received: received as u64,
+            }
+            .to_message(),
+        )
+        .await
+        .unwrap();
+        // Within the linger the spares are kept; past it, gone, with no
+        // traffic to trigger it. The session task runs on this test's
+        // thread (a current-thread runtime), where the ledger reports.
+        tokio::time::sleep(SPARE_LINGER / 2).await;
+        assert!(
+            SPARES_HELD.with(|held| held.get()) > 0,
+            "acknowledged buffers are kept for reuse"
+        );
+        tokio::time::sleep(SPARE_LINGER).await;
+        assert_eq!(
+            SPARES_HELD.with(|held| held.get()),
+            0,
+            "none kept after the linger"
+        );
+        session.abort();
+        forwarder.abort();
+    }
+
+    #[test]
+    fn the_in_flight_window_follows_the_shortest_ack_round_trip() {
+        let capacity = 4 * 1024 * 1024;
+        let mut ledger = ledger();
+        assert_eq!(ledger.window(capacity), MIN_WINDOW, "nothing measured yet");
+        assert_eq!(
+            ledger.window(64 * 1024),
+            64 * 1024,
+            "never above the buffer"
+        );
+        let start = Instant::now();
+        ledger.mark_sent(100, start);
+        ledger.mark_sent(200, start + Duration::from_millis(1));
+        ledger.mark_sent(300, start + Duration::from_millis(2));
+        // An ack of 250 answers the marks up to 200: sent at +1 ms.
+        ledger.sample_round_trip(250, start + Duration::from_millis(3));
+        assert_eq!(ledger.send_marks.len(), 1);
+        let round_trip = ledger.round_trip.expect("a sample").0;
+        assert_eq!(round_trip, Duration::from_millis(2));
+        // 2 ms at 1 GB/s is 2 MB: a long path gets a large window.
+        assert_eq!(ledger.window(capacity), 2_000_000);
+        // A longer sample does not replace a shorter one soon after...
+        ledger.mark_sent(400, start + Duration::from_millis(4));
+        ledger.sample_round_trip(400, start + Duration::from_millis(40));
+        assert_eq!(ledger.round_trip.expect("kept").0, round_trip);
+        // ...but does once the shortest is old: the path changed.
+        ledger.mark_sent(500, start + Duration::from_secs(20));
+        ledger.sample_round_trip(500, start + Duration::from_secs(21));
+        assert_eq!(ledger.round_trip.expect("new").0, Duration::from_secs(1));
+        assert_eq!(ledger.window(capacity), capacity, "at most the buffer");
+        // Loopback: 100 µs is 100 kB, below the minimum.
+        ledger.mark_sent(600, start + Duration::from_secs(22));
+        ledger.sample_round_trip(
+            600,
+            start + Duration::from_secs(22) + Duration::from_micros(100),
+        );
+        assert_eq!(ledger.window(capacity), MIN_WINDOW);
+        // An ack that answers no mark takes no sample.
+        ledger.sample_round_trip(600, start + Duration::from_secs(30));
+        assert_eq!(
+            ledger.round_trip.expect("kept").0,
+            Duration::from_micros(100)
+        );
+        for position in 0..(MAX_SEND_MARKS as u64 + 10) {
+            ledger.mark_sent(1000 + position, start);
+        }
+        assert_eq!(ledger.send_marks.len(), MAX_SEND_MARKS, "bounded");
     }
 
     #[test]

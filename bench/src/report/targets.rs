@@ -1,4 +1,5 @@
-//! The targets of issues 6, 10 (the cluster) and 11 (resumable sessions), each checked against this run's figures: met or
+//! The targets of issue 15 (performance, round two), 10 (the cluster) and
+//! 11 (resumable sessions), each checked against this run's figures: met or
 //! missed, and by how much. A target whose figures are missing (a peer not
 //! installed, a workload not run) is "not measured", never met.
 
@@ -8,7 +9,20 @@ use crate::run::{micros, SystemReport};
 use crate::systems::{Role, SystemKind};
 use crate::workloads::bulk::Direction;
 
-/// The targets of issue 6, each with its verdict.
+/// Issue 15's baseline (BENCHMARKS.md at commit 975d5e7, the run the issue
+/// quotes), per role: relay, device-proxy, service-proxy.
+const BASELINE_CPU_MS_PER_CREATION: [(Role, f64); 3] = [
+    (Role::Server, 0.72),
+    (Role::DeviceSide, 0.42),
+    (Role::ServiceSide, 0.65),
+];
+const BASELINE_CPU_SECONDS_PER_GIGABYTE: [(Role, f64); 3] = [
+    (Role::Server, 1.21),
+    (Role::DeviceSide, 0.77),
+    (Role::ServiceSide, 0.78),
+];
+
+/// One target, with its verdict.
 pub struct TargetVerdict {
     pub target: &'static str,
     pub measured: String,
@@ -20,19 +34,28 @@ pub struct TargetVerdict {
 pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
     let devstreams = report.system(SystemKind::Devstreams);
     let rathole = report.system(SystemKind::Rathole);
-    let bore = report.system(SystemKind::Bore);
     let direct = report.system(SystemKind::Direct);
     let mut verdicts = Vec::new();
 
-    let single_stream = |system: Option<&SystemReport>, direction| {
+    let parallel = report.plan.bulk_parallel_streams;
+    let throughput = |system: Option<&SystemReport>, direction, streams| {
         system
-            .and_then(|system| system.bulk(direction, 1))
+            .and_then(|system| system.bulk(direction, streams))
             .map(|run| run.megabytes_per_second())
     };
-    for (target, peer, factor) in [
-        ("bulk, 1 stream, ≥ 1.5× rathole over TLS", rathole, 1.5),
-        ("bulk, 1 stream, not below bore", bore, 1.0),
+    for (target, streams, factor) in [
+        (
+            "bulk, 1 stream, each direction ≥ 1.3× rathole over TLS",
+            1,
+            1.3,
+        ),
+        (
+            "bulk, 8 streams, each direction ≥ 1.2× rathole over TLS",
+            parallel,
+            1.2,
+        ),
     ] {
+        let peer = rathole;
         let mut parts = Vec::new();
         let mut margins = Vec::new();
         let mut met = Some(true);
@@ -43,8 +66,8 @@ pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
                 "download"
             };
             match (
-                single_stream(devstreams, direction),
-                single_stream(peer, direction),
+                throughput(devstreams, direction, streams),
+                throughput(peer, direction, streams),
             ) {
                 (Some(ours), Some(theirs)) if theirs > 0.0 => {
                     let ratio = ours / theirs;
@@ -81,40 +104,67 @@ pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
         });
     }
 
-    let added_p50 = |system: Option<&SystemReport>| -> Option<f64> {
-        Some(micros(system?.ping_pong?.p50) - micros(direct?.ping_pong?.p50))
-    };
-    verdicts.push(match (added_p50(devstreams), added_p50(rathole)) {
-        (Some(ours), Some(theirs)) => TargetVerdict {
-            target: "64-byte round trip, added p50 ≤ rathole's",
-            measured: format!("+{ours:.0} µs vs rathole +{theirs:.0} µs"),
-            met: Some(ours <= theirs),
-            margin: if ours <= theirs {
-                format!("{:.0} µs better", theirs - ours)
-            } else {
-                format!(
-                    "{:.0} µs ({:.1}×) worse",
-                    ours - theirs,
-                    ours / theirs.max(f64::EPSILON)
-                )
+    for (target, p50) in [
+        ("64-byte round trip, added p50 ≤ rathole's", true),
+        ("64-byte round trip, added p99 ≤ rathole's", false),
+    ] {
+        let added = |system: Option<&SystemReport>| -> Option<f64> {
+            let pick = |percentiles: &crate::statistics::Percentiles| {
+                micros(if p50 {
+                    percentiles.p50
+                } else {
+                    percentiles.p99
+                })
+            };
+            Some(pick(system?.ping_pong.as_ref()?) - pick(direct?.ping_pong.as_ref()?))
+        };
+        verdicts.push(match (added(devstreams), added(rathole)) {
+            (Some(ours), Some(theirs)) => TargetVerdict {
+                target,
+                measured: format!("+{ours:.0} µs vs rathole +{theirs:.0} µs"),
+                met: Some(ours <= theirs),
+                margin: if ours <= theirs {
+                    format!("{:.0} µs better", theirs - ours)
+                } else {
+                    format!(
+                        "{:.0} µs ({:.1}×) worse",
+                        ours - theirs,
+                        ours / theirs.max(f64::EPSILON)
+                    )
+                },
             },
-        },
-        _ => unmeasured("64-byte round trip, added p50 ≤ rathole's"),
-    });
+            _ => unmeasured(target),
+        });
+    }
 
-    let setup_p50 = devstreams.and_then(|system| latency_of_setup(system, true));
-    verdicts.push(match setup_p50 {
-        Some(p50) => TargetVerdict {
-            target: "set-up p50 ≤ 2 ms",
-            measured: format!("{p50:.2} ms"),
-            met: Some(p50 <= 2.0),
+    const SETUP_TARGET: &str = "set-up p50 ≤ rathole's";
+    let setup = |system: Option<&SystemReport>, p50| system.and_then(|s| latency_of_setup(s, p50));
+    verdicts.push(match (setup(devstreams, true), setup(rathole, true)) {
+        (Some(ours), Some(theirs)) => TargetVerdict {
+            target: SETUP_TARGET,
+            measured: format!("{ours:.2} ms vs rathole {theirs:.2} ms"),
+            met: Some(ours <= theirs),
             margin: format!(
                 "{:.2} ms {}",
-                (2.0 - p50).abs(),
-                if p50 <= 2.0 { "to spare" } else { "over" }
+                (theirs - ours).abs(),
+                if ours <= theirs { "to spare" } else { "over" }
             ),
         },
-        None => unmeasured("set-up p50 ≤ 2 ms"),
+        _ => unmeasured(SETUP_TARGET),
+    });
+    const SPREAD_TARGET: &str = "set-up p99 ≤ 2× p50";
+    verdicts.push(match (setup(devstreams, true), setup(devstreams, false)) {
+        (Some(p50), Some(p99)) if p50 > 0.0 => TargetVerdict {
+            target: SPREAD_TARGET,
+            measured: format!("p99 {p99:.2} ms = {:.1}× p50 {p50:.2} ms", p99 / p50),
+            met: Some(p99 <= 2.0 * p50),
+            margin: format!(
+                "{:.2} ms {}",
+                (2.0 * p50 - p99).abs(),
+                if p99 <= 2.0 * p50 { "to spare" } else { "over" }
+            ),
+        },
+        _ => unmeasured(SPREAD_TARGET),
     });
 
     verdicts.push(
@@ -144,6 +194,24 @@ pub fn targets(report: &RunReport) -> Vec<TargetVerdict> {
             None => unmeasured("≥ 2,000 stream creations/s sustained, 0 failures"),
         },
     );
+
+    verdicts.push(cpu_target(
+        "CPU-ms per stream creation, each process, half of 975d5e7's or less",
+        &BASELINE_CPU_MS_PER_CREATION,
+        0.5,
+        |role| {
+            devstreams?
+                .creations
+                .as_ref()?
+                .cpu_milliseconds_per_stream(role)
+        },
+    ));
+    verdicts.push(cpu_target(
+        "CPU-seconds per GB, each process, below 975d5e7's",
+        &BASELINE_CPU_SECONDS_PER_GIGABYTE,
+        1.0,
+        |role| devstreams?.cpu_seconds_per_gigabyte(role),
+    ));
 
     // When the machine's open-file limit caps the count, holding every
     // stream that fits is what can be asked of the relay here.
@@ -321,6 +389,38 @@ fn cluster_targets(report: &RunReport) -> Vec<TargetVerdict> {
         _ => unmeasured(RATE_TARGET),
     });
     verdicts
+}
+
+/// Each role's figure against `factor` times its baseline (strictly below
+/// when the factor is 1: "lower than today").
+fn cpu_target(
+    target: &'static str,
+    baseline: &[(Role, f64)],
+    factor: f64,
+    figure: impl Fn(Role) -> Option<f64>,
+) -> TargetVerdict {
+    let mut parts = Vec::new();
+    let mut met = true;
+    for &(role, before) in baseline {
+        let Some(now) = figure(role) else {
+            return unmeasured(target);
+        };
+        let bar = before * factor;
+        let ok = if factor >= 1.0 { now < bar } else { now <= bar };
+        met &= ok;
+        let name = match role {
+            Role::Server => "relay",
+            Role::DeviceSide => "device-proxy",
+            Role::ServiceSide => "service-proxy",
+        };
+        parts.push(format!("{name} {now:.2} (was {before:.2}, bar {bar:.2})"));
+    }
+    TargetVerdict {
+        target,
+        measured: parts.join("; "),
+        met: Some(met),
+        margin: String::new(),
+    }
 }
 
 fn unmeasured(target: &'static str) -> TargetVerdict {

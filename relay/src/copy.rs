@@ -403,9 +403,8 @@ where
     let (from_heard, to_heard) = heard;
     let mut last_ping = Instant::now();
     // Due an interval after the later of `to`'s last word and our last ping.
-    let ping_due = |last_ping: Instant| {
-        ping_interval.map(|interval| to_heard.at().max(last_ping) + interval)
-    };
+    let ping_due =
+        |last_ping: Instant| ping_interval.map(|interval| to_heard.at().max(last_ping) + interval);
     loop {
         // Flush only when the source has nothing more ready: bulk transfers
         // batch their writes, interactive ones are flushed at once.

@@ -7,8 +7,11 @@
 //! the two directions apart, a chunk read that is safe to cancel, and a way
 //! to end abortively so the application sees an error, not a clean end.
 //!
-//! TCP keeps its exact behaviour: it waits for readability before it takes a
-//! read buffer, so an idle stream holds none, and its abort is a reset (RST).
+//! TCP waits for readability before it takes a read buffer, so an idle
+//! stream holds none, and its abort is a reset (RST). Its read buffers are
+//! sized from the last read: a keystroke is read on the stack and leaves as
+//! a copy of its own few bytes, while a bulk transfer's reads double up to
+//! the caller's limit within a handful of reads.
 
 use std::future::Future;
 use std::io;
@@ -34,8 +37,8 @@ pub trait LocalConnection: Send {
 /// The reading direction of a [`LocalConnection`].
 pub trait LocalReader: Send {
     /// Waits for input, then reads at most `limit` bytes into a buffer from
-    /// `buffer` (asked with `limit`; it may be larger); an empty chunk is the
-    /// end of input. Cancel-safe: when the future is dropped, no byte is
+    /// `buffer` (asked with the size the reader wants, at most `limit`; it
+    /// may be larger); an empty chunk is the end of input. Cancel-safe: when the future is dropped, no byte is
     /// lost.
     fn read_chunk<F>(
         &mut self,
@@ -47,34 +50,79 @@ pub trait LocalReader: Send {
 }
 
 impl LocalConnection for TcpStream {
-    type Reader = OwnedReadHalf;
+    type Reader = TcpReader;
     type Writer = OwnedWriteHalf;
 
-    fn into_halves(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+    fn into_halves(self) -> (TcpReader, OwnedWriteHalf) {
         crate::transport::configure_socket(&self);
-        self.into_split()
+        let (half, writer) = self.into_split();
+        (
+            TcpReader {
+                half,
+                next_size: SMALL_READ,
+            },
+            writer,
+        )
     }
 
-    fn abort(reader: OwnedReadHalf, writer: OwnedWriteHalf) {
+    fn abort(reader: TcpReader, writer: OwnedWriteHalf) {
         // Dropping a write half sends FIN; reunite first so the socket is
         // reset instead.
-        if let Ok(tcp) = reader.reunite(writer) {
+        if let Ok(tcp) = reader.half.reunite(writer) {
             let _ = tcp.set_zero_linger();
         }
     }
 }
 
-impl LocalReader for OwnedReadHalf {
+/// Reads of at most this many bytes go through a buffer on the stack and
+/// leave as an exact-size copy, so interactive traffic allocates only what
+/// it carries. It is also the first read's size.
+pub const SMALL_READ: usize = 2 * 1024;
+
+/// The reading half of a TCP connection; remembers how much the last read
+/// brought, to size the next one.
+pub struct TcpReader {
+    half: OwnedReadHalf,
+    /// Bytes to ask for next: twice the last read (twice its room when it
+    /// filled it), at least [`SMALL_READ`].
+    next_size: usize,
+}
+
+/// The next read's size after a read of `count` bytes into `room`.
+fn next_read_size(count: usize, room: usize, limit: usize) -> usize {
+    // Smaller asks gain nothing: they are read on the stack anyway.
+    let wanted = if count >= room { room } else { count };
+    wanted.saturating_mul(2).max(SMALL_READ).min(limit.max(1))
+}
+
+impl LocalReader for TcpReader {
     async fn read_chunk<F>(&mut self, limit: usize, mut buffer: F) -> io::Result<Bytes>
     where
         F: FnMut(usize) -> BytesMut + Send,
     {
+        let limit = limit.max(1);
         loop {
             // Wait for data before taking a buffer, so an idle stream holds none.
-            self.readable().await?;
-            let mut buffer = buffer(limit);
-            match self.try_read_buf(&mut (&mut buffer).limit(limit)) {
-                Ok(_) => return Ok(buffer.freeze()),
+            self.half.readable().await?;
+            let size = self.next_size.min(limit);
+            let read = if size <= SMALL_READ {
+                let mut small = [0u8; SMALL_READ];
+                self.half
+                    .try_read(&mut small[..size])
+                    .map(|count| (Bytes::copy_from_slice(&small[..count]), size))
+            } else {
+                let mut buffer = buffer(size);
+                // A caller's buffer may be larger (a recycled one): use it.
+                let room = limit.min(buffer.capacity() - buffer.len()).max(size);
+                self.half
+                    .try_read_buf(&mut (&mut buffer).limit(room))
+                    .map(|_| (buffer.freeze(), room))
+            };
+            match read {
+                Ok((chunk, room)) => {
+                    self.next_size = next_read_size(chunk.len(), room, limit);
+                    return Ok(chunk);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),
             }
@@ -114,5 +162,70 @@ impl<R: AsyncRead + Unpin + Send> LocalReader for ChunkReader<R> {
         // `read_buf` is cancel-safe: dropped before it completes, it read nothing.
         self.0.read_buf(&mut (&mut buffer).limit(limit)).await?;
         Ok(buffer.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn the_next_read_doubles_after_a_full_one_and_follows_a_short_one() {
+        assert_eq!(next_read_size(2048, 2048, 65536), 4096);
+        assert_eq!(next_read_size(65536, 65536, 65536), 65536);
+        assert_eq!(next_read_size(1, 65536, 65536), SMALL_READ);
+        assert_eq!(next_read_size(0, 2048, 65536), SMALL_READ);
+        assert_eq!(next_read_size(1, 2048, 100), 100);
+        assert_eq!(next_read_size(30000, 65536, 65536), 60000);
+    }
+
+    #[tokio::test]
+    async fn a_keystroke_is_read_small_and_a_burst_grows_the_reads_to_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut application = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut reader, _writer) = accepted.into_halves();
+        let limit = 64 * 1024;
+        let mut asked = Vec::new();
+        application.write_all(b"x").await.unwrap();
+        let chunk = reader
+            .read_chunk(limit, |size| {
+                asked.push(size);
+                BytesMut::with_capacity(size)
+            })
+            .await
+            .unwrap();
+        assert_eq!(&chunk[..], b"x");
+        assert!(asked.is_empty(), "a keystroke takes no buffer: {asked:?}");
+
+        let burst = vec![7u8; 1024 * 1024];
+        let writer = tokio::spawn(async move {
+            application.write_all(&burst).await.unwrap();
+            application
+        });
+        let mut lengths = Vec::new();
+        let mut total = 0;
+        while total < 1024 * 1024 {
+            let chunk = reader
+                .read_chunk(limit, |size| {
+                    asked.push(size);
+                    BytesMut::with_capacity(size)
+                })
+                .await
+                .unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= limit);
+            total += chunk.len();
+            lengths.push(chunk.len());
+        }
+        let _application = writer.await.unwrap();
+        assert!(asked.iter().all(|&size| size <= limit), "{asked:?}");
+        assert!(
+            lengths.iter().any(|&length| length > 16 * 1024),
+            "reads grew under load: {lengths:?}"
+        );
     }
 }

@@ -320,6 +320,9 @@ async fn sleep_until_optional(deadline: Option<Instant>) {
     }
 }
 
+/// Reads the local connection into the WebSocket, and pings the relay when
+/// it has sent nothing for a ping interval (a socket that receives needs no
+/// ping to prove it lives, and idle pings are what idle streams cost).
 async fn upstream<R, S>(
     reader: &mut R,
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
@@ -331,18 +334,36 @@ where
     R: LocalReader,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut next_ping = options
-        .ping_interval
-        .map(|interval| Instant::now() + interval);
+    let mut last_ping = Instant::now();
+    // Due an interval after the later of the last message received and
+    // the last ping sent.
+    let ping_due = |last_ping: Instant| {
+        options
+            .ping_interval
+            .map(|interval| liveness.last_received().max(last_ping) + interval)
+    };
     let mut finished_sending = false;
+    // The memory of the last chunk sent, kept for the next read only while
+    // reads fill their buffers (bulk data): an idle stream holds none.
+    let mut spare: Option<bytes::BytesMut> = None;
     loop {
-        if finished_sending && (next_ping.is_none() || Liveness::get(&liveness.downstream_finished))
+        if finished_sending
+            && (options.ping_interval.is_none() || Liveness::get(&liveness.downstream_finished))
         {
             return UpstreamEnd::HalfClosed;
         }
+        let take_buffer = |size: usize| match spare.take() {
+            Some(mut buffer) => {
+                // Moves the empty view back to the start of its memory;
+                // allocates only when it is too small.
+                buffer.reserve(size);
+                buffer
+            }
+            None => bytes::BytesMut::with_capacity(size),
+        };
         tokio::select! {
             // TCP waits for data before taking a buffer, so an idle stream holds none.
-            chunk = reader.read_chunk(options.read_chunk, bytes::BytesMut::with_capacity), if !finished_sending => {
+            chunk = reader.read_chunk(options.read_chunk, take_buffer), if !finished_sending => {
                 match chunk {
                     Ok(chunk) if chunk.is_empty() && options.half_close => {
                         if let Err(error) = sink.send(Message::Binary(bytes::Bytes::new())).await {
@@ -354,18 +375,29 @@ where
                     Ok(chunk) if chunk.is_empty() => return UpstreamEnd::Eof,
                     Ok(chunk) => {
                         *bytes += chunk.len() as u64;
+                        let keep = (chunk.len() >= options.read_chunk).then(|| chunk.clone());
                         if let Err(error) = sink.send(Message::Binary(chunk)).await {
                             return UpstreamEnd::StreamFailed(error.to_string());
                         }
+                        // The WebSocket layer copied the frame out, so the
+                        // memory is ours again unless it still holds it.
+                        spare = keep.and_then(|sent| sent.try_into_mut().ok()).map(|mut buffer| {
+                            buffer.clear();
+                            buffer
+                        });
                     }
                     Err(error) => return UpstreamEnd::TcpFailed(error),
                 }
             }
-            _ = sleep_until_optional(next_ping) => {
-                if let Err(error) = sink.send(Message::Ping(bytes::Bytes::new())).await {
-                    return UpstreamEnd::StreamFailed(error.to_string());
+            _ = sleep_until_optional(ping_due(last_ping)) => {
+                // The deadline was computed when this loop last turned;
+                // anything received since moves it.
+                if ping_due(last_ping).is_some_and(|due| Instant::now() >= due) {
+                    if let Err(error) = sink.send(Message::Ping(bytes::Bytes::new())).await {
+                        return UpstreamEnd::StreamFailed(error.to_string());
+                    }
+                    last_ping = Instant::now();
                 }
-                next_ping = options.ping_interval.map(|interval| Instant::now() + interval);
             }
         }
     }
@@ -668,6 +700,62 @@ mod tests {
             harness.application.read_exact(&mut tick).await.unwrap();
         }
         assert!(!harness.pump.is_finished(), "cut while data kept arriving");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_pings_while_the_relay_sends_and_one_an_interval_after_it_stops() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            harness
+                .relay
+                .send(Message::Binary(bytes::Bytes::from_static(b"tick")))
+                .await
+                .unwrap();
+            let mut tick = [0u8; 4];
+            harness.application.read_exact(&mut tick).await.unwrap();
+        }
+        // A ping sent while the relay spoke would be read at once here.
+        let quiet_since = Instant::now();
+        match harness.relay.next().await {
+            Some(Ok(Message::Ping(_))) => {}
+            other => panic!("expected a ping, got {other:?}"),
+        }
+        assert_eq!(quiet_since.elapsed(), interval);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bulk_data_and_keystrokes_cross_in_order() {
+        let mut harness = start(options(None, false)).await;
+        let mut sent = Vec::new();
+        for round in 0..4u8 {
+            sent.extend_from_slice(&vec![round; 300 * 1024]);
+            sent.push(b'k');
+        }
+        let (application, relay) = (&mut harness.application, &mut harness.relay);
+        let write = async {
+            for round in 0..4u8 {
+                let block = vec![round; 300 * 1024];
+                application.write_all(&block).await.unwrap();
+                application.write_all(b"k").await.unwrap();
+            }
+        };
+        let read = async {
+            let mut received = Vec::new();
+            while received.len() < sent.len() {
+                match next_data_or_close(relay).await {
+                    Some(Message::Binary(data)) => {
+                        assert!(data.len() <= DEFAULT_READ_CHUNK);
+                        received.extend_from_slice(&data);
+                    }
+                    other => panic!("expected data, got {other:?}"),
+                }
+            }
+            received
+        };
+        let ((), received) = tokio::join!(write, read);
+        assert!(received == sent, "bytes arrived changed or out of order");
     }
 
     #[tokio::test(start_paused = true)]

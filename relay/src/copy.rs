@@ -136,8 +136,9 @@ fn lost_frame() -> CloseFrame {
 /// message with opcodes and boundaries kept, until either side ends; then
 /// ends both (see the module doc).
 ///
-/// With a `ping_interval`, each side is pinged that often (pings and pongs
-/// are hop-by-hop, never forwarded), and a side that sends nothing for
+/// With a `ping_interval`, a side that has sent nothing for that long is
+/// pinged, again each interval while it stays silent (pings and pongs are
+/// hop-by-hop, never forwarded), and a side that sends nothing for
 /// [`SILENT_INTERVALS`] intervals is treated as gone.
 pub async fn relay<A, B>(
     first: WebSocketStream<A>,
@@ -174,6 +175,8 @@ where
 {
     let (mut first_sink, mut first_stream) = first.split();
     let (mut second_sink, mut second_stream) = second.split();
+    let origin = Instant::now();
+    let (first_heard, second_heard) = (LastHeard::new(origin), LastHeard::new(origin));
     let (from_first, direction_end) = {
         let forward_first = forward(
             &mut first_stream,
@@ -181,6 +184,7 @@ where
             counters,
             &counters.first_to_second,
             ping_interval,
+            (&first_heard, &second_heard),
         );
         let forward_second = forward(
             &mut second_stream,
@@ -188,6 +192,7 @@ where
             counters,
             &counters.second_to_first,
             ping_interval,
+            (&second_heard, &first_heard),
         );
         tokio::select! {
             end = forward_first => (true, Ok(end)),
@@ -352,20 +357,54 @@ where
     let _ = socket.get_mut().shutdown().await;
 }
 
-/// One direction: reads `from`, writes `to`, pings `to`, watches `from`.
+/// When one socket last sent anything (data, a ping, a pong), as
+/// nanoseconds after `origin`: written by the direction that reads it, read
+/// by the direction that pings it. Both run in one task; atomic only so the
+/// copy stays `Send`.
+struct LastHeard {
+    origin: Instant,
+    nanos: AtomicU64,
+}
+
+impl LastHeard {
+    fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn heard(&self, now: Instant) {
+        let nanos = now.saturating_duration_since(self.origin).as_nanos();
+        self.nanos
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// One direction: reads `from`, writes `to`, watches `from`, and pings
+/// `to` when it has been silent for an interval: a socket that sends needs
+/// no ping to prove it lives, and idle pings are what idle streams cost.
 async fn forward<A, B>(
     from: &mut SplitStream<WebSocketStream<A>>,
     to: &mut SplitSink<WebSocketStream<B>, Message>,
     counters: &CopyCounters,
     bytes: &AtomicU64,
     ping_interval: Option<Duration>,
+    heard: (&LastHeard, &LastHeard),
 ) -> DirectionEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut last_received = Instant::now();
-    let mut next_ping = ping_interval.map(|interval| last_received + interval);
+    let (from_heard, to_heard) = heard;
+    let mut last_ping = Instant::now();
+    // Due an interval after the later of `to`'s last word and our last ping.
+    let ping_due =
+        |last_ping: Instant| ping_interval.map(|interval| to_heard.at().max(last_ping) + interval);
     loop {
         // Flush only when the source has nothing more ready: bulk transfers
         // batch their writes, interactive ones are flushed at once.
@@ -376,38 +415,39 @@ where
                     return DirectionEnd::DestinationLost;
                 }
                 loop {
-                    let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) else {
+                    let (Some(interval), Some(ping_at)) = (ping_interval, ping_due(last_ping))
+                    else {
                         break from.next().await;
                     };
-                    let silent_at = last_received + interval * SILENT_INTERVALS;
+                    let silent_at = from_heard.at() + interval * SILENT_INTERVALS;
                     tokio::select! {
                         next = from.next() => break next,
                         _ = tokio::time::sleep_until(ping_at.min(silent_at)) => {}
                     }
+                    // Both deadlines may have moved meanwhile (the other
+                    // direction hears `to`): only those that still hold count.
                     let now = Instant::now();
-                    if now >= silent_at {
+                    if now >= from_heard.at() + interval * SILENT_INTERVALS {
                         return DirectionEnd::SourceLost;
                     }
-                    if now >= ping_at {
+                    if ping_due(last_ping).is_some_and(|due| now >= due) {
                         if to.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                             return DirectionEnd::DestinationLost;
                         }
-                        next_ping = Some(now + interval);
+                        last_ping = now;
                     }
                 }
             }
         };
         let now = Instant::now();
-        last_received = now;
+        from_heard.heard(now);
         // A destination that only receives must still be pinged, or the
         // other direction would find it silent during a long download.
-        if let (Some(interval), Some(ping_at)) = (ping_interval, next_ping) {
-            if now >= ping_at {
-                if to.feed(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    return DirectionEnd::DestinationLost;
-                }
-                next_ping = Some(now + interval);
+        if ping_due(last_ping).is_some_and(|due| now >= due) {
+            if to.feed(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                return DirectionEnd::DestinationLost;
             }
+            last_ping = now;
         }
         match next {
             Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
@@ -622,6 +662,41 @@ mod tests {
             pair.relay.await.unwrap().end,
             RelayEnd::Lost { first_lost: true }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_silent_side_is_pinged() {
+        let interval = Duration::from_secs(10);
+        let mut pair = start(Some(interval), None).await;
+        // `first` sends every 5 s for a minute; `second` only receives.
+        let mut pings_to_second = 0;
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            pair.first
+                .send(Message::Binary(bytes::Bytes::from_static(b"tick")))
+                .await
+                .unwrap();
+            loop {
+                match pair.second.next().await {
+                    Some(Ok(Message::Ping(_))) => pings_to_second += 1,
+                    Some(Ok(Message::Binary(_))) => break,
+                    other => panic!("expected a tick or a ping, got {other:?}"),
+                }
+            }
+        }
+        assert!(
+            pings_to_second >= 5,
+            "the side that only receives is still pinged: {pings_to_second}"
+        );
+        // Nothing was sent to `first` while it spoke: its first ping comes
+        // an interval after it went quiet.
+        let quiet_since = Instant::now();
+        match pair.first.next().await {
+            Some(Ok(Message::Ping(_))) => {}
+            other => panic!("expected a ping, got {other:?}"),
+        }
+        assert_eq!(quiet_since.elapsed(), interval);
+        assert!(!pair.relay.is_finished(), "both sides answered");
     }
 
     /// The relay spawns its copies, so a non-`Send` copy would only fail to

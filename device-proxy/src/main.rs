@@ -180,7 +180,13 @@ fn main() -> ExitCode {
             resume_timeout: Duration::from_secs(arguments.resume_timeout),
         }),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread runs every stream: a device-proxy moves one device's
+    // traffic, which one core keeps up with, and each worker thread costs
+    // its stack and the multi-thread scheduler's code (issue 15: idle RSS).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
     };

@@ -280,11 +280,9 @@ async fn handshake_kind(relay: &Relay, tls: &Arc<rustls::ClientConfig>) -> rustl
         String::from_utf8_lossy(&answer)
     );
     let (_, connection) = stream.get_ref();
-    let kind = match connection {
-        rustls::Connection::Client(client) => client.handshake_kind(),
-        rustls::Connection::Server(_) => None,
-    };
-    kind.expect("the handshake is complete")
+    connection
+        .handshake_kind()
+        .expect("the handshake is complete")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

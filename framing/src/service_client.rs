@@ -1,15 +1,21 @@
 //! The service side of stream creation: the IoT Hub REST call
 //! `POST /twins/{deviceId}/streams/{streamName}`.
 //!
-//! One call opens one HTTP/1.1 connection: stream creation is rare next to the
-//! bytes a stream moves, and a fresh connection per call keeps no idle state
-//! that could go stale across relay restarts.
+//! Calls reuse keep-alive HTTP/1.1 connections ([`ConnectionPool`]): a
+//! fleet reconnecting creates streams by the thousand, and a new TLS
+//! connection per call cost the service side, the relay and the set-up time
+//! a full handshake each. A pooled connection the relay has closed meanwhile
+//! (its idle timeout, a restart) is never reported: the call is sent again,
+//! once, on a fresh connection.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use crate::connection_string::ConnectionString;
 use crate::headers;
@@ -116,11 +122,120 @@ pub enum CreateStreamError {
     Timeout(Duration),
 }
 
+/// Idle connections a client keeps for later calls, at most: enough for a
+/// burst of concurrent creations to find one each time most are answered,
+/// few enough that an idle service program holds next to nothing.
+pub const MAX_IDLE_CONNECTIONS: usize = 8;
+
+/// How long an idle connection is kept. Below the relay's header read
+/// timeout (10 s by default), after which the relay closes a connection
+/// that sent no request, so a call rarely picks one the relay is closing.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a pooled connection may take to be ready for the next request
+/// (the previous answer is read whole before it is pooled, so it normally
+/// is at once); past it the call opens a fresh connection.
+const POOLED_READY_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// One HTTP/1.1 connection to the relay. Dropping it stops its task and
+/// closes the socket, so a connection given up on (an error, a timeout, a
+/// dropped client) leaves nothing behind.
+struct RelayConnection {
+    sender: SendRequest<Empty<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayConnection {
+    /// Starts HTTP/1.1 on a connected stream; its task runs until the
+    /// connection is dropped or the relay closes it.
+    async fn start<T>(stream: T) -> Result<Self, hyper::Error>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let task = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection to the relay ended with an error");
+            }
+        });
+        Ok(Self { sender, task })
+    }
+}
+
+impl Drop for RelayConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct IdleConnection {
+    connection: RelayConnection,
+    idle_since: Instant,
+}
+
+/// Keep-alive connections to one relay, shared by a client and its clones:
+/// at most [`MAX_IDLE_CONNECTIONS`] idle, each for at most [`IDLE_TIMEOUT`]
+/// (checked whenever a connection is taken or returned; the relay closes
+/// idle ones of its own accord too, which ends their task). Only a
+/// connection whose answer was read whole comes back here.
+#[derive(Default)]
+struct ConnectionPool {
+    idle: Mutex<Vec<IdleConnection>>,
+}
+
+impl ConnectionPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used live connection, ready for a request.
+    async fn take(&self) -> Option<RelayConnection> {
+        loop {
+            let candidate = {
+                let mut idle = self.lock();
+                let now = Instant::now();
+                idle.retain(|entry| {
+                    now.duration_since(entry.idle_since) < IDLE_TIMEOUT
+                        && !entry.connection.sender.is_closed()
+                });
+                idle.pop()
+            };
+            let mut connection = candidate?.connection;
+            let ready = tokio::time::timeout(POOLED_READY_TIMEOUT, connection.sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                return Some(connection);
+            }
+        }
+    }
+
+    fn put(&self, connection: RelayConnection) {
+        if connection.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(IdleConnection {
+                connection,
+                idle_since: Instant::now(),
+            });
+        }
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// A client for one service connection string.
 #[derive(Clone)]
 pub struct ServiceClient {
     connection: ConnectionString,
     dialer: Dialer,
+    pool: Arc<ConnectionPool>,
 }
 
 impl ServiceClient {
@@ -130,6 +245,7 @@ impl ServiceClient {
         Self {
             connection,
             dialer: dialer.into(),
+            pool: Arc::default(),
         }
     }
 
@@ -170,20 +286,6 @@ impl ServiceClient {
         options: &StreamOptions,
         resume: Option<crate::topics::ResumeAsk>,
     ) -> Result<StreamInvitation, CreateStreamError> {
-        let stream = self
-            .dialer
-            .connect(
-                self.connection.host(),
-                self.connection.port(),
-                true,
-                transport::DEFAULT_CONNECT_TIMEOUT,
-            )
-            .await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| CreateStreamError::Http(e.to_string()))?;
-        // The connection task ends with the exchange: dropping `sender` closes it.
-        let connection_task = tokio::spawn(connection);
         let token = sas::sign(
             &self.connection.host_name,
             self.connection.key(),
@@ -191,40 +293,36 @@ impl ServiceClient {
             self.connection.shared_access_key_name.as_deref(),
         );
         let path = creation_path(device_id, stream_name);
-        let mut request = http::Request::post(path)
-            .header(http::header::HOST, &self.connection.host_name)
-            .header(http::header::AUTHORIZATION, token)
-            .header(
-                headers::CONNECT_TIMEOUT,
-                header_seconds(options.connect_timeout).to_string(),
-            )
-            .header(
-                headers::RESPONSE_TIMEOUT,
-                header_seconds(options.response_timeout).to_string(),
-            )
-            .header(http::header::CONTENT_LENGTH, "0");
-        if let Some(target) = &options.target {
-            request = request.header(headers::TARGET, target);
-        }
-        if options.half_close {
-            request = request.header(headers::HALF_CLOSE, "True");
-        }
-        if let Some(resume) = resume {
-            request = request.header(headers::RESUME, resume.as_str());
-        }
-        let request = request.body(Empty::<Bytes>::new()).map_err(|e| {
-            CreateStreamError::Http(format!(
-                "cannot build the request (bad device id or stream name?): {e}"
-            ))
-        })?;
-        // The relay's budget starts when the request reaches it; ours when
-        // it leaves, and covers the answer's head and body alike.
-        let answer_by = tokio::time::Instant::now() + answer_deadline(options);
+        let build_request = || {
+            let mut request = http::Request::post(&path)
+                .header(http::header::HOST, &self.connection.host_name)
+                .header(http::header::AUTHORIZATION, &token)
+                .header(
+                    headers::CONNECT_TIMEOUT,
+                    header_seconds(options.connect_timeout).to_string(),
+                )
+                .header(
+                    headers::RESPONSE_TIMEOUT,
+                    header_seconds(options.response_timeout).to_string(),
+                )
+                .header(http::header::CONTENT_LENGTH, "0");
+            if let Some(target) = &options.target {
+                request = request.header(headers::TARGET, target);
+            }
+            if options.half_close {
+                request = request.header(headers::HALF_CLOSE, "True");
+            }
+            if let Some(resume) = resume {
+                request = request.header(headers::RESUME, resume.as_str());
+            }
+            request.body(Empty::<Bytes>::new()).map_err(|e| {
+                CreateStreamError::Http(format!(
+                    "cannot build the request (bad device id or stream name?): {e}"
+                ))
+            })
+        };
         let timed_out = |_| CreateStreamError::Timeout(answer_deadline(options));
-        let response = tokio::time::timeout_at(answer_by, sender.send_request(request))
-            .await
-            .map_err(timed_out)?
-            .map_err(|e| CreateStreamError::Http(e.to_string()))?;
+        let (response, connection, answer_by) = self.send(build_request, options).await?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -246,11 +344,16 @@ impl ServiceClient {
             Limited::new(response.into_body(), MAX_RESPONSE_BODY).collect(),
         )
         .await
-        .map_err(timed_out)?
-        .map(|collected| collected.to_bytes())
-        .unwrap_or_default();
-        drop(sender);
-        connection_task.abort();
+        .map_err(timed_out)?;
+        // Only a connection whose answer was read whole is ready for the
+        // next call; one with an unread or oversized body is closed.
+        let body = match body {
+            Ok(collected) => {
+                self.pool.put(connection);
+                collected.to_bytes()
+            }
+            Err(_) => Bytes::new(),
+        };
         let message = error_message(&body);
         match status {
             200 => {
@@ -294,6 +397,71 @@ impl ServiceClient {
     }
 }
 
+impl ServiceClient {
+    /// Sends the request on a pooled connection, or on a fresh one when
+    /// none is idle. A pooled connection that fails before any answer came
+    /// (the relay closed it as the request went out) is dropped and the
+    /// request sent once more on a fresh connection: the relay never saw
+    /// it, or dropped it with the connection.
+    ///
+    /// Dialing has its own bound; the answer's head and body must then come
+    /// within [`answer_deadline`] of the request leaving (the relay's budget
+    /// starts when it arrives). Returns that deadline with the answer.
+    async fn send(
+        &self,
+        build_request: impl Fn() -> Result<http::Request<Empty<Bytes>>, CreateStreamError>,
+        options: &StreamOptions,
+    ) -> Result<
+        (
+            http::Response<hyper::body::Incoming>,
+            RelayConnection,
+            Instant,
+        ),
+        CreateStreamError,
+    > {
+        let timed_out = |_| CreateStreamError::Timeout(answer_deadline(options));
+        if let Some(mut pooled) = self.pool.take().await {
+            let answer_by = Instant::now() + answer_deadline(options);
+            let sent =
+                tokio::time::timeout_at(answer_by, pooled.sender.send_request(build_request()?))
+                    .await
+                    .map_err(timed_out)?;
+            match sent {
+                Ok(response) => return Ok((response, pooled, answer_by)),
+                Err(error) => tracing::debug!(
+                    %error,
+                    "a pooled connection to the relay failed before any answer; sending again on a fresh one"
+                ),
+            }
+        }
+        let mut fresh = self.open().await?;
+        let answer_by = Instant::now() + answer_deadline(options);
+        let response =
+            tokio::time::timeout_at(answer_by, fresh.sender.send_request(build_request()?))
+                .await
+                .map_err(timed_out)?
+                .map_err(|e| CreateStreamError::Http(e.to_string()))?;
+        Ok((response, fresh, answer_by))
+    }
+
+    /// Dials the relay (within the dialer's connect timeout) and starts an
+    /// HTTP/1.1 connection on it.
+    async fn open(&self) -> Result<RelayConnection, CreateStreamError> {
+        let stream = self
+            .dialer
+            .connect(
+                self.connection.host(),
+                self.connection.port(),
+                true,
+                transport::DEFAULT_CONNECT_TIMEOUT,
+            )
+            .await?;
+        RelayConnection::start(stream)
+            .await
+            .map_err(|e| CreateStreamError::Http(e.to_string()))
+    }
+}
+
 /// `/twins/{deviceId}/streams/{streamName}?api-version=…`, both names
 /// percent-encoded: ids may hold `#`, `?`, `%` and `+` (IoT Hub's set), and
 /// the relay reads the path as IoT Hub does (percent-decoded, `+` a space).
@@ -333,6 +501,51 @@ mod tests {
             response_timeout: response,
             ..StreamOptions::default()
         }
+    }
+
+    /// A pooled connection over an in-memory pipe (nothing answers on it;
+    /// the pool only needs it open). The far end is returned to keep it so.
+    async fn idle_connection() -> (RelayConnection, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(1024);
+        let connection = RelayConnection::start(near)
+            .await
+            .expect("HTTP/1.1 starts on a pipe");
+        (connection, far)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_reused_within_the_idle_timeout_and_closed_after_it() {
+        let pool = ConnectionPool::default();
+        let (connection, _far) = idle_connection().await;
+        pool.put(connection);
+        tokio::time::advance(IDLE_TIMEOUT - Duration::from_millis(10)).await;
+        let connection = pool
+            .take()
+            .await
+            .expect("a connection idle for less than the timeout is reused");
+        pool.put(connection);
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::advance(IDLE_TIMEOUT).await;
+        assert!(
+            pool.take().await.is_none(),
+            "a connection idle past the timeout is not reused"
+        );
+        assert_eq!(pool.idle_count(), 0, "and it is closed");
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_a_bounded_number_of_live_connections() {
+        let pool = ConnectionPool::default();
+        let mut far_ends = Vec::new();
+        for _ in 0..MAX_IDLE_CONNECTIONS + 3 {
+            let (connection, far) = idle_connection().await;
+            pool.put(connection);
+            far_ends.push(far);
+        }
+        assert_eq!(pool.idle_count(), MAX_IDLE_CONNECTIONS);
+        // A connection whose peer went away is never handed out.
+        far_ends.clear();
+        assert!(pool.take().await.is_none());
     }
 
     #[test]

@@ -4,6 +4,15 @@
 //!
 //! Both listeners share the certificate and key; they differ only in ALPN,
 //! because MQTT clients disagree on what to offer and must not be refused.
+//!
+//! Both hand out TLS 1.3 session tickets sealed by one ticketer (a key in
+//! memory, rotated by rustls, never written anywhere), so a client that
+//! comes back — a service-proxy creating stream after stream, a
+//! device-proxy dialing each stream's WebSocket — resumes its session
+//! instead of a full handshake, whatever number of clients came between.
+//! A client keeps its tickets in its own TLS configuration, one per trust
+//! setting, so a resumed session never skips a check a new trust setting
+//! would make.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,11 +87,14 @@ pub(crate) fn acceptors(
     }
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .with_context(|| format!("cannot read the TLS private key {}", key_path.display()))?;
-    let mqtt_config = rustls::ServerConfig::builder_with_provider(framing::tls::crypto_provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certificates, key)
-        .context("the TLS certificate and private key do not match or are not supported")?;
+    let mut mqtt_config =
+        rustls::ServerConfig::builder_with_provider(framing::tls::crypto_provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certificates, key)
+            .context("the TLS certificate and private key do not match or are not supported")?;
+    mqtt_config.ticketer =
+        rustls::crypto::ring::Ticketer::new().context("cannot make the TLS session ticket key")?;
     // MQTT clients differ in what ALPN they offer (nothing, "mqtt", ...); with
     // no protocol configured the server negotiates none and refuses nobody.
     let mut main_config = mqtt_config.clone();

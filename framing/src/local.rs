@@ -120,7 +120,12 @@ impl LocalReader for TcpReader {
             };
             match read {
                 Ok((chunk, room)) => {
-                    self.next_size = next_read_size(chunk.len(), room, limit);
+                    // A read the caller cut short and that filled its room
+                    // says nothing of what the socket holds: keep the wish.
+                    let cut_by_caller = size < self.next_size && chunk.len() >= room;
+                    if !cut_by_caller {
+                        self.next_size = next_read_size(chunk.len(), room, limit);
+                    }
                     return Ok(chunk);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,

@@ -835,7 +835,11 @@ async fn read_local<R: LocalReader>(
                 };
                 let buffer_room = limit.saturating_sub(ledger.replay_bytes);
                 let unsent = ledger.read_total.saturating_sub(ledger.sent);
-                if ledger.attached && unsent >= shared.read_ahead {
+                // While attached, wait for room for a whole read rather than
+                // read the sliver an ack freed: slivers became a stream of
+                // small messages under bulk load.
+                let sliver = buffer_room < read_chunk.min(limit);
+                if ledger.attached && (unsent >= shared.read_ahead || sliver) {
                     Some(0)
                 } else {
                     Some(buffer_room)

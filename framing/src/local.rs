@@ -186,6 +186,17 @@ mod tests {
         assert_eq!(next_read_size(30000, 65536, 65536), 60000);
     }
 
+    /// One chunk, recording the size of each buffer the reader asks for.
+    async fn read_recording(reader: &mut TcpReader, limit: usize, asked: &mut Vec<usize>) -> Bytes {
+        reader
+            .read_chunk(limit, |size| {
+                asked.push(size);
+                BytesMut::with_capacity(size)
+            })
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_keystroke_is_read_small_and_a_burst_grows_the_reads_to_the_limit() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -197,13 +208,7 @@ mod tests {
         let limit = 64 * 1024;
         let mut asked = Vec::new();
         application.write_all(b"x").await.unwrap();
-        let chunk = reader
-            .read_chunk(limit, |size| {
-                asked.push(size);
-                BytesMut::with_capacity(size)
-            })
-            .await
-            .unwrap();
+        let chunk = read_recording(&mut reader, limit, &mut asked).await;
         assert_eq!(&chunk[..], b"x");
         assert!(asked.is_empty(), "a keystroke takes no buffer: {asked:?}");
 
@@ -215,13 +220,7 @@ mod tests {
         let mut lengths = Vec::new();
         let mut total = 0;
         while total < 1024 * 1024 {
-            let chunk = reader
-                .read_chunk(limit, |size| {
-                    asked.push(size);
-                    BytesMut::with_capacity(size)
-                })
-                .await
-                .unwrap();
+            let chunk = read_recording(&mut reader, limit, &mut asked).await;
             assert!(!chunk.is_empty() && chunk.len() <= limit);
             total += chunk.len();
             lengths.push(chunk.len());

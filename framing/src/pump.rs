@@ -685,11 +685,10 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn data_from_the_relay_keeps_the_stream_alive_without_pongs() {
-        let interval = Duration::from_secs(10);
-        let mut harness = start(options(Some(interval), false)).await;
-        for _ in 0..40 {
+    /// The relay sends `count` small messages 5 s apart, each read by the
+    /// application before the next.
+    async fn send_ticks(harness: &mut Harness, count: usize) {
+        for _ in 0..count {
             tokio::time::sleep(Duration::from_secs(5)).await;
             harness
                 .relay
@@ -699,6 +698,13 @@ mod tests {
             let mut tick = [0u8; 4];
             harness.application.read_exact(&mut tick).await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_from_the_relay_keeps_the_stream_alive_without_pongs() {
+        let interval = Duration::from_secs(10);
+        let mut harness = start(options(Some(interval), false)).await;
+        send_ticks(&mut harness, 40).await;
         assert!(!harness.pump.is_finished(), "cut while data kept arriving");
     }
 
@@ -706,16 +712,7 @@ mod tests {
     async fn no_pings_while_the_relay_sends_and_one_an_interval_after_it_stops() {
         let interval = Duration::from_secs(10);
         let mut harness = start(options(Some(interval), false)).await;
-        for _ in 0..12 {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            harness
-                .relay
-                .send(Message::Binary(bytes::Bytes::from_static(b"tick")))
-                .await
-                .unwrap();
-            let mut tick = [0u8; 4];
-            harness.application.read_exact(&mut tick).await.unwrap();
-        }
+        send_ticks(&mut harness, 12).await;
         // A ping sent while the relay spoke would be read at once here.
         let quiet_since = Instant::now();
         match harness.relay.next().await {

@@ -1231,25 +1231,26 @@ mod tests {
             offers,
             None,
         ));
-        // The peer: read the data, acknowledge all of it.
+        // The peer: read the data, acknowledging as it goes (as a real
+        // peer does, or the window would stop the sender).
         let block = pattern(64 * 1024, 3);
-        for _ in 0..8 {
-            application.write_all(&block).await.unwrap();
-        }
+        let writer = tokio::spawn(async move {
+            for _ in 0..8 {
+                application.write_all(&block).await.unwrap();
+            }
+            application
+        });
         let mut received = 0usize;
-        while received < 8 * block.len() {
+        while received < 8 * 64 * 1024 {
             if let Some(Ok(Message::Binary(data))) = peer.next().await {
                 received += data.len();
+                let ack = Control::Ack {
+                    received: received as u64,
+                };
+                peer.send(ack.to_message()).await.unwrap();
             }
         }
-        peer.send(
-            Control::Ack {
-                received: received as u64,
-            }
-            .to_message(),
-        )
-        .await
-        .unwrap();
+        let _application = writer.await.unwrap();
         // Within the linger the spares are kept; past it, gone, with no
         // traffic to trigger it. The session task runs on this test's
         // thread (a current-thread runtime), where the ledger reports.

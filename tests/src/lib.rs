@@ -563,6 +563,22 @@ pub fn require_rsync() -> bool {
 
 /// A loopback port that was free a moment ago (for servers that must be
 /// told their port; retry on a clash).
+/// The connection string with its HostName's port replaced (to reach the
+/// relay through a forwarder the test controls).
+pub fn through_port(connection_string: &str, port: u16) -> String {
+    connection_string
+        .split(';')
+        .map(|pair| match pair.split_once('=') {
+            Some(("HostName", host)) => {
+                let host = host.rsplit_once(':').map_or(host, |(host, _)| host);
+                format!("HostName={host}:{port}")
+            }
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

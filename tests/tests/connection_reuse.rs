@@ -89,26 +89,14 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, cut: Arc<AtomicBool>) 
     }
 }
 
-/// The connection string with its HostName's port replaced.
-fn through_port(connection_string: &str, port: u16) -> String {
-    connection_string
-        .split(';')
-        .map(|pair| match pair.split_once('=') {
-            Some(("HostName", host)) => {
-                let host = host.rsplit_once(':').map_or(host, |(host, _)| host);
-                format!("HostName={host}:{port}")
-            }
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
-
-/// A device that accepts every stream request until dropped.
-async fn accepting_device(relay: &Relay, device_id: &str) -> tokio::task::JoinHandle<()> {
-    let connection_string = relay.add_device(device_id).await;
+/// A device with this connection string that accepts every stream request
+/// until dropped.
+async fn accepting_device_with(
+    relay: &Relay,
+    connection_string: &str,
+) -> tokio::task::JoinHandle<()> {
     let mut device = DeviceClient::connect(
-        &ConnectionString::parse_device(&connection_string).expect("device string"),
+        &ConnectionString::parse_device(connection_string).expect("device string"),
         &relay.tls(),
         &DeviceOptions::default(),
     )
@@ -122,12 +110,34 @@ async fn accepting_device(relay: &Relay, device_id: &str) -> tokio::task::JoinHa
     })
 }
 
+/// A device that accepts every stream request until dropped.
+async fn accepting_device(relay: &Relay, device_id: &str) -> tokio::task::JoinHandle<()> {
+    let connection_string = relay.add_device(device_id).await;
+    accepting_device_with(relay, &connection_string).await
+}
+
 fn options() -> StreamOptions {
     StreamOptions {
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(5),
         ..StreamOptions::default()
     }
+}
+
+/// A service client whose REST calls go through a counting forwarder, once
+/// the device "MyDevice" is online.
+async fn service_through_forwarder(relay: &Relay) -> (CountingForwarder, ServiceClient) {
+    let forwarder = CountingForwarder::start(&relay.address).await;
+    let service = ServiceClient::new(
+        ConnectionString::parse_service(&devstreams_tests::through_port(
+            &relay.service_connection_string,
+            forwarder.port,
+        ))
+        .expect("service string"),
+        relay.tls(),
+    );
+    devstreams_tests::wait_until_connected(&service, "MyDevice").await;
+    (forwarder, service)
 }
 
 async fn accepted(service: &ServiceClient, device_id: &str) {
@@ -142,16 +152,7 @@ async fn accepted(service: &ServiceClient, device_id: &str) {
 async fn many_stream_creations_reuse_few_rest_connections() {
     let relay = Relay::start(&[]).await;
     let _device = accepting_device(&relay, "MyDevice").await;
-    let forwarder = CountingForwarder::start(&relay.address).await;
-    let service = ServiceClient::new(
-        ConnectionString::parse_service(&through_port(
-            &relay.service_connection_string,
-            forwarder.port,
-        ))
-        .expect("service string"),
-        relay.tls(),
-    );
-    devstreams_tests::wait_until_connected(&service, "MyDevice").await;
+    let (forwarder, service) = service_through_forwarder(&relay).await;
     let before = forwarder.connections();
     assert!(
         before >= 1,
@@ -189,16 +190,7 @@ async fn many_stream_creations_reuse_few_rest_connections() {
 async fn a_pooled_connection_cut_as_the_request_goes_out_is_retried_on_a_fresh_one() {
     let relay = Relay::start(&[]).await;
     let _device = accepting_device(&relay, "MyDevice").await;
-    let forwarder = CountingForwarder::start(&relay.address).await;
-    let service = ServiceClient::new(
-        ConnectionString::parse_service(&through_port(
-            &relay.service_connection_string,
-            forwarder.port,
-        ))
-        .expect("service string"),
-        relay.tls(),
-    );
-    devstreams_tests::wait_until_connected(&service, "MyDevice").await;
+    let (forwarder, service) = service_through_forwarder(&relay).await;
     let before = forwarder.connections();
     // The pooled connection looks alive to the client, and is dropped as
     // soon as the request's first bytes reach the forwarder.
@@ -242,19 +234,7 @@ async fn accepting_device_again(relay: &Relay, device_id: &str) -> tokio::task::
         .find(|line| line.starts_with("HostName="))
         .expect("`relay device show` prints the connection string")
         .to_string();
-    let mut device = DeviceClient::connect(
-        &ConnectionString::parse_device(&connection_string).expect("device string"),
-        &relay.tls(),
-        &DeviceOptions::default(),
-    )
-    .await
-    .expect("the device connects");
-    let responder = device.responder();
-    tokio::spawn(async move {
-        while let Ok(request) = device.next_request().await {
-            let _ = responder.accept(&request).await;
-        }
-    })
+    accepting_device_with(relay, &connection_string).await
 }
 
 /// Dials the relay's main port with `tls` and says how the handshake went.

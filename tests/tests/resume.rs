@@ -254,21 +254,6 @@ impl Forwarder {
     }
 }
 
-/// The connection string with its HostName's port replaced.
-fn through_port(connection_string: &str, port: u16) -> String {
-    connection_string
-        .split(';')
-        .map(|pair| match pair.split_once('=') {
-            Some(("HostName", host)) => {
-                let host = host.rsplit_once(':').map_or(host, |(host, _)| host);
-                format!("HostName={host}:{port}")
-            }
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(";")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_switch_on_either_side_does_not_end_the_session() {
     let (echo_port, _echo) = start_echo_server().await;
@@ -276,11 +261,12 @@ async fn a_network_switch_on_either_side_does_not_end_the_session() {
     let mut device_path = Forwarder::start(&relay.address).await;
     let mut service_path = Forwarder::start(&relay.address).await;
     let connection_string = relay.add_device("MyDevice").await;
-    let device_string = through_port(&connection_string, device_path.port);
+    let device_string = devstreams_tests::through_port(&connection_string, device_path.port);
     let _device_proxy = start_device_proxy(&relay, &device_string, echo_port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let ca = relay.ca_text();
-    let service_string = through_port(&relay.service_connection_string, service_path.port);
+    let service_string =
+        devstreams_tests::through_port(&relay.service_connection_string, service_path.port);
     let mut service_proxy = Process::spawn(
         "service-proxy",
         &[&service_string, "MyDevice", "0", "--ca-cert", &ca],

@@ -368,6 +368,27 @@ struct Ledger {
 }
 
 impl Ledger {
+    /// A session's start: nothing read, sent or received.
+    fn new() -> Self {
+        Self {
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            acked: 0,
+            read_total: 0,
+            local_fin: false,
+            received: 0,
+            remote_fin: false,
+            ack_sent: 0,
+            unacked_since: None,
+            sent: 0,
+            attached: false,
+            spare: Vec::new(),
+            emptied_at: None,
+            send_marks: VecDeque::new(),
+            round_trip: None,
+        }
+    }
+
     /// The end of our sequence: data, plus one for the FIN once read.
     fn sequence_end(&self) -> u64 {
         self.read_total + u64::from(self.local_fin)
@@ -572,23 +593,7 @@ where
     let (mut tcp_reader, mut tcp_writer) = tcp.into_halves();
     let capacity = options.replay_buffer.max(1);
     let shared = Shared {
-        ledger: Mutex::new(Ledger {
-            replay: VecDeque::new(),
-            replay_bytes: 0,
-            acked: 0,
-            read_total: 0,
-            local_fin: false,
-            received: 0,
-            remote_fin: false,
-            ack_sent: 0,
-            unacked_since: None,
-            sent: 0,
-            attached: false,
-            spare: Vec::new(),
-            emptied_at: None,
-            send_marks: VecDeque::new(),
-            round_trip: None,
-        }),
+        ledger: Mutex::new(Ledger::new()),
         room: Notify::new(),
         work: Notify::new(),
         capacity,
@@ -1139,23 +1144,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     fn ledger() -> Ledger {
-        Ledger {
-            replay: VecDeque::new(),
-            replay_bytes: 0,
-            acked: 0,
-            read_total: 0,
-            local_fin: false,
-            received: 0,
-            remote_fin: false,
-            ack_sent: 0,
-            unacked_since: None,
-            sent: 0,
-            attached: false,
-            spare: Vec::new(),
-            emptied_at: None,
-            send_marks: VecDeque::new(),
-            round_trip: None,
-        }
+        Ledger::new()
     }
 
     fn push(ledger: &mut Ledger, data: &'static [u8]) {

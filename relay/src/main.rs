@@ -622,11 +622,39 @@ const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// go all the time walks its heap at most this often.
 const MIN_TRIM_SPACING: Duration = Duration::from_secs(2);
 
-/// Whether the heap should be trimmed now: the live connections (streams
-/// and control channels) fell to half the peak seen since the last trim (to
-/// zero after a single one), and the last trim is long enough ago.
-fn trim_is_due(peak: usize, active: usize, since_last_trim: Option<Duration>) -> bool {
-    peak > 0 && active <= peak / 2 && since_last_trim.is_none_or(|since| since >= MIN_TRIM_SPACING)
+/// When to give freed memory back, decided from the live connections
+/// (streams and control channels) counted at each check.
+///
+/// A trim is due when they fell to half the peak seen since the last trim
+/// (to zero after a single one), at most every [`MIN_TRIM_SPACING`]. One
+/// more trim follows [`MIN_TRIM_SPACING`] later: a connection leaves the
+/// count when it is over, but its task frees its buffers only once its
+/// close handshake is done, so a trim right at the fall can miss most of
+/// them, and the count, already low, would never ask again.
+#[derive(Debug, Default)]
+struct TrimSchedule {
+    peak: usize,
+    last_trim: Option<Duration>,
+    follow_up: bool,
+}
+
+impl TrimSchedule {
+    /// Records the count at `now` (time since the relay started) and says
+    /// whether to trim now.
+    fn trim_now(&mut self, active: usize, now: Duration) -> bool {
+        self.peak = self.peak.max(active);
+        let spaced = self
+            .last_trim
+            .is_none_or(|last| now.saturating_sub(last) >= MIN_TRIM_SPACING);
+        let fell = self.peak > 0 && active <= self.peak / 2;
+        if !spaced || !(fell || self.follow_up) {
+            return false;
+        }
+        self.follow_up = fell;
+        self.peak = active;
+        self.last_trim = Some(now);
+        true
+    }
 }
 
 /// glibc keeps the memory of closed streams and control channels for reuse
@@ -635,19 +663,16 @@ fn trim_is_due(peak: usize, active: usize, since_last_trim: Option<Duration>) ->
 /// for good (BENCHMARKS.md, SCALING.md). Whenever the live connections fall
 /// by half from their peak, whatever its size, the free pages go back.
 async fn return_freed_memory(relay: &relay::RunningRelay) {
-    let mut peak = 0usize;
-    let mut last_trim: Option<tokio::time::Instant> = None;
+    let started = tokio::time::Instant::now();
+    let mut schedule = TrimSchedule::default();
     let mut interval = tokio::time::interval(TRIM_CHECK_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let active = relay.active_streams() + relay.connected_devices();
-        peak = peak.max(active);
-        if trim_is_due(peak, active, last_trim.map(|at| at.elapsed())) {
+        if schedule.trim_now(active, started.elapsed()) {
             trim_heap();
-            tracing::debug!(peak, active, "returned freed memory to the system");
-            peak = active;
-            last_trim = Some(tokio::time::Instant::now());
+            tracing::debug!(active, "returned freed memory to the system");
         }
     }
 }
@@ -1065,18 +1090,47 @@ mod tests {
         assert_eq!(asked.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
     }
 
+    /// Feeds `counts`, one check every 250 ms, and returns the checks that
+    /// trimmed.
+    fn trims(counts: &[usize]) -> Vec<usize> {
+        let mut schedule = TrimSchedule::default();
+        (0..counts.len())
+            .filter(|&check| schedule.trim_now(counts[check], TRIM_CHECK_INTERVAL * check as u32))
+            .collect()
+    }
+
     #[test]
     fn a_trim_follows_any_fall_to_half_the_peak_at_most_every_two_seconds() {
-        let long_ago = Some(MIN_TRIM_SPACING);
-        assert!(trim_is_due(1, 0, None), "one stream ended");
-        assert!(trim_is_due(200, 0, long_ago), "a burst ended");
-        assert!(trim_is_due(200, 100, long_ago), "half of it ended");
-        assert!(!trim_is_due(200, 101, long_ago), "most of it still runs");
-        assert!(!trim_is_due(0, 0, None), "an idle relay is left alone");
-        assert!(!trim_is_due(5, 5, long_ago), "a steady load is left alone");
-        assert!(
-            !trim_is_due(200, 0, Some(Duration::from_millis(1999))),
-            "rate-limited"
+        assert_eq!(
+            trims(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            [1, 9],
+            "one stream ended"
         );
+        assert_eq!(
+            trims(&[200, 100, 100, 100, 100, 100, 100, 100, 100, 100]),
+            [1, 9],
+            "half of it ended"
+        );
+        assert_eq!(
+            trims(&[200, 101, 101]),
+            [] as [usize; 0],
+            "most of it still runs"
+        );
+        assert_eq!(
+            trims(&[0, 0, 0]),
+            [] as [usize; 0],
+            "an idle relay is left alone"
+        );
+        assert_eq!(
+            trims(&[5; 20]),
+            [] as [usize; 0],
+            "a steady load is left alone"
+        );
+        // A burst ends in steps: each fall waits out the spacing, and each
+        // trim that a fall caused gets its follow-up.
+        let mut burst = vec![200, 90, 40];
+        burst.resize(30, 40);
+        burst[15] = 10;
+        assert_eq!(trims(&burst), [1, 9, 17]);
     }
 }

@@ -152,6 +152,7 @@ where
     relay_until_moved(
         first,
         second,
+        None,
         ping_interval,
         &CopyCounters::default(),
         std::future::pending(),
@@ -161,10 +162,49 @@ where
 
 /// [`relay`], counting into `counters`, until `interrupt` completes: then
 /// both sides get Close 4012 ("move: resume elsewhere", for streams whose
-/// proxies resume sessions) or, closed by an operator, Close 1000.
-pub async fn relay_until_moved<A, B>(
+/// proxies resume sessions) or, closed by an operator, Close 1000. `early`
+/// is a message already read from `first` (a server's banner while the
+/// other side was awaited): it reaches `second` before anything else.
+///
+/// Not an `async fn`: an async fn keeps its arguments in its state for its
+/// whole life, and each socket is a few hundred bytes that `split` moves
+/// onto the heap at once. Split here, only the halves (pointers) stay in
+/// the copy's state: a relay holding thousands of idle streams holds one
+/// such state per stream.
+pub fn relay_until_moved<'a, A, B>(
     first: WebSocketStream<A>,
     second: WebSocketStream<B>,
+    early: Option<Message>,
+    ping_interval: Option<Duration>,
+    counters: &'a CopyCounters,
+    interrupt: impl std::future::Future<Output = Interruption> + 'a,
+) -> impl std::future::Future<Output = RelayReport> + 'a
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'a,
+    B: AsyncRead + AsyncWrite + Unpin + Send + 'a,
+{
+    let (first_sink, first_stream) = first.split();
+    let (second_sink, second_stream) = second.split();
+    relay_halves(
+        (first_sink, first_stream),
+        (second_sink, second_stream),
+        early,
+        ping_interval,
+        counters,
+        interrupt,
+    )
+}
+
+/// One socket's two halves.
+type Halves<S> = (
+    SplitSink<WebSocketStream<S>, Message>,
+    SplitStream<WebSocketStream<S>>,
+);
+
+async fn relay_halves<A, B>(
+    (mut first_sink, mut first_stream): Halves<A>,
+    (mut second_sink, mut second_stream): Halves<B>,
+    early: Option<Message>,
     ping_interval: Option<Duration>,
     counters: &CopyCounters,
     interrupt: impl std::future::Future<Output = Interruption>,
@@ -173,8 +213,13 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut first_sink, mut first_stream) = first.split();
-    let (mut second_sink, mut second_stream) = second.split();
+    if let Some(message) = early {
+        // Nothing else has been read from `first` yet: order is kept. A
+        // failure shows again on the next write, where it is handled.
+        if let Err(error) = second_sink.send(message).await {
+            tracing::debug!(%error, "the joining side failed at once");
+        }
+    }
     let origin = Instant::now();
     let (first_heard, second_heard) = (LastHeard::new(origin), LastHeard::new(origin));
     let (from_first, direction_end) = {
@@ -214,10 +259,11 @@ where
                     RelayEnd::ClosedByOperator,
                 ),
             };
-            tokio::join!(
-                end_socket(first_sink, first_stream, Ending::SendClose(frame.clone())),
-                end_socket(second_sink, second_stream, Ending::SendClose(frame)),
-            );
+            end_both(
+                ((first_sink, first_stream), Ending::SendClose(frame.clone())),
+                ((second_sink, second_stream), Ending::SendClose(frame)),
+            )
+            .await;
             return RelayReport {
                 bytes_first_to_second: bytes(&counters.first_to_second),
                 bytes_second_to_first: bytes(&counters.second_to_first),
@@ -265,15 +311,35 @@ where
     } else {
         (destination_ending, source_ending)
     };
-    tokio::join!(
-        end_socket(first_sink, first_stream, first_ending),
-        end_socket(second_sink, second_stream, second_ending),
-    );
+    end_both(
+        ((first_sink, first_stream), first_ending),
+        ((second_sink, second_stream), second_ending),
+    )
+    .await;
     RelayReport {
         bytes_first_to_second: bytes(&counters.first_to_second),
         bytes_second_to_first: bytes(&counters.second_to_first),
         end,
     }
+}
+
+/// Ends both sockets at once. Boxed: the close handshakes are a large
+/// state that only an ending stream needs, and a copy's state is kept for
+/// as long as the stream lives.
+async fn end_both<A, B>(
+    ((first_sink, first_stream), first_ending): (Halves<A>, Ending),
+    ((second_sink, second_stream), second_ending): (Halves<B>, Ending),
+) where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    Box::pin(async move {
+        tokio::join!(
+            end_socket(first_sink, first_stream, first_ending),
+            end_socket(second_sink, second_stream, second_ending),
+        )
+    })
+    .await;
 }
 
 /// Ends one socket as `ending` says, within [`CLOSE_HANDSHAKE_TIMEOUT`].

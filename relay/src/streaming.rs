@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use framing::pump::{self, close_frame, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_PEER_LOST};
 use framing::stream_token::Side;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use http::{HeaderMap, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -106,8 +106,16 @@ pub fn upgrade(
                 Some(config),
             )
             .await;
+            // Boxed, so the task's state holds a pointer rather than the
+            // socket at every level it passes through.
             settle(
-                task_state, claim, socket, connection, side, resumable, audited,
+                task_state,
+                claim,
+                Box::new(socket),
+                connection,
+                side,
+                resumable,
+                audited,
             )
             .await;
         }
@@ -163,7 +171,7 @@ enum Waited {
 async fn settle(
     state: Arc<RelayState>,
     claim: Claim,
-    socket: ServerWebSocket,
+    socket: Box<ServerWebSocket>,
     connection: Arc<ConnectionGuard>,
     side: Side,
     resumable: bool,
@@ -172,7 +180,7 @@ async fn settle(
     match claim {
         Claim::Join { sender, permit } => {
             if let Err(arrival) = sender.send(Arrival {
-                socket,
+                socket: *socket,
                 permit,
                 guard: connection,
             }) {
@@ -261,7 +269,7 @@ async fn settle(
                     copy_stream(
                         &state,
                         socket,
-                        *arrival,
+                        arrival,
                         early,
                         side,
                         (details, &audited),
@@ -273,7 +281,7 @@ async fn settle(
                     Metrics::add(&state.metrics.streams_expired, 1);
                     tracing::info!(stream_name, "stream failed: the other side did not connect before the handshake deadline");
                     close_with(
-                        socket,
+                        *socket,
                         CLOSE_HANDSHAKE_TIMEOUT,
                         "the other side did not connect before the handshake deadline",
                     )
@@ -281,19 +289,24 @@ async fn settle(
                 }
                 Waited::Cancelled => {
                     close_with(
-                        socket,
+                        *socket,
                         CLOSE_PEER_LOST,
                         "the stream was cancelled before the other side connected",
                     )
                     .await
                 }
                 Waited::ShuttingDown => {
-                    close_with(socket, pump::CLOSE_GOING_AWAY, "the relay is shutting down").await
+                    close_with(
+                        *socket,
+                        pump::CLOSE_GOING_AWAY,
+                        "the relay is shutting down",
+                    )
+                    .await
                 }
                 Waited::Moved => {
                     Metrics::add(&state.metrics.streams_moved, 1);
                     close_with(
-                        socket,
+                        *socket,
                         pump::CLOSE_MOVE,
                         "the relay is draining: resume elsewhere",
                     )
@@ -304,11 +317,11 @@ async fn settle(
                         stream_name,
                         "stream ended: the first side closed before the other connected"
                     );
-                    copy::answer_close(&mut socket).await
+                    copy::answer_close(&mut *socket).await
                 }
                 Waited::TooBig => {
                     close_with(
-                        socket,
+                        *socket,
                         pump::CLOSE_MESSAGE_TOO_BIG,
                         "message larger than the relay accepts",
                     )
@@ -325,8 +338,8 @@ async fn settle(
 
 async fn copy_stream(
     state: &RelayState,
-    mine: ServerWebSocket,
-    arrival: Arrival,
+    mine: Box<ServerWebSocket>,
+    arrival: Box<Arrival>,
     early: Option<Message>,
     my_side: Side,
     // The live stream's id is the audit log's: the one the creation made.
@@ -335,10 +348,10 @@ async fn copy_stream(
 ) {
     let stream_name = details.stream_name.clone();
     let Arrival {
-        socket: mut theirs,
+        socket: theirs,
         permit,
         guard: _their_connection,
-    } = arrival;
+    } = *arrival;
     let started = Instant::now();
     state.metrics.stream_setup_seconds.observe(
         started
@@ -362,37 +375,31 @@ async fn copy_stream(
         }
     };
     let early_bytes = early.as_ref().map_or(0, |message| message.len() as u64);
-    let relay = async {
-        if let Some(message) = early {
-            // Nothing else has been read from `mine` yet: order is kept.
-            if let Err(error) = theirs.send(message).await {
-                tracing::debug!(%error, "the joining side failed at once");
-            }
+    // A drain moves a resumable session at once (4012); other streams keep
+    // their drain deadline. An operator may close any stream.
+    let move_now = async {
+        if resumable {
+            state.stop_accepting.cancelled().await
+        } else {
+            std::future::pending().await
         }
-        // A drain moves a resumable session at once (4012); other streams
-        // keep their drain deadline. An operator may close any stream.
-        let move_now = async {
-            if resumable {
-                state.stop_accepting.cancelled().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        let interrupt = async {
-            tokio::select! {
-                _ = move_now => Interruption::Move,
-                _ = live.stream.closed() => Interruption::CloseByOperator,
-            }
-        };
-        copy::relay_until_moved(
-            mine,
-            theirs,
-            state.config.limits.ping_interval,
-            &live.stream.counters,
-            interrupt,
-        )
-        .await
     };
+    let interrupt = async {
+        tokio::select! {
+            _ = move_now => Interruption::Move,
+            _ = live.stream.closed() => Interruption::CloseByOperator,
+        }
+    };
+    // Takes both sockets now, before anything is awaited, so this state
+    // keeps no copy of them.
+    let relay = copy::relay_until_moved(
+        *mine,
+        theirs,
+        early,
+        state.config.limits.ping_interval,
+        &live.stream.counters,
+        interrupt,
+    );
     // Bytes each way, device to service first, as `my_side` says.
     let by_direction = |first_to_second: u64, second_to_first: u64| match my_side {
         Side::Device => (first_to_second, second_to_first),

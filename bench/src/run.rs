@@ -128,20 +128,30 @@ pub async fn measure_all(
     if plan.includes(Workload::Bulk) {
         for streams in [1, plan.bulk_parallel_streams] {
             for direction in [Direction::Upload, Direction::Download] {
-                for (system, report) in systems.iter().zip(&mut reports) {
-                    tokio::time::sleep(plan.pause_between_runs).await;
-                    let before = meter.reading();
-                    let run = bulk::run(
-                        system,
-                        target,
-                        direction,
-                        streams,
-                        plan.bulk_warm_up,
-                        plan.bulk_window,
-                    )
-                    .await;
-                    meter.charge(before, report);
-                    record_bulk(system, report, run);
+                let mut rounds: Vec<Vec<BulkRun>> = systems.iter().map(|_| Vec::new()).collect();
+                for _ in 0..plan.bulk_rounds.max(1) {
+                    for ((system, report), runs) in
+                        systems.iter().zip(&mut reports).zip(&mut rounds)
+                    {
+                        tokio::time::sleep(plan.pause_between_runs).await;
+                        let before = meter.reading();
+                        let run = bulk::run(
+                            system,
+                            target,
+                            direction,
+                            streams,
+                            plan.bulk_warm_up,
+                            plan.bulk_window,
+                        )
+                        .await;
+                        meter.charge(before, report);
+                        runs.push(run);
+                    }
+                }
+                for ((system, report), runs) in systems.iter().zip(&mut reports).zip(rounds) {
+                    if let Some(run) = median_run(runs) {
+                        record_bulk(system, report, run);
+                    }
                 }
             }
         }
@@ -308,6 +318,21 @@ fn record_setup(system: &System, report: &mut SystemReport, setup: SetupResult) 
     report.setup = Some(setup);
 }
 
+/// The round with the median throughput (the lower middle one of an even
+/// count), its CPU figures with it; streams that failed in any round count.
+fn median_run(mut runs: Vec<BulkRun>) -> Option<BulkRun> {
+    let failed: usize = runs.iter().map(|run| run.failed_streams).sum();
+    runs.sort_by(|first, second| {
+        first
+            .megabytes_per_second()
+            .total_cmp(&second.megabytes_per_second())
+    });
+    let middle = runs.len().checked_sub(1)? / 2;
+    let mut run = runs.swap_remove(middle);
+    run.failed_streams = failed;
+    Some(run)
+}
+
 fn record_bulk(system: &System, report: &mut SystemReport, run: BulkRun) {
     let label = system.kind.label();
     eprintln!(
@@ -420,4 +445,34 @@ pub fn micros(duration: Duration) -> f64 {
 
 pub fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(megabytes: u64, failed_streams: usize) -> BulkRun {
+        BulkRun {
+            direction: Direction::Upload,
+            streams: 1,
+            bytes: megabytes * 1_000_000,
+            window: Duration::from_secs(1),
+            cpu: Vec::new(),
+            failed_streams,
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_reported_and_every_failure_counts() {
+        let median = median_run(vec![run(700, 0), run(300, 1), run(500, 0)]).expect("a round");
+        assert_eq!(median.megabytes_per_second().round(), 500.0);
+        assert_eq!(median.failed_streams, 1, "a failure in another round");
+        let even = median_run(vec![run(700, 0), run(300, 0)]).expect("a round");
+        assert_eq!(
+            even.megabytes_per_second().round(),
+            300.0,
+            "the lower middle"
+        );
+        assert!(median_run(Vec::new()).is_none());
+    }
 }

@@ -203,14 +203,13 @@ async fn frozen_device_proxy_is_detected_within_three_ping_intervals() {
         waited < Duration::from_secs(5),
         "a frozen peer was detected after {waited:?} (3 intervals = 3 s)"
     );
-    assert!(
-        tunnel
-            .relay
-            .process
-            .log()
-            .contains("disconnected without closing"),
-        "the relay logs why"
-    );
+    // The relay writes its line once the other side's close handshake is
+    // over (at most 3 s), which may be just after the client saw the break.
+    tunnel
+        .relay
+        .process
+        .wait_for_log("disconnected without closing", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

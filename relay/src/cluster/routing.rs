@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
@@ -190,14 +191,36 @@ pub async fn route(
             ));
         };
         let wait = deadlines.answer_by.saturating_duration_since(now);
-        let outcome = client
-            .send_request(
-                subject.clone(),
-                async_nats::Request::new()
-                    .payload(payload.into())
-                    .timeout(Some(wait.max(Duration::from_millis(1)))),
-            )
-            .await;
+        // A request NATS delivered to a node just as the device left it (a
+        // drain, a network switch) is never answered, and this wait would
+        // last the whole answer deadline. The device announces itself when
+        // it connects to another node: ask again then.
+        let mut takeovers = client
+            .subscribe(super::presence::takeover_subject(identity))
+            .await
+            .ok();
+        let request = client.send_request(
+            subject.clone(),
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(wait.max(Duration::from_millis(1)))),
+        );
+        let device_moved = async {
+            match takeovers.as_mut() {
+                Some(takeovers) => {
+                    takeovers.next().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = request => outcome,
+            () = device_moved => {
+                tracing::info!(%identity, "device connected to another node while its stream creation was pending: asking again");
+                continue;
+            }
+        };
+        drop(takeovers);
         match outcome {
             Ok(message) => {
                 let answer = (message.payload.len() <= MAX_ANSWER_BYTES)

@@ -132,7 +132,8 @@ enum UpstreamEnd {
 }
 
 enum DownstreamEnd {
-    /// The remote half-closed; our TCP write side is shut down.
+    /// Both directions are finished: the remote half-closed (our TCP write
+    /// side is shut down) after our own half-close went out.
     HalfClosed,
     RemoteClosed {
         code: u16,
@@ -224,7 +225,7 @@ where
             &liveness,
         );
         tokio::pin!(upstream, downstream);
-        let (mut up_finished, mut down_finished) = (false, false);
+        let mut up_finished = false;
         let silence_limit = options
             .ping_interval
             .map(|interval| interval * SILENT_INTERVALS);
@@ -232,18 +233,18 @@ where
             let silence_deadline = silence_limit.map(|limit| liveness.last_received() + limit);
             tokio::select! {
                 end = &mut upstream, if !up_finished => match end {
-                    UpstreamEnd::HalfClosed if down_finished => break Outcome::BothHalfClosed,
+                    UpstreamEnd::HalfClosed if Liveness::get(&liveness.downstream_finished) => {
+                        break Outcome::BothHalfClosed
+                    }
                     UpstreamEnd::HalfClosed => up_finished = true,
                     other => break Outcome::Up(other),
                 },
-                end = &mut downstream, if !down_finished => match end {
-                    DownstreamEnd::HalfClosed if up_finished || Liveness::get(&liveness.upstream_half_closed) => {
-                        break Outcome::BothHalfClosed
-                    }
-                    DownstreamEnd::HalfClosed => {
-                        down_finished = true;
-                        Liveness::set(&liveness.downstream_finished);
-                    }
+                // Polled even after the relay's half-close: its Close (the
+                // operator left) or a ping may still come, and a side that
+                // stopped reading would pour data into a stream nobody
+                // reads until the relay gives up on it.
+                end = &mut downstream => match end {
+                    DownstreamEnd::HalfClosed => break Outcome::BothHalfClosed,
                     other => break Outcome::Down(other),
                 },
                 _ = sleep_until_optional(silence_deadline) => {
@@ -264,7 +265,7 @@ where
     };
     let end = match outcome {
         Outcome::BothHalfClosed | Outcome::Up(UpstreamEnd::Eof) => {
-            send_close(&mut sink, close_message(CLOSE_NORMAL, "")).await;
+            close_handshake(&mut sink, &mut stream, close_message(CLOSE_NORMAL, "")).await;
             PumpEnd::Completed
         }
         Outcome::Up(UpstreamEnd::HalfClosed) | Outcome::Down(DownstreamEnd::HalfClosed) => {
@@ -272,15 +273,18 @@ where
         }
         Outcome::Up(UpstreamEnd::TcpFailed(error))
         | Outcome::Down(DownstreamEnd::TcpFailed(error)) => {
-            send_close(
+            // The local side hears of it first; the relay's answer may take
+            // a moment.
+            L::abort(tcp_reader, tcp_writer);
+            close_handshake(
                 &mut sink,
+                &mut stream,
                 close_message(
                     CLOSE_TCP_RESET,
                     "the TCP connection on the other end failed",
                 ),
             )
             .await;
-            L::abort(tcp_reader, tcp_writer);
             PumpEnd::LocalFailed(error.to_string())
         }
         Outcome::Up(UpstreamEnd::StreamFailed(reason))
@@ -305,11 +309,34 @@ where
     }
 }
 
-async fn send_close<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, message: Message)
-where
+/// Sends our Close and waits, within [`CLOSE_WRITE_TIMEOUT`], for the
+/// relay's answer, discarding what it sent before it saw ours (RFC 6455
+/// §1.4).
+///
+/// Dropping the connection right after the Close is not enough: while the
+/// relay still sends (a download whose client left), our socket holds
+/// unread bytes, and closing such a socket makes the kernel send a reset,
+/// which also discards whatever the relay had not read yet, our Close among
+/// it. The relay then saw a vanished side (1011) instead of our code, and a
+/// resumable session on the device kept its target open, waiting to resume.
+pub(crate) async fn close_handshake<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    message: Message,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(message)).await;
+    let handshake = async {
+        if sink.send(message).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, handshake).await;
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
@@ -434,12 +461,20 @@ where
             Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
             Some(Ok(_)) => continue,
         };
+        if Liveness::get(&liveness.downstream_finished) {
+            return DownstreamEnd::StreamLost(
+                "the relay sent data after the end of the stream".into(),
+            );
+        }
         if data.is_empty() {
             if options.half_close {
-                return match writer.shutdown().await {
-                    Ok(()) => DownstreamEnd::HalfClosed,
-                    Err(error) => DownstreamEnd::TcpFailed(error),
-                };
+                if let Err(error) = writer.shutdown().await {
+                    return DownstreamEnd::TcpFailed(error);
+                }
+                Liveness::set(&liveness.downstream_finished);
+                if Liveness::get(&liveness.upstream_half_closed) {
+                    return DownstreamEnd::HalfClosed;
+                }
             }
             continue;
         }

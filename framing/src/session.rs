@@ -83,8 +83,6 @@ thread_local! {
 
 /// Largest text (control) message a session accepts.
 const MAX_CONTROL_MESSAGE: usize = 1024;
-/// How long to wait for a final Close frame to be written.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -702,17 +700,23 @@ where
                     continue 'session;
                 }
                 Err(Some(Offer::GiveUp(reason))) => {
-                    close_sink(&mut sink, CLOSE_TCP_RESET, &reason).await;
+                    close_sink(&mut sink, &mut stream, CLOSE_TCP_RESET, &reason).await;
                     break 'session SessionEnd::Abandoned(reason);
                 }
                 Err(None) => {
-                    close_sink(&mut sink, CLOSE_TCP_RESET, "the session was dropped").await;
+                    close_sink(
+                        &mut sink,
+                        &mut stream,
+                        CLOSE_TCP_RESET,
+                        "the session was dropped",
+                    )
+                    .await;
                     break 'session SessionEnd::Abandoned("the proxy dropped the session".into());
                 }
             };
             match carrier_end {
                 CarrierEnd::Completed => {
-                    close_sink(&mut sink, CLOSE_NORMAL, "").await;
+                    close_sink(&mut sink, &mut stream, CLOSE_NORMAL, "").await;
                     break 'session SessionEnd::Completed;
                 }
                 CarrierEnd::PeerClosedNormally => break 'session SessionEnd::Completed,
@@ -720,6 +724,7 @@ where
                 CarrierEnd::LocalFailed(reason) => {
                     close_sink(
                         &mut sink,
+                        &mut stream,
                         CLOSE_TCP_RESET,
                         "the TCP connection on the other end failed",
                     )
@@ -727,7 +732,13 @@ where
                     break 'session SessionEnd::LocalFailed(reason);
                 }
                 CarrierEnd::ProtocolError(reason) => {
-                    close_sink(&mut sink, CLOSE_TCP_RESET, "session protocol error").await;
+                    close_sink(
+                        &mut sink,
+                        &mut stream,
+                        CLOSE_TCP_RESET,
+                        "session protocol error",
+                    )
+                    .await;
                     break 'session SessionEnd::ProtocolError(reason);
                 }
                 CarrierEnd::Lost(reason) => {
@@ -813,11 +824,17 @@ where
     }
 }
 
-async fn close_sink<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, code: u16, reason: &str)
-where
+/// Ends the carrier with our Close and the relay's answer
+/// ([`crate::pump::close_handshake`] says why the answer is awaited).
+async fn close_sink<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    code: u16,
+    reason: &str,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, reason))).await;
+    crate::pump::close_handshake(sink, stream, close_message(code, reason)).await;
 }
 
 /// Reads the local socket into the replay buffer while it has room, for the

@@ -587,3 +587,86 @@ async fn relay_memory_returns_after_many_control_channels_close() {
     }
     drop(warm_up);
 }
+
+/// A target that writes without end to every connection and reports how
+/// long after `started` each connection's writes began to fail.
+async fn start_firehose() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the firehose");
+    let port = listener.local_addr().expect("address").port();
+    let (ended, endings) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                while socket.write_all(&chunk).await.is_ok() {}
+                let _ = ended.send(Instant::now());
+            });
+        }
+    });
+    (port, endings)
+}
+
+/// An operator who leaves a download mid-transfer must free the device's
+/// side at once: the device-proxy stops reading its target within a second,
+/// rather than pouring data into a stream nobody reads until the relay's
+/// close-handshake deadline (3 s) cuts it, or a resumable session waits out
+/// its resume window. With and without resumable sessions, and for both ways
+/// a client leaves: a plain close with unread data (a reset), and a
+/// half-close first (the device sees the end of the upload, then the reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_a_busy_download_frees_the_target_at_once() {
+    for resume in [false, true] {
+        let relay = Relay::start(&[]).await;
+        let (firehose_port, mut endings) = start_firehose().await;
+        let connection_string = relay.add_device("MyDevice").await;
+        let mode: &[&str] = if resume { &[] } else { &["--no-resume"] };
+        let device_proxy =
+            start_device_proxy(&relay, &connection_string, firehose_port, mode).await;
+        wait_until_device_connected(&relay, "MyDevice").await;
+        let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", mode).await;
+        for half_close_first in [false, true, false, true] {
+            let mut client = TcpStream::connect(("127.0.0.1", local_port))
+                .await
+                .expect("connect to the service-proxy");
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut received = 0usize;
+            while received < 16 * 1024 * 1024 {
+                let count = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buffer))
+                    .await
+                    .expect("the download flows")
+                    .expect("read");
+                assert!(count > 0, "the download ended early");
+                received += count;
+            }
+            if half_close_first {
+                client.shutdown().await.expect("half-close");
+            }
+            // Unread data piles up, so the close below is a reset.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let left = Instant::now();
+            drop(client);
+            let ended = tokio::time::timeout(Duration::from_secs(10), endings.recv()).await;
+            let after = match ended {
+                Ok(Some(ended)) => ended.saturating_duration_since(left),
+                _ => Duration::MAX,
+            };
+            let shown = if after == Duration::MAX {
+                "more than 10 s".to_string()
+            } else {
+                format!("{after:?}")
+            };
+            assert!(
+                after < Duration::from_millis(1500),
+                "resume {resume}, half-close first {half_close_first}: the target was written to \
+                 for {shown} after the client left\n--- device-proxy\n{}\n--- relay\n{}\n\
+                 --- service-proxy\n{}",
+                device_proxy.log(),
+                relay.process.log(),
+                service_proxy.log()
+            );
+        }
+    }
+}

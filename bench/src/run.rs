@@ -145,6 +145,7 @@ pub async fn measure_all(
                         )
                         .await;
                         meter.charge(before, report);
+                        print_round(system, &run);
                         runs.push(run);
                     }
                 }
@@ -316,6 +317,29 @@ fn record_setup(system: &System, report: &mut SystemReport, setup: SetupResult) 
         ));
     }
     report.setup = Some(setup);
+}
+
+/// One bulk round on stderr, with each process's CPU-seconds per GB: the
+/// report keeps only the median round, and the spread between rounds is
+/// what tells a real difference from the machine's noise.
+fn print_round(system: &System, run: &BulkRun) {
+    let gigabytes = run.bytes as f64 / 1e9;
+    let cpu: Vec<String> = run
+        .cpu
+        .iter()
+        .map(|(role, used)| {
+            let per_gigabyte = used.as_secs_f64() / gigabytes.max(f64::MIN_POSITIVE);
+            format!("{role:?} {per_gigabyte:.2}")
+        })
+        .collect();
+    eprintln!(
+        "{}: bulk round, {} stream(s) {}: {:.0} MB/s; CPU-s/GB {}",
+        system.kind.label(),
+        run.streams,
+        run.direction.label(),
+        run.megabytes_per_second(),
+        cpu.join(", ")
+    );
 }
 
 /// The round with the median throughput (the lower middle one of an even

@@ -55,6 +55,11 @@ pub struct Plan {
     pub idle_streams_cap: Option<String>,
     pub idle_concurrency: usize,
     pub idle_open_time_limit: Duration,
+    /// How long the held streams' CPU is read: one whole ping interval
+    /// (devstreams' default, 20 s) and a second more, so every stream pings
+    /// once in it whatever time the opening took. A shorter window saw
+    /// either no ping or the first streams' pings all at once.
+    pub idle_cpu_window: Duration,
     /// Relay restarts in the restart-recovery measurement.
     pub relay_restarts: usize,
     /// Longest wait for data to flow again after one restart.
@@ -81,6 +86,7 @@ impl Plan {
             idle_streams_cap: None,
             idle_concurrency: 64,
             idle_open_time_limit: Duration::from_secs(90),
+            idle_cpu_window: Duration::from_secs(21),
             relay_restarts: 20,
             restart_wait_limit: Duration::from_secs(60),
         }
@@ -100,6 +106,7 @@ impl Plan {
             creation_duration: Duration::from_secs(1),
             idle_streams: 500,
             idle_open_time_limit: Duration::from_secs(15),
+            idle_cpu_window: Duration::from_secs(3),
             relay_restarts: 3,
             ..Plan::full()
         }

@@ -180,6 +180,7 @@ pub async fn measure_all(
                 plan.idle_streams,
                 plan.idle_concurrency,
                 plan.idle_open_time_limit,
+                plan.idle_cpu_window,
             )
             .await;
             meter.charge(before, report);

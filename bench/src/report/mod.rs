@@ -202,11 +202,18 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
     let _ = writeln!(
         out,
         "5. **Idle streams**: {} streams opened ({} at a time) and held, each confirmed by an echo; VmRSS of every \
-         process read before, while held (after 3 s, over which their CPU use is read too: WebSocket pings every 20 s \
-         are what idle streams cost) and after all closed. Per stream = (held − before) ÷ streams. \
+         process read before, while held (after 3 s) and after all closed; their CPU use is read while they are held, \
+         over {} s{}. Per stream = (held − before) ÷ streams. \
          The bench raises RLIMIT_NOFILE to 65536 for itself and its children where it may.{}",
         plan.idle_streams,
         plan.idle_concurrency,
+        plan.idle_cpu_window.as_secs(),
+        if plan.idle_cpu_window >= Duration::from_secs(20) {
+            ": a whole 20 s ping interval and a second more, so each stream's ping counts once (pings are what \
+             idle streams cost)"
+        } else {
+            ", less than a ping interval (a smoke test: pings are what idle streams cost)"
+        },
         match &plan.idle_streams_cap {
             Some(reason) => format!(" **Fewer than 10,000 in this run:** {reason}."),
             None => String::new(),

@@ -19,8 +19,7 @@ use crate::systems::{cpu_used, Role, System};
 use crate::target::TargetServer;
 
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Held streams rest this long before RSS is read, so lazy buffers settle;
-/// the CPU the processes use meanwhile is what idle streams cost.
+/// Held streams rest this long before RSS is read, so lazy buffers settle.
 const SETTLE_TIME: Duration = Duration::from_secs(3);
 /// After closing, how long the bench waits for every stream to end.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +75,7 @@ pub async fn run(
     count: usize,
     concurrency: usize,
     open_time_limit: Duration,
+    cpu_window: Duration,
 ) -> IdleResult {
     let rss = || -> Vec<(Role, Option<u64>)> {
         system
@@ -110,10 +110,13 @@ pub async fn run(
     let opened = held.len();
 
     let (cpu_before_hold, hold_started) = (system.cpu_snapshot(), Instant::now());
-    tokio::time::sleep(SETTLE_TIME).await;
+    tokio::time::sleep(SETTLE_TIME.min(cpu_window)).await;
+    let while_held = rss();
+    // What idle streams cost is mostly their pings: the CPU is read over a
+    // whole ping interval (`Plan::idle_cpu_window`).
+    tokio::time::sleep(cpu_window.saturating_sub(hold_started.elapsed())).await;
     let cpu_while_held = cpu_used(&cpu_before_hold, &system.cpu_snapshot());
     let held_window = hold_started.elapsed();
-    let while_held = rss();
 
     drop(held);
     let closing = Instant::now();

@@ -574,6 +574,89 @@ mod tests {
         assert_eq!(&down, b"down");
     }
 
+    /// The application resets its connection: the pump resets nothing more
+    /// locally, sends Close 4000 and waits for the relay's answer, at most
+    /// [`CLOSE_WRITE_TIMEOUT`]; an answered Close ends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_local_failure_waits_for_the_relays_close_answer_within_the_deadline() {
+        for relay_answers in [true, false] {
+            let mut harness = start(options(None, true)).await;
+            harness.application.set_zero_linger().unwrap();
+            drop(harness.application);
+            if relay_answers {
+                // Answered as the relay does: reading the Close queues the
+                // echo, closing flushes it.
+                let close = next_data_or_close(&mut harness.relay).await;
+                assert_eq!(close_code(close), Some(CLOSE_TCP_RESET));
+                let _ = SinkExt::close(&mut harness.relay).await;
+                let report = harness.pump.await.unwrap();
+                assert!(matches!(report.end, PumpEnd::LocalFailed(_)));
+                assert!(
+                    harness.started.elapsed() < Duration::from_millis(100),
+                    "an answered Close ends the stream at once"
+                );
+            } else {
+                // The relay reads nothing: no answer ever comes.
+                let report = harness.pump.await.unwrap();
+                assert!(matches!(report.end, PumpEnd::LocalFailed(_)));
+                let waited = harness.started.elapsed();
+                assert!(
+                    waited >= CLOSE_WRITE_TIMEOUT
+                        && waited < CLOSE_WRITE_TIMEOUT + Duration::from_millis(100),
+                    "gave up after {waited:?}"
+                );
+                let close = next_data_or_close(&mut harness.relay).await;
+                assert_eq!(
+                    close_code(close),
+                    Some(CLOSE_TCP_RESET),
+                    "the Close was sent"
+                );
+            }
+        }
+    }
+
+    /// After the relay's half-close the pump still reads the stream, so the
+    /// relay's Close (the operator left) ends it, and the application's
+    /// connection is reset, instead of going unseen while the application
+    /// keeps sending.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_after_the_relays_half_close_is_seen() {
+        let mut harness = start(options(None, true)).await;
+        harness
+            .relay
+            .send(Message::Binary(bytes::Bytes::new()))
+            .await
+            .unwrap();
+        let received = read_to_end(&mut harness.application).await;
+        assert_eq!(received.unwrap(), b"", "the half-close arrives as a FIN");
+        harness
+            .application
+            .write_all(b"still sending")
+            .await
+            .unwrap();
+        let up = next_data_or_close(&mut harness.relay).await;
+        assert_eq!(
+            up,
+            Some(Message::Binary(bytes::Bytes::from_static(b"still sending")))
+        );
+        harness
+            .relay
+            .send(close_message(CLOSE_TCP_RESET, "the operator left"))
+            .await
+            .unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(1), harness.pump)
+            .await
+            .expect("the Close ends the stream")
+            .unwrap();
+        assert!(matches!(
+            report.end,
+            PumpEnd::RemoteClosed {
+                code: CLOSE_TCP_RESET,
+                ..
+            }
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn remote_close_1000_is_a_fin_after_the_data() {
         let mut harness = start(options(None, false)).await;

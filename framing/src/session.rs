@@ -59,14 +59,15 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 ///
 /// Every ack wakes three processes (the receiver, the relay, the sender)
 /// for a few bytes, and in a bulk transfer nothing else travels that way to
-/// carry it. At 128 KiB the acks cost the sending proxy a fifth more CPU per
-/// byte than the plain pump and left resume on at 74–94 % of resume off in
-/// the bench; at 1 MiB, with the window below, within a few percent.
+/// carry it. At 128 KiB the acks cost the sending proxy 25–50 % more CPU
+/// per byte than the plain pump; at 1 MiB, with the window below, one
+/// stream's bulk throughput with resume on is within the bench's noise of
+/// resume off (eight at once still trail by 5–20 %: BENCHMARKS.md).
 pub const ACK_EVERY: u64 = 1024 * 1024;
 /// Least unacknowledged bytes a session keeps in flight while a carrier is
-/// attached; see [`Ledger::window`]. Four acks' worth, so the sender never
-/// waits for one under a steady flow; with the default replay buffer it is
-/// the whole buffer.
+/// attached; see [`Ledger::window`]. Four acks' worth, so under a steady
+/// flow the sender rarely waits for one; with the default replay buffer it
+/// is the whole buffer.
 const MIN_WINDOW: usize = 4 * 1024 * 1024;
 /// The fastest path the in-flight window is sized for, in bytes per
 /// second: the window is the ack round trip times this, so a path with a

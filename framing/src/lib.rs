@@ -17,6 +17,7 @@ pub mod mqtt;
 pub mod process;
 pub mod proxy;
 pub mod pump;
+pub mod same_task;
 pub mod sas;
 pub mod service_client;
 pub mod service_manager;

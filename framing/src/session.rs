@@ -43,6 +43,7 @@ use crate::local::{LocalConnection, LocalReader};
 use crate::pump::{
     close_message, CLOSE_NORMAL, CLOSE_TCP_RESET, DEFAULT_READ_CHUNK, SILENT_INTERVALS,
 };
+use crate::same_task;
 
 /// Unacknowledged bytes kept per direction by default.
 pub const DEFAULT_REPLAY_BUFFER: usize = 4 * 1024 * 1024;
@@ -691,12 +692,17 @@ where
                 let receiving =
                     receive_loop(&mut stream, &mut tcp_writer, &shared, options.ping_interval);
                 tokio::pin!(sending, receiving);
-                tokio::select! {
-                    end = &mut sending => Ok(end),
-                    end = &mut receiving => Ok(end),
-                    failed = &mut local => Ok(CarrierEnd::LocalFailed(failed.to_string())),
-                    offer = offers.recv() => Err(offer),
-                }
+                // The three halves wake each other for every chunk: kept
+                // inside the task, not a trip through the scheduler.
+                same_task::absorb(async {
+                    tokio::select! {
+                        end = &mut sending => Ok(end),
+                        end = &mut receiving => Ok(end),
+                        failed = &mut local => Ok(CarrierEnd::LocalFailed(failed.to_string())),
+                        offer = offers.recv() => Err(offer),
+                    }
+                })
+                .await
             };
             let carrier_end = match outcome {
                 Ok(end) => end,

@@ -49,8 +49,20 @@ pub const CLOSE_MOVE: u16 = 4012;
 /// devstreams: the stream was not paired before the handshake deadline.
 pub const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4008;
 
-/// Bytes read from TCP per WebSocket message.
-pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from TCP per WebSocket message: 64 KiB less the 8-byte header
+/// of a masked client frame of that size, so a whole frame is 64 KiB.
+///
+/// rustls takes at most 64 KiB of plaintext per write (its default buffer
+/// limit). A 64 KiB payload made a 65,550-byte frame: four full TLS records
+/// in one `writev`, then a second `writev` of one record carrying the last
+/// 14 bytes, and the reader decrypting a fifth record, for every message of
+/// a bulk transfer. The relay's unmasked frame of this payload is 65,532
+/// bytes and fits too.
+pub const DEFAULT_READ_CHUNK: usize = 64 * 1024 - CLIENT_FRAME_HEADER;
+
+/// Header of a masked (client) WebSocket frame whose payload is 126 to
+/// 65,535 bytes: opcode byte, length byte, 16-bit length, 4-byte mask.
+const CLIENT_FRAME_HEADER: usize = 2 + 2 + 4;
 
 /// How long to wait for a final Close frame to be written.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -556,6 +568,21 @@ mod tests {
         let mut received = Vec::new();
         application.read_to_end(&mut received).await?;
         Ok(received)
+    }
+
+    #[test]
+    fn a_full_chunk_makes_a_frame_that_fits_one_tls_write() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        let payload = vec![0u8; DEFAULT_READ_CHUNK];
+        let mut from_a_proxy = Frame::message(payload.clone(), OpCode::Data(Data::Binary), true);
+        from_a_proxy.header_mut().mask = Some([1, 2, 3, 4]);
+        assert_eq!(from_a_proxy.len(), 64 * 1024, "a proxy's masked frame");
+        let from_the_relay = Frame::message(payload, OpCode::Data(Data::Binary), true);
+        assert!(
+            from_the_relay.len() <= 64 * 1024,
+            "the relay's unmasked frame"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,11 @@
 //! subscribed to stream requests is it *ready*, because a request published
 //! before that would be lost; stream creation waits for readiness. The lock
 //! is held for map operations only, never across an await.
+//!
+//! A creation waiting for its device is woken by that device becoming
+//! ready, never by another one: when a fleet reconnects, thousands of
+//! devices become ready while creations wait for some of them, and one wake
+//! per readiness per waiter would make that quadratic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use framing::topics::{StreamRequest, StreamResponse};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Who a control channel speaks for. A module is its own identity: its
@@ -121,7 +126,9 @@ struct Entry {
 /// Which identities are connected, and where.
 pub struct Presence {
     sessions: Mutex<HashMap<Identity, Entry>>,
-    changes: watch::Sender<u64>,
+    /// One wake-up per identity that creations are waiting for; an entry
+    /// lives as long as someone waits ([`Waiting`]).
+    waiters: Mutex<HashMap<Identity, Arc<Notify>>>,
     /// In cluster mode: how many times this node has (re)connected to NATS,
     /// so each channel announces itself again after an outage
     /// ([`crate::cluster::presence`]).
@@ -135,7 +142,7 @@ impl Default for Presence {
     fn default() -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
-            changes: watch::Sender::new(0),
+            waiters: Mutex::new(HashMap::new()),
             cluster_connects: watch::Sender::new(0),
             next_session_id: AtomicU64::new(1),
             last_seen: Mutex::new(HashMap::new()),
@@ -164,7 +171,6 @@ impl Presence {
             tracing::info!(%identity, "a new connection replaces the previous control channel");
             old.handle.cancel.cancel();
         }
-        self.changes.send_modify(|version| *version += 1);
     }
 
     /// Records the NATS client's connection count; a change wakes every
@@ -191,7 +197,15 @@ impl Presence {
         {
             entry.ready = true;
         }
-        self.changes.send_modify(|version| *version += 1);
+        if let Some(waiting) = self.lock_waiters().get(identity) {
+            waiting.notify_waiters();
+        }
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Arc<Notify>>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Forgets a session that ended, unless a newer one already took its place.
@@ -274,15 +288,21 @@ impl Presence {
 
     /// Waits up to `timeout` for the identity to be ready.
     pub async fn wait_for(&self, identity: &Identity, timeout: Duration) -> Option<SessionHandle> {
-        let mut changes = self.changes.subscribe();
+        if let Some(handle) = self.get(identity) {
+            return Some(handle);
+        }
+        let waiting = Waiting::new(self, identity);
         let wait = async {
             loop {
+                // Registered before the look, so a readiness between the
+                // look and the wait still wakes it.
+                let ready = waiting.notify.notified();
+                tokio::pin!(ready);
+                ready.as_mut().enable();
                 if let Some(handle) = self.get(identity) {
                     return handle;
                 }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+                ready.await;
             }
         };
         tokio::time::timeout(timeout, wait).await.ok()
@@ -298,6 +318,40 @@ impl Presence {
             }
             keep
         });
+    }
+}
+
+/// One creation's wait for an identity: shares the identity's wake-up and
+/// removes it when the last waiter leaves (done, timed out or cancelled).
+struct Waiting<'a> {
+    presence: &'a Presence,
+    identity: &'a Identity,
+    notify: Arc<Notify>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(presence: &'a Presence, identity: &'a Identity) -> Self {
+        let notify = presence
+            .lock_waiters()
+            .entry(identity.clone())
+            .or_default()
+            .clone();
+        Self {
+            presence,
+            identity,
+            notify,
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.presence.lock_waiters();
+        // Clones are only made under this lock: the map's and ours are the
+        // last two when nobody else waits.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiters.remove(self.identity);
+        }
     }
 }
 
@@ -361,5 +415,67 @@ mod tests {
         presence.disconnect("d");
         assert!(device_handle.cancel.is_cancelled() && module_handle.cancel.is_cancelled());
         assert_eq!(presence.connected_count(), 0);
+    }
+
+    /// Counts wake-ups, to see who a readiness wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_creation_is_woken_by_its_own_device_only_and_leaves_nothing_behind() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+        let presence = Presence::default();
+        let (wanted, other) = (identity("wanted", None), identity("other", None));
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut context = Context::from_waker(&waker);
+        let mut first = Box::pin(presence.wait_for(&wanted, Duration::from_secs(60)));
+        let mut second = Box::pin(presence.wait_for(&wanted, Duration::from_secs(60)));
+        assert!(first.as_mut().poll(&mut context).is_pending());
+        assert!(second.as_mut().poll(&mut context).is_pending());
+        // Another device connecting and becoming ready wakes nobody.
+        let other_handle = handle(&presence);
+        presence.connect(&other, other_handle.clone());
+        presence.mark_ready(&other, other_handle.session_id);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        // Its own device connecting is not enough: only readiness wakes.
+        let wanted_handle = handle(&presence);
+        presence.connect(&wanted, wanted_handle.clone());
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        presence.mark_ready(&wanted, wanted_handle.session_id);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "both waiters woken");
+        for wait in [&mut first, &mut second] {
+            match wait.as_mut().poll(&mut context) {
+                Poll::Ready(Some(found)) => assert_eq!(found.session_id, wanted_handle.session_id),
+                _ => panic!("the waiter did not find its ready device"),
+            }
+        }
+        assert!(presence.lock_waiters().is_empty());
+        // A wait that ends without its device (cancelled here) also cleans up.
+        let gone = identity("gone", None);
+        let mut cancelled = Box::pin(presence.wait_for(&gone, Duration::from_secs(60)));
+        assert!(cancelled.as_mut().poll(&mut context).is_pending());
+        assert_eq!(presence.lock_waiters().len(), 1);
+        drop(cancelled);
+        assert!(presence.lock_waiters().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_device_that_never_comes_ends_at_its_timeout() {
+        let presence = Presence::default();
+        let absent = identity("absent", None);
+        let started = tokio::time::Instant::now();
+        assert!(presence
+            .wait_for(&absent, Duration::from_secs(5))
+            .await
+            .is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(presence.lock_waiters().is_empty());
     }
 }

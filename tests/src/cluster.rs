@@ -283,17 +283,63 @@ impl NatsServer {
         self.start_again().await;
     }
 
+    /// A plain TCP connection to the server, as lines to read and a half
+    /// to write (the server speaks first: INFO).
+    async fn dial(
+        &self,
+    ) -> (
+        tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("nats-server accepts TCP");
+        let (reader, writer) = stream.into_split();
+        (BufReader::new(reader).lines(), writer)
+    }
+
+    /// Publishes one message as a plain NATS client would (CONNECT, PUB,
+    /// then PING; returns once the server's PONG says it took the PUB), so
+    /// a test can speak on a subject the nodes listen to.
+    pub async fn publish(&self, subject: &str, payload: &[u8]) {
+        let exchange = async {
+            let (mut lines, mut writer) = self.dial().await;
+            lines.next_line().await.expect("nats-server sends INFO");
+            let mut message = format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nPUB {subject} {}\r\n",
+                payload.len()
+            )
+            .into_bytes();
+            message.extend_from_slice(payload);
+            message.extend_from_slice(b"\r\nPING\r\n");
+            writer.write_all(&message).await.expect("PUB sent");
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("nats-server answers")
+                    .expect("nats-server keeps the connection open");
+                assert!(
+                    !line.starts_with("-ERR"),
+                    "nats-server refused the PUB: {line}"
+                );
+                if line == "PONG" {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("nats-server on {} did not take the PUB", self.port))
+    }
+
     /// Speaks the NATS client protocol just far enough to check the server
     /// answers: reads INFO, sends CONNECT (with `credentials` if given) and
     /// PING, and returns the INFO JSON and the first answer line (`PONG`, or
     /// `-ERR …` when the login is refused).
     pub async fn probe(&self, credentials: Option<(&str, &str)>) -> (String, String) {
         let exchange = async {
-            let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .expect("nats-server accepts TCP");
-            let (reader, mut writer) = stream.into_split();
-            let mut lines = BufReader::new(reader).lines();
+            let (mut lines, mut writer) = self.dial().await;
             let info = lines.next_line().await.ok().flatten().unwrap_or_default();
             let info = info.strip_prefix("INFO ").unwrap_or(&info).to_string();
             let login = match credentials {

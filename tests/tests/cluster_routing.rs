@@ -21,7 +21,7 @@ use devstreams_tests::cluster::{
 use devstreams_tests::iothub::{c_sdk_connect, receive, CSdkDevice, Received};
 use devstreams_tests::{start_echo_server, Process};
 use framing::mqtt::ConnectReturnCode;
-use framing::{CreateStreamError, ServiceClient, StreamOptions};
+use framing::{CreateStreamError, ServiceClient, StreamInvitation, StreamOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a device-proxy may take to connect (or re-dial) somewhere.
@@ -94,6 +94,43 @@ async fn accepted_stream_url_retrying(
             }
         }
     }
+}
+
+/// A C SDK style device connected straight to one node's MQTT listener.
+async fn c_sdk_device_on(cluster: &TestCluster, node: &str, device_string: &str) -> CSdkDevice {
+    CSdkDevice::connect(
+        cluster.node(node).relay.mqtt_port(),
+        &cluster.certificate.client_tls(),
+        device_string,
+        None,
+        60,
+    )
+    .await
+}
+
+/// Starts a creation and leaves it waiting for the device's answer.
+fn create_in_background(
+    service: ServiceClient,
+    device_id: &str,
+    connect_timeout: Duration,
+) -> tokio::task::JoinHandle<Result<StreamInvitation, CreateStreamError>> {
+    let device_id = device_id.to_string();
+    tokio::spawn(async move {
+        service
+            .create_stream(&device_id, "Probe", &options(connect_timeout))
+            .await
+    })
+}
+
+/// The device accepted, and the streaming URL names `node` (both
+/// WebSockets meet on the node holding the device).
+fn assert_accepted_on(cluster: &TestCluster, node: &str, invitation: &StreamInvitation) {
+    assert!(invitation.is_accepted, "{invitation:?}");
+    assert!(
+        invitation.url.starts_with(&cluster.node(node).node_url),
+        "{}",
+        invitation.url
+    );
 }
 
 /// Bytes sent into a service-proxy come back from the echo server behind
@@ -271,24 +308,13 @@ async fn a_connect_on_another_node_takes_over_and_a_race_leaves_one_channel() {
         CSdkDevice::connect(mqtt_port("relay-2"), &tls, &device_string, None, 60).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let service = service_at(&cluster, cluster.node("relay-1"));
-    let creation = tokio::spawn(async move {
-        service
-            .create_stream("twice", "Probe", &options(Duration::from_secs(5)))
-            .await
-    });
+    let creation = create_in_background(service, "twice", Duration::from_secs(5));
     let request = tokio::time::timeout(Duration::from_secs(10), device.next_stream_request())
         .await
         .expect("the stream request reached the live channel on relay-2");
     device.answer(&request.request_id, 200, rumqttc_qos()).await;
     let invitation = creation.await.expect("join").expect("accepted");
-    assert!(invitation.is_accepted);
-    assert!(
-        invitation
-            .url
-            .starts_with(&cluster.node("relay-2").node_url),
-        "{}",
-        invitation.url
-    );
+    assert_accepted_on(&cluster, "relay-2", &invitation);
 }
 
 fn rumqttc_qos() -> framing::mqtt::QoS {
@@ -465,6 +491,52 @@ async fn per_device_limits_hold_across_entry_nodes() {
     );
 }
 
+/// The entry node asks the holding node again whenever a channel of the
+/// device announces itself (the device may have moved). When the
+/// announcement comes from the node already serving the creation, the
+/// repeat must join that creation: before, it became a second creation,
+/// and under a limit of one stream the service got 429 for its one
+/// creation (CI, `per_device_limits_hold_across_entry_nodes`).
+#[tokio::test]
+async fn an_announcement_during_a_routed_creation_does_not_create_a_second_stream() {
+    if !tools_present() {
+        return;
+    }
+    let cluster = TestCluster::start(2, &["--max-streams-per-device", "1"]).await;
+    let device_string = cluster.add_device("asked-twice").await;
+    let mut device = c_sdk_device_on(&cluster, "relay-2", &device_string).await;
+    let service = service_at(&cluster, cluster.node("relay-1"));
+    let creation = create_in_background(service, "asked-twice", Duration::from_secs(20));
+    let request = tokio::time::timeout(Duration::from_secs(15), device.next_stream_request())
+        .await
+        .expect("the routed request reached the device on relay-2");
+    // An announcement of an older channel, as a node that lost NATS for a
+    // moment sends on reconnection: relay-1 hears it and asks again, and
+    // relay-2 (whose channel is newer) announces itself again as well.
+    let older_channel = br#"{"order":{"connected_unix_nanos":1,"node":"relay-0","session_id":0}}"#;
+    cluster
+        .nats
+        .publish("devstreams.identity.asked-twice.takeover", older_channel)
+        .await;
+    // The repeat reaches relay-2 while the device has not answered yet.
+    assert!(
+        matches!(
+            receive(&mut device.mqtt, Duration::from_secs(2)).await,
+            Received::Nothing
+        ),
+        "the device gets one stream request, not one per ask"
+    );
+    device
+        .answer(&request.request_id, 200, framing::mqtt::QoS::AtMostOnce)
+        .await;
+    let invitation = tokio::time::timeout(Duration::from_secs(15), creation)
+        .await
+        .expect("the creation ended")
+        .expect("join")
+        .expect("the one creation is accepted, not throttled by its own repeat");
+    assert_accepted_on(&cluster, "relay-2", &invitation);
+}
+
 #[tokio::test]
 async fn a_takeover_during_a_nats_outage_still_ends_with_one_channel() {
     if !tools_present() {
@@ -604,21 +676,10 @@ async fn a_creation_waits_for_a_device_that_connects_to_another_node_within_its_
     let device_string = cluster.add_device("late").await;
     let service = service_at(&cluster, cluster.node("relay-1"));
     let started = Instant::now();
-    let creation = tokio::spawn(async move {
-        service
-            .create_stream("late", "Probe", &options(Duration::from_secs(10)))
-            .await
-    });
+    let creation = create_in_background(service, "late", Duration::from_secs(10));
     // Nobody holds the device yet: the entry node keeps asking.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut device = CSdkDevice::connect(
-        cluster.node("relay-2").relay.mqtt_port(),
-        &cluster.certificate.client_tls(),
-        &device_string,
-        None,
-        60,
-    )
-    .await;
+    let mut device = c_sdk_device_on(&cluster, "relay-2", &device_string).await;
     let request = tokio::time::timeout(Duration::from_secs(10), device.next_stream_request())
         .await
         .expect("the request reached the device once it connected");
@@ -626,14 +687,7 @@ async fn a_creation_waits_for_a_device_that_connects_to_another_node_within_its_
         .answer(&request.request_id, 200, framing::mqtt::QoS::AtMostOnce)
         .await;
     let invitation = creation.await.expect("join").expect("accepted");
-    assert!(invitation.is_accepted);
-    assert!(
-        invitation
-            .url
-            .starts_with(&cluster.node("relay-2").node_url),
-        "{}",
-        invitation.url
-    );
+    assert_accepted_on(&cluster, "relay-2", &invitation);
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "answered once the device connected, not at the timeout: {:?}",

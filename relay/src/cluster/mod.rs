@@ -19,6 +19,7 @@
 pub mod heartbeat;
 pub mod presence;
 pub mod registry;
+pub mod routed_once;
 pub mod routing;
 pub mod transfer;
 
@@ -160,6 +161,8 @@ pub struct Cluster {
     nodes: kv::Store,
     url: String,
     started_unix: u64,
+    /// Routed creations served here, so that each is served once.
+    routed_once: Arc<routed_once::RoutedOnce>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -208,6 +211,7 @@ impl Cluster {
             nodes,
             url,
             started_unix: unix_now(),
+            routed_once: Default::default(),
         };
         if let Some(node) = &config.node {
             cluster.claim_node(node).await?;
@@ -241,6 +245,11 @@ impl Cluster {
     /// The NATS URL(s), without passwords.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The routed creations this node serves or just served.
+    pub fn routed_once(&self) -> &Arc<routed_once::RoutedOnce> {
+        &self.routed_once
     }
 
     /// When this node joined, in Unix seconds.

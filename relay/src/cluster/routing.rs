@@ -80,6 +80,11 @@ pub struct RoutedRequest {
     /// The resumable-session ask (`new` / `continue`), when there is one.
     #[serde(default)]
     pub resume: Option<String>,
+    /// The entry node's id for this creation, the same on every ask, so
+    /// that the holding node serves it once ([`super::routed_once`]).
+    /// Empty from nodes older than that.
+    #[serde(default)]
+    pub request_id: String,
     /// The node the REST call arrived at, for the holding node's log.
     pub from_node: String,
     /// The service's address as the entry node saw it, for the same log.
@@ -157,6 +162,7 @@ pub async fn route(
     let identity = &creation.identity;
     let subject = streams_subject(identity);
     let client = cluster.client();
+    let request_id = crate::streams_api::new_stream_id();
     loop {
         if state.presence.get(identity).is_some() {
             return Routed::HeldHere;
@@ -175,6 +181,7 @@ pub async fn route(
             target: creation.target.clone(),
             half_close: creation.half_close,
             resume: creation.resume.map(|ask| ask.as_str().to_string()),
+            request_id: request_id.clone(),
             from_node: node_name(cluster).to_string(),
             service_peer,
             budget: {
@@ -214,9 +221,13 @@ pub async fn route(
             }
         };
         let outcome = tokio::select! {
+            // An answer that arrived with an announcement is taken.
+            biased;
             outcome = request => outcome,
             () = device_moved => {
-                tracing::info!(%identity, "device connected to another node while its stream creation was pending: asking again");
+                // If the announcement came from the node serving this
+                // creation, it joins the repeat to it (same request id).
+                tracing::info!(%identity, "a channel of the device announced itself while its stream creation was pending: asking again");
                 continue;
             }
         };
@@ -277,7 +288,8 @@ pub async fn route(
     }
 }
 
-/// Serves one routed creation on the holding node and sends the answer.
+/// Serves one routed creation on the holding node and sends the answer
+/// (to every ask of it: [`super::routed_once`]).
 pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message) {
     let Some(reply) = message.reply.clone() else {
         return;
@@ -285,66 +297,92 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
     let Some(cluster) = state.cluster.clone() else {
         return;
     };
-    let answer = match serde_json::from_slice::<RoutedRequest>(&message.payload) {
-        Ok(request) => {
-            tracing::info!(device_id = %request.device_id, from_node = %request.from_node, "stream creation routed here");
-            let peer = request.service_peer;
-            let deadlines = CreationDeadlines::from_remaining(Instant::now(), request.budget);
-            let creation = Creation {
-                identity: Identity {
-                    device_id: request.device_id,
-                    module_id: request.module_id,
-                },
-                stream_name: request.stream_name,
-                target: request.target,
-                half_close: request.half_close,
-                resume: request
-                    .resume
-                    .as_deref()
-                    .and_then(framing::topics::ResumeAsk::parse),
-                origin: Default::default(),
-            };
-            let stream_id = crate::streams_api::new_stream_id();
-            state
-                .audit
-                .record(|| crate::audit::AuditEvent::StreamRequested {
-                    stream_id: stream_id.clone(),
-                    policy: None,
-                    client_address: peer.to_string(),
-                    device_id: creation.identity.device_id.clone(),
-                    module_id: creation.identity.module_id.clone(),
-                    stream_name: creation.stream_name.clone(),
-                    target: creation.target.clone(),
-                    resume: creation.resume.map(framing::topics::ResumeAsk::as_str),
-                    routed_from: Some(request.from_node.clone()),
-                });
-            let response = crate::streams_api::create_here(
-                state.clone(),
-                creation,
-                peer,
-                deadlines,
-                stream_id,
-            )
-            .await;
-            RoutedAnswer::from_response(response).await
-        }
+    let request = match serde_json::from_slice::<RoutedRequest>(&message.payload) {
+        Ok(request) => request,
         Err(error) => {
             tracing::warn!(%error, "unreadable routed stream request");
-            RoutedAnswer::from_response(error_response(
+            let answer = RoutedAnswer::from_response(error_response(
                 StatusCode::BAD_REQUEST,
                 error_code(StatusCode::BAD_REQUEST, 1),
                 "the relay node that received the request sent an unreadable stream request; are all nodes the same version?",
             ))
-            .await
+            .await;
+            if let Some(payload) = encode_answer(&answer) {
+                send_answer(&cluster, reply, payload).await;
+            }
+            return;
         }
     };
-    match serde_json::to_vec(&answer) {
-        Ok(payload) => {
-            if let Err(error) = cluster.client().publish(reply, payload.into()).await {
-                tracing::warn!(%error, "could not send the answer to a routed stream creation");
-            }
+    let serving = match cluster
+        .routed_once()
+        .ask(&request.request_id, reply.clone())
+    {
+        super::routed_once::Turn::Serve(serving) => serving,
+        super::routed_once::Turn::Joined => {
+            tracing::info!(device_id = %request.device_id, from_node = %request.from_node, "stream creation asked again: joined to the one in progress");
+            return;
         }
-        Err(error) => tracing::error!(%error, "could not encode a routed answer"),
+        super::routed_once::Turn::AnsweredAlready(payload) => {
+            tracing::info!(device_id = %request.device_id, from_node = %request.from_node, "stream creation asked again: sending its answer again");
+            send_answer(&cluster, reply, payload).await;
+            return;
+        }
+    };
+    tracing::info!(device_id = %request.device_id, from_node = %request.from_node, "stream creation routed here");
+    let peer = request.service_peer;
+    let deadlines = CreationDeadlines::from_remaining(Instant::now(), request.budget);
+    let creation = Creation {
+        identity: Identity {
+            device_id: request.device_id,
+            module_id: request.module_id,
+        },
+        stream_name: request.stream_name,
+        target: request.target,
+        half_close: request.half_close,
+        resume: request
+            .resume
+            .as_deref()
+            .and_then(framing::topics::ResumeAsk::parse),
+        origin: Default::default(),
+    };
+    let stream_id = crate::streams_api::new_stream_id();
+    state
+        .audit
+        .record(|| crate::audit::AuditEvent::StreamRequested {
+            stream_id: stream_id.clone(),
+            policy: None,
+            client_address: peer.to_string(),
+            device_id: creation.identity.device_id.clone(),
+            module_id: creation.identity.module_id.clone(),
+            stream_name: creation.stream_name.clone(),
+            target: creation.target.clone(),
+            resume: creation.resume.map(framing::topics::ResumeAsk::as_str),
+            routed_from: Some(request.from_node.clone()),
+        });
+    let response =
+        crate::streams_api::create_here(state.clone(), creation, peer, deadlines, stream_id).await;
+    let answer = RoutedAnswer::from_response(response).await;
+    let Some(payload) = encode_answer(&answer) else {
+        return;
+    };
+    for asker in serving.finish(payload.clone()) {
+        send_answer(&cluster, asker, payload.clone()).await;
+    }
+}
+
+fn encode_answer(answer: &RoutedAnswer) -> Option<Bytes> {
+    match serde_json::to_vec(answer) {
+        Ok(payload) => Some(payload.into()),
+        Err(error) => {
+            tracing::error!(%error, "could not encode a routed answer");
+            None
+        }
+    }
+}
+
+async fn send_answer(cluster: &Cluster, reply: async_nats::Subject, payload: Bytes) {
+    if let Err(error) = cluster.client().publish(reply, payload).await {
+        tracing::warn!(%error, "could not send the answer to a routed stream creation");
     }
 }
 

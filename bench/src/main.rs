@@ -89,6 +89,12 @@ struct Arguments {
     #[arg(long = "workload", value_enum, value_name = "WORKLOAD")]
     workloads: Vec<plan::Workload>,
 
+    /// Rounds of each bulk measurement; each system's median round is
+    /// reported (default: 5, or 1 with --quick). More rounds resolve smaller
+    /// differences on a noisy machine, e.g. `--bulk-rounds 7`
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=25))]
+    bulk_rounds: Option<u32>,
+
     /// Clients opening streams at once in the creation-rate measurement (default: 32)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     creation_clients: Option<u32>,
@@ -150,6 +156,9 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     };
     if !arguments.workloads.is_empty() {
         plan.workloads = arguments.workloads.clone();
+    }
+    if let Some(rounds) = arguments.bulk_rounds {
+        plan.bulk_rounds = rounds as usize;
     }
     if let Some(clients) = arguments.creation_clients {
         plan.creation_concurrency = clients as usize;

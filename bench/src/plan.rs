@@ -74,7 +74,7 @@ impl Plan {
             bulk_warm_up: Duration::from_millis(500),
             bulk_window: Duration::from_secs(2),
             bulk_parallel_streams: 8,
-            bulk_rounds: 3,
+            bulk_rounds: 5,
             pause_between_runs: Duration::from_millis(500),
             ping_pong_round_trips: 5_000,
             ping_pong_time_limit: Duration::from_secs(20),

@@ -129,10 +129,13 @@ pub async fn measure_all(
         for streams in [1, plan.bulk_parallel_streams] {
             for direction in [Direction::Upload, Direction::Download] {
                 let mut rounds: Vec<Vec<BulkRun>> = systems.iter().map(|_| Vec::new()).collect();
-                for _ in 0..plan.bulk_rounds.max(1) {
-                    for ((system, report), runs) in
-                        systems.iter().zip(&mut reports).zip(&mut rounds)
-                    {
+                for round in 0..plan.bulk_rounds.max(1) {
+                    // Each round starts with the next system, so that no
+                    // system always runs first (after the pause) or right
+                    // after the same neighbour.
+                    for index in turn_order(systems.len(), round) {
+                        let (system, report, runs) =
+                            (&systems[index], &mut reports[index], &mut rounds[index]);
                         tokio::time::sleep(plan.pause_between_runs).await;
                         let before = meter.reading();
                         let run = bulk::run(
@@ -320,6 +323,12 @@ fn record_setup(system: &System, report: &mut SystemReport, setup: SetupResult) 
     report.setup = Some(setup);
 }
 
+/// The systems' order in bulk round `round`: all of them, starting one
+/// further each round.
+fn turn_order(systems: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..systems).map(move |offset| (round + offset) % systems)
+}
+
 /// One bulk round on stderr, with each process's CPU-seconds per GB: the
 /// report keeps only the median round, and the spread between rounds is
 /// what tells a real difference from the machine's noise.
@@ -485,6 +494,15 @@ mod tests {
             cpu: Vec::new(),
             failed_streams,
         }
+    }
+
+    #[test]
+    fn every_bulk_round_starts_with_the_next_system() {
+        let orders: Vec<Vec<usize>> = (0..4).map(|round| turn_order(3, round).collect()).collect();
+        assert_eq!(
+            orders,
+            vec![vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]]
+        );
     }
 
     #[test]

@@ -184,7 +184,7 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
         "3. **Bulk**: 1 and {} parallel streams, each direction, 64 KiB writes of incompressible bytes; {:.1} s \
          warm-up, then bytes counted at the receiving end over {:.1} s. MB = 10^6 bytes. CPU time of every process \
          (utime + stime from /proc/PID/stat) is read over the same windows, giving CPU-seconds per GB (10^9 bytes). \
-         Each measurement runs {} round(s), the systems taking turns within a round, and each system's median round \
+         Each measurement runs {} round(s), the systems taking turns within a round (each round starting with the next system), and each system's median round \
          (by throughput, with its CPU figures) is reported.",
         plan.bulk_parallel_streams,
         plan.bulk_warm_up.as_secs_f64(),

@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,8 +46,10 @@ use crate::pump::{
 };
 use crate::same_task;
 
-/// Unacknowledged bytes kept per direction by default.
-pub const DEFAULT_REPLAY_BUFFER: usize = 4 * 1024 * 1024;
+/// Most unacknowledged bytes kept per direction by default. A session
+/// reaches it only when it moves bulk data alone; sessions that do so at
+/// the same time share [`IN_FLIGHT_BUDGET`] (see [`Ledger::window`]).
+pub const DEFAULT_REPLAY_BUFFER: usize = 16 * 1024 * 1024;
 /// How long a session waits for a new carrier by default.
 pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the first message of a stream (hello, resume, the answer to a
@@ -61,15 +64,35 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Every ack wakes three processes (the receiver, the relay, the sender)
 /// for a few bytes, and in a bulk transfer nothing else travels that way to
 /// carry it. At 128 KiB the acks cost the sending proxy 25–50 % more CPU
-/// per byte than the plain pump; at 1 MiB, with the window below, one
-/// stream's bulk throughput with resume on is within the bench's noise of
-/// resume off (eight at once still trail by 5–20 %: BENCHMARKS.md).
-pub const ACK_EVERY: u64 = 1024 * 1024;
-/// Least unacknowledged bytes a session keeps in flight while a carrier is
-/// attached; see [`Ledger::window`]. Four acks' worth, so under a steady
-/// flow the sender rarely waits for one; with the default replay buffer it
-/// is the whole buffer.
-const MIN_WINDOW: usize = 4 * 1024 * 1024;
+/// per byte than the plain pump. At 512 KiB, a quarter of the smallest
+/// window, they are cheap enough, and a window shared among eight bulk
+/// streams can be small (see [`IN_FLIGHT_BUDGET`] and BENCHMARKS.md).
+pub const ACK_EVERY: u64 = 512 * 1024;
+/// Least unacknowledged bytes a session may keep in flight (when its
+/// replay buffer is at least that large); see [`Ledger::window`]. Four
+/// acks' worth, so a sender waits for an ack only when the path holds
+/// more than three.
+const MIN_WINDOW: usize = 2 * 1024 * 1024;
+/// Unacknowledged bytes that the sessions of one process holding any keep
+/// in flight between them, each at least [`MIN_WINDOW`].
+///
+/// The path between the proxies buffers far more than a round trip needs:
+/// on Linux a socket's receive buffer grows to `tcp_rmem`'s maximum (32 MiB
+/// on the bench's host), and data waits there in front of the busiest hop
+/// (the relay). A session whose window is smaller than what the path holds
+/// stops at it and waits for an ack every few MiB: with one bulk stream at
+/// 4 MiB, the machine stood idle 13–17 % of the time against 6–12 % with
+/// resume off, and throughput fell by as much (issue 11). At 16 MiB the idle
+/// time was that of resume off. But every byte in flight is also a byte
+/// the sender copied into memory it has not touched for that long, and with
+/// eight streams at 16 MiB each those copies made the sending proxy cost a
+/// quarter more CPU per byte. Sharing one budget gives a lone bulk stream
+/// the large window, and eight streams 2 MiB each: with several streams
+/// busy, one waiting for an ack leaves no core idle.
+const IN_FLIGHT_BUDGET: usize = 16 * 1024 * 1024;
+/// Sessions of this process holding unacknowledged data: they share
+/// [`IN_FLIGHT_BUDGET`].
+static SESSIONS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// The fastest path the in-flight window is sized for, in bytes per
 /// second: the window is the ack round trip times this, so a path with a
 /// longer round trip gets a larger window (up to the replay buffer).
@@ -79,8 +102,10 @@ const WINDOW_RATE: f64 = 1e9;
 const ROUND_TRIP_MEMORY: Duration = Duration::from_secs(10);
 /// Most send times remembered for round-trip samples.
 const MAX_SEND_MARKS: usize = 256;
-/// Most acknowledged read buffers a session keeps for reuse.
-const MAX_SPARE_BUFFERS: usize = 64;
+/// Most acknowledged read buffers a session keeps for reuse: enough for a
+/// whole [`IN_FLIGHT_BUDGET`] of full reads, so a lone bulk stream never
+/// frees and allocates its buffers anew.
+const MAX_SPARE_BUFFERS: usize = IN_FLIGHT_BUDGET / DEFAULT_READ_CHUNK + 1;
 /// How long spare read buffers outlive the last unacknowledged byte: long
 /// enough to ride over a pause in a transfer, short enough that a session
 /// gone quiet soon holds nothing.
@@ -357,7 +382,7 @@ struct Ledger {
     /// at most [`Shared::read_ahead`] bytes ahead of `sent`, so bulk data is
     /// read, sent and freed in small hot buffers (as the plain pump does)
     /// instead of megabytes read ahead into cold memory; while none is, it
-    /// fills the replay buffer.
+    /// fills the window.
     attached: bool,
     /// Acknowledged read buffers kept for the next reads while data flows.
     /// Freeing each and allocating anew made the allocator hand memory back
@@ -373,6 +398,9 @@ struct Ledger {
     send_marks: VecDeque<(u64, Instant)>,
     /// Shortest ack round trip on this carrier lately, and when it was seen.
     round_trip: Option<(Duration, Instant)>,
+    /// Whether this session is counted in [`SESSIONS_IN_FLIGHT`]: while its
+    /// replay buffer holds anything.
+    counted_in_flight: bool,
 }
 
 impl Ledger {
@@ -394,7 +422,40 @@ impl Ledger {
             emptied_at: None,
             send_marks: VecDeque::new(),
             round_trip: None,
+            counted_in_flight: false,
         }
+    }
+
+    /// Keeps a chunk read from the local socket until it is acknowledged.
+    fn hold(&mut self, chunk: Bytes) {
+        self.read_total += chunk.len() as u64;
+        self.replay_bytes += chunk.len();
+        self.replay.push_back(chunk);
+        self.emptied_at = None;
+        self.count_in_flight();
+    }
+
+    /// Keeps [`SESSIONS_IN_FLIGHT`] in step with whether the replay buffer
+    /// holds anything; called after each change to it.
+    fn count_in_flight(&mut self) {
+        let holds = !self.replay.is_empty();
+        if holds != self.counted_in_flight {
+            if holds {
+                SESSIONS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+            } else {
+                SESSIONS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.counted_in_flight = holds;
+        }
+    }
+
+    /// Sessions sharing [`IN_FLIGHT_BUDGET`] with this one, this one
+    /// included.
+    fn sharing(&self) -> usize {
+        let others = SESSIONS_IN_FLIGHT
+            .load(Ordering::Relaxed)
+            .saturating_sub(usize::from(self.counted_in_flight));
+        others + 1
     }
 
     /// The end of our sequence: data, plus one for the FIN once read.
@@ -431,22 +492,28 @@ impl Ledger {
         if self.replay.is_empty() && !self.spare.is_empty() && self.emptied_at.is_none() {
             self.emptied_at = Some(Instant::now());
         }
+        self.count_in_flight();
         true
     }
 
-    /// Most unacknowledged bytes to keep while a carrier is attached.
+    /// Most unacknowledged bytes to keep, when `sharing` sessions of the
+    /// process (this one included) hold some.
     ///
-    /// The shortest ack round trip times [`WINDOW_RATE`], at least
-    /// [`MIN_WINDOW`] and at most the replay buffer; until a round trip is
-    /// measured (a new carrier), the minimum. What keeps bulk data in small
-    /// hot buffers is the read-ahead bound ([`Shared::read_ahead`]), not this
-    /// window: a smaller window (512 KiB) needed acks four times as often,
-    /// and those cost more than the memory they saved.
-    fn window(&self, capacity: usize) -> usize {
+    /// The larger of this session's share of [`IN_FLIGHT_BUDGET`] and the
+    /// shortest ack round trip times [`WINDOW_RATE`] (a long path needs a
+    /// large window whoever else is busy); at least [`MIN_WINDOW`] and at
+    /// most the replay buffer. What keeps bulk data in small hot buffers is
+    /// the read-ahead bound ([`Shared::read_ahead`]), not this window: a
+    /// smaller window (512 KiB) needed acks four times as often, and those
+    /// cost more than the memory they saved.
+    fn window(&self, capacity: usize, sharing: usize) -> usize {
         let needed = self.round_trip.map_or(0.0, |(round_trip, _)| {
             round_trip.as_secs_f64() * WINDOW_RATE
         });
-        (needed as usize).clamp(MIN_WINDOW.min(capacity), capacity)
+        let share = IN_FLIGHT_BUDGET / sharing.max(1);
+        (needed as usize)
+            .max(share)
+            .clamp(MIN_WINDOW.min(capacity), capacity)
     }
 
     /// Remembers when the data up to `position` went out.
@@ -550,6 +617,15 @@ impl Ledger {
             && self.acked > self.read_total
             && self.remote_fin
             && self.ack_sent >= self.received
+    }
+}
+
+impl Drop for Ledger {
+    /// A session that ends holding data leaves the budget to the others.
+    fn drop(&mut self) {
+        if self.counted_in_flight {
+            SESSIONS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -800,7 +876,7 @@ where
 }
 
 /// Waits for the next carrier within the resume window, reading the local
-/// socket into the replay buffer meanwhile (until it is full).
+/// socket into the replay buffer meanwhile (up to the session's window).
 async fn wait_for_carrier<S, F>(
     local: &mut std::pin::Pin<&mut F>,
     offers: &mut mpsc::Receiver<Offer<S>>,
@@ -817,7 +893,8 @@ where
         ledger.attached = false;
         ledger.received
     };
-    // Without a carrier the reader may fill the whole replay buffer.
+    // Without a carrier the reader may fill the window, ignoring what the
+    // carrier took.
     shared.room.notify_one();
     tracing::info!(%reason, received, "session stream lost; waiting to resume");
     if let Some(losses) = losses {
@@ -865,11 +942,9 @@ async fn read_local<R: LocalReader>(
             if ledger.local_fin {
                 None
             } else {
-                let limit = if ledger.attached {
-                    ledger.window(shared.capacity)
-                } else {
-                    shared.capacity
-                };
+                // Attached or not: with many sessions waiting out an outage,
+                // each fills its share, not the whole replay buffer.
+                let limit = ledger.window(shared.capacity, ledger.sharing());
                 let buffer_room = limit.saturating_sub(ledger.replay_bytes);
                 let unsent = ledger.read_total.saturating_sub(ledger.sent);
                 // While attached, wait for room for a whole read rather than
@@ -902,12 +977,7 @@ async fn read_local<R: LocalReader>(
                 shared.work.notify_one();
             }
             Ok(chunk) => {
-                let mut ledger = shared.ledger();
-                ledger.read_total += chunk.len() as u64;
-                ledger.replay_bytes += chunk.len();
-                ledger.replay.push_back(chunk);
-                ledger.emptied_at = None;
-                drop(ledger);
+                shared.ledger().hold(chunk);
                 shared.work.notify_one();
             }
             Err(error) => return error,
@@ -1180,9 +1250,7 @@ mod tests {
     }
 
     fn push(ledger: &mut Ledger, data: &'static [u8]) {
-        ledger.read_total += data.len() as u64;
-        ledger.replay_bytes += data.len();
-        ledger.replay.push_back(Bytes::from_static(data));
+        ledger.hold(Bytes::from_static(data));
     }
 
     #[test]
@@ -1292,11 +1360,18 @@ mod tests {
 
     #[test]
     fn the_in_flight_window_follows_the_shortest_ack_round_trip() {
-        let capacity = 16 * 1024 * 1024;
+        let capacity = 64 * 1024 * 1024;
+        // Sixteen busy sessions: each one's share is below the minimum, so
+        // the round trip decides.
+        let busy = 16;
         let mut ledger = ledger();
-        assert_eq!(ledger.window(capacity), MIN_WINDOW, "nothing measured yet");
         assert_eq!(
-            ledger.window(64 * 1024),
+            ledger.window(capacity, busy),
+            MIN_WINDOW,
+            "nothing measured yet"
+        );
+        assert_eq!(
+            ledger.window(64 * 1024, busy),
             64 * 1024,
             "never above the buffer"
         );
@@ -1310,7 +1385,12 @@ mod tests {
         let round_trip = ledger.round_trip.expect("a sample").0;
         assert_eq!(round_trip, Duration::from_millis(8));
         // 8 ms at 1 GB/s is 8 MB: a long path gets a large window.
-        assert_eq!(ledger.window(capacity), 8_000_000);
+        assert_eq!(ledger.window(capacity, busy), 8_000_000);
+        assert_eq!(
+            ledger.window(capacity, 1),
+            IN_FLIGHT_BUDGET,
+            "alone, the whole budget when it is larger"
+        );
         // A longer sample does not replace a shorter one soon after...
         ledger.mark_sent(400, start + Duration::from_millis(10));
         ledger.sample_round_trip(400, start + Duration::from_millis(40));
@@ -1319,14 +1399,18 @@ mod tests {
         ledger.mark_sent(500, start + Duration::from_secs(20));
         ledger.sample_round_trip(500, start + Duration::from_secs(21));
         assert_eq!(ledger.round_trip.expect("new").0, Duration::from_secs(1));
-        assert_eq!(ledger.window(capacity), capacity, "at most the buffer");
+        assert_eq!(
+            ledger.window(capacity, busy),
+            capacity,
+            "at most the buffer"
+        );
         // Loopback: 100 µs is 100 kB, below the minimum.
         ledger.mark_sent(600, start + Duration::from_secs(22));
         ledger.sample_round_trip(
             600,
             start + Duration::from_secs(22) + Duration::from_micros(100),
         );
-        assert_eq!(ledger.window(capacity), MIN_WINDOW);
+        assert_eq!(ledger.window(capacity, busy), MIN_WINDOW);
         // An ack that answers no mark takes no sample.
         ledger.sample_round_trip(600, start + Duration::from_secs(30));
         assert_eq!(
@@ -1337,6 +1421,42 @@ mod tests {
             ledger.mark_sent(1000 + position, start);
         }
         assert_eq!(ledger.send_marks.len(), MAX_SEND_MARKS, "bounded");
+    }
+
+    #[test]
+    fn sessions_holding_data_share_the_in_flight_budget() {
+        let capacity = 64 * 1024 * 1024;
+        let alone = ledger();
+        assert_eq!(alone.window(capacity, 1), IN_FLIGHT_BUDGET);
+        assert_eq!(alone.window(capacity, 2), IN_FLIGHT_BUDGET / 2);
+        assert_eq!(
+            alone.window(capacity, 8),
+            MIN_WINDOW,
+            "never below the minimum"
+        );
+        assert_eq!(
+            alone.window(2 * 1024 * 1024, 1),
+            2 * 1024 * 1024,
+            "nor above the replay buffer"
+        );
+
+        // Other tests run sessions at the same time, so only what this one
+        // adds is certain.
+        let mut first = ledger();
+        let second = ledger();
+        assert!(!first.counted_in_flight);
+        push(&mut first, b"unacknowledged");
+        assert!(first.counted_in_flight, "holding data, it takes a share");
+        assert!(second.sharing() >= 2, "the other one sees it");
+        assert!(first.sharing() >= 1);
+        assert!(first.acknowledge(14));
+        assert!(!first.counted_in_flight, "all acknowledged: it leaves");
+        push(&mut first, b"more");
+        assert!(first.counted_in_flight);
+        drop(first);
+        // Dropping a counted ledger gives its place back (checked by the
+        // counter never underflowing in the other tests' sharing()).
+        assert!(second.sharing() >= 1);
     }
 
     #[test]

@@ -87,8 +87,15 @@ const MIN_WINDOW: usize = 2 * 1024 * 1024;
 /// the sender copied into memory it has not touched for that long, and with
 /// eight streams at 16 MiB each those copies made the sending proxy cost a
 /// quarter more CPU per byte. Sharing one budget gives a lone bulk stream
-/// the large window, and eight streams 2 MiB each: with several streams
-/// busy, one waiting for an ack leaves no core idle.
+/// the large window, and eight streams at least 2 MiB each.
+///
+/// Under load the round-trip term of [`Ledger::window`] decides instead:
+/// eight bulk streams on a busy two-core host measure 5–60 ms ack round
+/// trips (mostly waiting for a core) and keep 5–16 MiB in flight each.
+/// Sharing the round-trip term as well held them to about 2 MiB, but left
+/// the machine idle more often and cost as much CPU per byte
+/// (BENCHMARKS.md, afternoon of 2026-12-03), so each session keeps its
+/// own.
 const IN_FLIGHT_BUDGET: usize = 16 * 1024 * 1024;
 /// Sessions of this process holding unacknowledged data: they share
 /// [`IN_FLIGHT_BUDGET`].
@@ -516,6 +523,18 @@ impl Ledger {
             .clamp(MIN_WINDOW.min(capacity), capacity)
     }
 
+    /// The carrier is gone; returns the bytes received so far. The round
+    /// trip measured on it goes too: until a new carrier is measured the
+    /// window is the session's share of the budget, so sessions waiting out
+    /// an outage together fill their shares, not a window sized for a path
+    /// that no longer exists.
+    fn detach(&mut self) -> u64 {
+        self.attached = false;
+        self.send_marks.clear();
+        self.round_trip = None;
+        self.received
+    }
+
     /// Remembers when the data up to `position` went out.
     fn mark_sent(&mut self, position: u64, now: Instant) {
         if self.send_marks.len() < MAX_SEND_MARKS {
@@ -888,11 +907,7 @@ async fn wait_for_carrier<S, F>(
 where
     F: std::future::Future<Output = io::Error>,
 {
-    let received = {
-        let mut ledger = shared.ledger();
-        ledger.attached = false;
-        ledger.received
-    };
+    let received = shared.ledger().detach();
     // Without a carrier the reader may fill the window, ignoring what the
     // carrier took.
     shared.room.notify_one();
@@ -1421,6 +1436,33 @@ mod tests {
             ledger.mark_sent(1000 + position, start);
         }
         assert_eq!(ledger.send_marks.len(), MAX_SEND_MARKS, "bounded");
+    }
+
+    #[test]
+    fn a_detached_session_reads_only_its_share_of_the_budget() {
+        let capacity = 64 * 1024 * 1024;
+        let busy = 8;
+        let mut ledger = ledger();
+        ledger.attached = true;
+        ledger.received = 1234;
+        let start = Instant::now();
+        ledger.mark_sent(100, start);
+        // A 40 ms round trip, as eight bulk streams on a busy host measure.
+        ledger.sample_round_trip(100, start + Duration::from_millis(40));
+        assert_eq!(ledger.window(capacity, busy), 40_000_000);
+        ledger.mark_sent(200, start);
+        assert_eq!(ledger.detach(), 1234);
+        assert!(!ledger.attached);
+        assert!(
+            ledger.send_marks.is_empty(),
+            "no sample from a lost carrier"
+        );
+        assert_eq!(
+            ledger.window(capacity, busy),
+            MIN_WINDOW,
+            "the share of the budget, not the old path's window"
+        );
+        assert_eq!(ledger.window(capacity, 1), IN_FLIGHT_BUDGET);
     }
 
     #[test]

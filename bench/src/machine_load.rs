@@ -43,14 +43,7 @@ impl CpuAccount {
     /// A reading now; `live_children` are the PIDs of our running children.
     pub fn now(live_children: &[u32]) -> Option<CpuAccount> {
         let ticks = clock_ticks_per_second() as f64;
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .filter_map(|field| field.parse().ok())
-            .collect();
+        let fields = aggregate_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
         // user nice system idle iowait irq softirq steal (guest is inside user).
         let busy: u64 = [0, 1, 2, 5, 6, 7]
             .iter()
@@ -82,6 +75,50 @@ impl CpuAccount {
     }
 }
 
+/// The tick counts of /proc/stat's first line, the whole machine's (`cpu `,
+/// not `cpu0`); none when a field is not a number.
+fn aggregate_cpu_ticks(stat: &str) -> Option<Vec<u64>> {
+    stat.lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect()
+}
+
+/// The machine's idle and total CPU time so far (all cores, /proc/stat),
+/// read on both sides of a bulk window: the idle share between two readings
+/// tells a pipeline that waits (on a window, an ack, a full buffer) from one
+/// that keeps every core busy, which throughput alone cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTicks {
+    idle: u64,
+    total: u64,
+}
+
+impl IdleTicks {
+    pub fn now() -> Option<IdleTicks> {
+        IdleTicks::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// Reads the aggregate `cpu` line: idle and iowait count as idle,
+    /// everything else (user, nice, system, irq, softirq, steal) as busy;
+    /// guest time is already inside user.
+    fn parse(stat: &str) -> Option<IdleTicks> {
+        let fields = aggregate_cpu_ticks(stat)?;
+        let total = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4)?;
+        Some(IdleTicks { idle, total })
+    }
+
+    /// Share of the machine left idle since `earlier`, from 0 to 1.
+    pub fn idle_share_since(&self, earlier: &IdleTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let idle = self.idle.checked_sub(earlier.idle)?;
+        (total > 0).then(|| (idle as f64 / total as f64).clamp(0.0, 1.0))
+    }
+}
+
 /// Samples the machine for `duration` while nothing of ours runs: the share
 /// of CPU others use right now.
 pub async fn background_share(duration: Duration, cores: usize) -> Option<f64> {
@@ -102,5 +139,24 @@ mod tests {
         };
         assert_eq!(load.share(2), Some(0.5));
         assert_eq!(ForeignLoad::default().share(2), None);
+    }
+
+    #[test]
+    fn idle_share_counts_idle_and_iowait_over_all_ticks() {
+        let before =
+            IdleTicks::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").expect("a cpu line");
+        // 100 more ticks: 20 idle, 10 iowait, 70 busy (user, system, steal).
+        let after = IdleTicks::parse("cpu  150 0 60 820 60 0 0 10 5 0\n").expect("a cpu line");
+        let share = after.idle_share_since(&before).expect("ticks passed");
+        assert!((share - 0.3).abs() < 1e-9, "{share}");
+        assert_eq!(before.idle_share_since(&before), None, "no time passed");
+        assert_eq!(before.idle_share_since(&after), None, "readings swapped");
+        assert_eq!(IdleTicks::parse("cpu0 1 2 3\n"), None, "no aggregate line");
+        assert_eq!(
+            IdleTicks::parse("cpu  1 2 x 4 5\n"),
+            None,
+            "a field not a number"
+        );
+        assert_eq!(IdleTicks::parse("cpu  1 2 3\n"), None, "too few fields");
     }
 }

@@ -329,9 +329,11 @@ fn turn_order(systems: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..systems).map(move |offset| (round + offset) % systems)
 }
 
-/// One bulk round on stderr, with each process's CPU-seconds per GB: the
-/// report keeps only the median round, and the spread between rounds is
-/// what tells a real difference from the machine's noise.
+/// One bulk round on stderr, with each process's CPU-seconds per GB and the
+/// machine's idle share: the report keeps only the median round, and the
+/// spread between rounds is what tells a real difference from the machine's
+/// noise. A system whose rounds leave the machine idler than another's
+/// waits somewhere (a window, an ack) rather than works.
 fn print_round(system: &System, run: &BulkRun) {
     let gigabytes = run.bytes as f64 / 1e9;
     let cpu: Vec<String> = run
@@ -342,8 +344,12 @@ fn print_round(system: &System, run: &BulkRun) {
             format!("{role:?} {per_gigabyte:.2}")
         })
         .collect();
+    let idle = run.machine_idle.map_or_else(
+        || "unknown".to_owned(),
+        |share| format!("{:.1} %", share * 100.0),
+    );
     eprintln!(
-        "{}: bulk round, {} stream(s) {}: {:.0} MB/s; CPU-s/GB {}",
+        "{}: bulk round, {} stream(s) {}: {:.0} MB/s; CPU-s/GB {}; machine idle {idle}",
         system.kind.label(),
         run.streams,
         run.direction.label(),
@@ -493,6 +499,7 @@ mod tests {
             window: Duration::from_secs(1),
             cpu: Vec::new(),
             failed_streams,
+            machine_idle: None,
         }
     }
 

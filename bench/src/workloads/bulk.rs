@@ -3,7 +3,7 @@
 //! start. Bytes are counted at the receiving end (the target for uploads,
 //! the bench's clients for downloads), and CPU time of every process of the
 //! system is read over exactly the same window, which gives CPU-seconds per
-//! GB.
+//! GB, as is the share of the machine left idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::open_mode;
+use crate::machine_load::IdleTicks;
 use crate::systems::{cpu_used, Role, System};
 use crate::target::{payload_chunk, TargetServer, CHUNK_SIZE, MODE_DOWNLOAD, MODE_UPLOAD};
 
@@ -48,6 +49,9 @@ pub struct BulkRun {
     pub cpu: Vec<(Role, Duration)>,
     /// Streams that failed to connect or broke during the run.
     pub failed_streams: usize,
+    /// Share of the machine (all cores) idle during the window, when
+    /// /proc/stat could be read.
+    pub machine_idle: Option<f64>,
 }
 
 impl BulkRun {
@@ -116,9 +120,13 @@ pub async fn run(
     };
 
     tokio::time::sleep(warm_up).await;
+    let idle_before = IdleTicks::now();
     let (bytes_before, cpu_before, started) = (received(), system.cpu_snapshot(), Instant::now());
     tokio::time::sleep(window).await;
     let (bytes_after, cpu_after, elapsed) = (received(), system.cpu_snapshot(), started.elapsed());
+    let machine_idle = IdleTicks::now()
+        .zip(idle_before)
+        .and_then(|(after, before)| after.idle_share_since(&before));
     cancel.cancel();
     for client in clients {
         let abort = client.abort_handle();
@@ -134,5 +142,6 @@ pub async fn run(
         window: elapsed,
         cpu,
         failed_streams: failures.load(Ordering::Relaxed) as usize,
+        machine_idle,
     }
 }

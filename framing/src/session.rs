@@ -383,14 +383,6 @@ struct Ledger {
     remote_fin: bool,
     ack_sent: u64,
     unacked_since: Option<Instant>,
-    /// Our position handed to the current carrier's sink.
-    sent: u64,
-    /// Whether a carrier is attached. While one is, the local reader stays
-    /// at most [`Shared::read_ahead`] bytes ahead of `sent`, so bulk data is
-    /// read, sent and freed in small hot buffers (as the plain pump does)
-    /// instead of megabytes read ahead into cold memory; while none is, it
-    /// fills the window.
-    attached: bool,
     /// Acknowledged read buffers kept for the next reads while data flows.
     /// Freeing each and allocating anew made the allocator hand memory back
     /// to the system and fault it in again, page by page: a quarter more CPU
@@ -423,8 +415,6 @@ impl Ledger {
             remote_fin: false,
             ack_sent: 0,
             unacked_since: None,
-            sent: 0,
-            attached: false,
             spare: Vec::new(),
             emptied_at: None,
             send_marks: VecDeque::new(),
@@ -509,10 +499,8 @@ impl Ledger {
     /// The larger of this session's share of [`IN_FLIGHT_BUDGET`] and the
     /// shortest ack round trip times [`WINDOW_RATE`] (a long path needs a
     /// large window whoever else is busy); at least [`MIN_WINDOW`] and at
-    /// most the replay buffer. What keeps bulk data in small hot buffers is
-    /// the read-ahead bound ([`Shared::read_ahead`]), not this window: a
-    /// smaller window (512 KiB) needed acks four times as often, and those
-    /// cost more than the memory they saved.
+    /// most the replay buffer. A smaller window (512 KiB) needed acks four
+    /// times as often, and those cost more than the memory they saved.
     fn window(&self, capacity: usize, sharing: usize) -> usize {
         let needed = self.round_trip.map_or(0.0, |(round_trip, _)| {
             round_trip.as_secs_f64() * WINDOW_RATE
@@ -529,7 +517,6 @@ impl Ledger {
     /// an outage together fill their shares, not a window sized for a path
     /// that no longer exists.
     fn detach(&mut self) -> u64 {
-        self.attached = false;
         self.send_marks.clear();
         self.round_trip = None;
         self.received
@@ -614,19 +601,23 @@ impl Ledger {
     fn report_spares(&self) {}
 
     /// Up to `limit` bytes starting at `offset`, from the replay buffer.
+    ///
+    /// Searched from the newest chunk: in a bulk transfer the next data to
+    /// send was read last, behind a whole window of chunks sent and not yet
+    /// acknowledged (256 of them in a 16 MiB window).
     fn data_from(&self, offset: u64, limit: usize) -> Option<Bytes> {
         if offset < self.acked || offset >= self.read_total {
             return None;
         }
-        let mut position = self.acked;
-        for chunk in &self.replay {
-            let end = position + chunk.len() as u64;
-            if offset < end {
-                let start = (offset - position) as usize;
+        let mut end = self.read_total;
+        for chunk in self.replay.iter().rev() {
+            let start_position = end - chunk.len() as u64;
+            if offset >= start_position {
+                let start = (offset - start_position) as usize;
                 let stop = chunk.len().min(start + limit);
                 return Some(chunk.slice(start..stop));
             }
-            position = end;
+            end = start_position;
         }
         None
     }
@@ -651,13 +642,11 @@ impl Drop for Ledger {
 /// The session's shared state and its wake-ups.
 struct Shared {
     ledger: Mutex<Ledger>,
-    /// The local reader waits here for room in the replay buffer.
-    room: Notify,
-    /// The sender waits here for data, a FIN, something to ack or to end.
+    /// The sender waits here for room, something to ack or to end.
     work: Notify,
     capacity: usize,
     ack_every: u64,
-    read_ahead: u64,
+    read_chunk: usize,
 }
 
 impl Shared {
@@ -697,18 +686,15 @@ where
     let capacity = options.replay_buffer.max(1);
     let shared = Shared {
         ledger: Mutex::new(Ledger::new()),
-        room: Notify::new(),
         work: Notify::new(),
         capacity,
         ack_every: ACK_EVERY.min((capacity as u64 / 4).max(1)),
-        read_ahead: 2 * options.read_chunk.max(1) as u64,
+        read_chunk: options.read_chunk.max(1),
     };
     let mut resumes = 0u32;
     let mut bytes_replayed = 0u64;
     let mut carrier = Some(first);
     let end = {
-        let local = read_local(&mut tcp_reader, &shared, options.read_chunk);
-        tokio::pin!(local);
         'session: loop {
             let Some(Carrier {
                 mut websocket,
@@ -750,7 +736,7 @@ where
                     // The new carrier failed at once: wait for another.
                     let lost = format!("the new stream failed: {error}");
                     match wait_for_carrier(
-                        &mut local,
+                        &mut tcp_reader,
                         &mut offers,
                         losses.as_ref(),
                         &shared,
@@ -771,29 +757,28 @@ where
             {
                 let mut ledger = shared.ledger();
                 ledger.ack_sent = received;
-                ledger.sent = peer_received;
-                ledger.attached = true;
                 // A new carrier is a new path: measure it afresh.
                 ledger.send_marks.clear();
                 ledger.round_trip = None;
             }
-            // The peer's count may have freed the whole replay buffer with
-            // no ack to come: the local reader must hear of the room.
-            shared.room.notify_one();
-            shared.work.notify_one();
             let (mut sink, mut stream) = websocket.split();
             let outcome = {
-                let sending = send_loop(&mut sink, &shared, peer_received, options.ping_interval);
+                let sending = send_loop(
+                    &mut sink,
+                    &mut tcp_reader,
+                    &shared,
+                    peer_received,
+                    options.ping_interval,
+                );
                 let receiving =
                     receive_loop(&mut stream, &mut tcp_writer, &shared, options.ping_interval);
                 tokio::pin!(sending, receiving);
-                // The three halves wake each other for every chunk: kept
-                // inside the task, not a trip through the scheduler.
+                // The receiver wakes the sender for acks: kept inside the
+                // task, not a trip through the scheduler.
                 same_task::absorb(async {
                     tokio::select! {
                         end = &mut sending => Ok(end),
                         end = &mut receiving => Ok(end),
-                        failed = &mut local => Ok(CarrierEnd::LocalFailed(failed.to_string())),
                         offer = offers.recv() => Err(offer),
                     }
                 })
@@ -854,7 +839,7 @@ where
                 CarrierEnd::Lost(reason) => {
                     drop((sink, stream));
                     match wait_for_carrier(
-                        &mut local,
+                        &mut tcp_reader,
                         &mut offers,
                         losses.as_ref(),
                         &shared,
@@ -896,21 +881,15 @@ where
 
 /// Waits for the next carrier within the resume window, reading the local
 /// socket into the replay buffer meanwhile (up to the session's window).
-async fn wait_for_carrier<S, F>(
-    local: &mut std::pin::Pin<&mut F>,
+async fn wait_for_carrier<S, R: LocalReader>(
+    reader: &mut R,
     offers: &mut mpsc::Receiver<Offer<S>>,
     losses: Option<&mpsc::Sender<Loss>>,
     shared: &Shared,
     resume_timeout: Duration,
     reason: String,
-) -> Result<Carrier<S>, SessionEnd>
-where
-    F: std::future::Future<Output = io::Error>,
-{
+) -> Result<Carrier<S>, SessionEnd> {
     let received = shared.ledger().detach();
-    // Without a carrier the reader may fill the window, ignoring what the
-    // carrier took.
-    shared.room.notify_one();
     tracing::info!(%reason, received, "session stream lost; waiting to resume");
     if let Some(losses) = losses {
         if losses.try_send(Loss { received, reason }).is_err() {
@@ -920,13 +899,15 @@ where
         }
     }
     let deadline = Instant::now() + resume_timeout;
+    let local = read_local(reader, shared);
+    tokio::pin!(local);
     tokio::select! {
         offer = offers.recv() => match offer {
             Some(Offer::Carrier(next)) => Ok(*next),
             Some(Offer::GiveUp(reason)) => Err(SessionEnd::Abandoned(reason)),
             None => Err(SessionEnd::Abandoned("the proxy dropped the session".into())),
         },
-        failed = local.as_mut() => Err(SessionEnd::LocalFailed(failed.to_string())),
+        failed = &mut local => Err(SessionEnd::LocalFailed(failed.to_string())),
         _ = tokio::time::sleep_until(deadline) => Err(SessionEnd::Expired(resume_timeout)),
     }
 }
@@ -944,60 +925,52 @@ async fn close_sink<S>(
     crate::pump::close_handshake(sink, stream, close_message(code, reason)).await;
 }
 
-/// Reads the local socket into the replay buffer while it has room, for the
-/// whole session; returns only when the socket fails.
-async fn read_local<R: LocalReader>(
-    reader: &mut R,
-    shared: &Shared,
-    read_chunk: usize,
-) -> io::Error {
+/// Reads the local socket into the replay buffer while no carrier is
+/// attached, up to the session's window; returns only when the socket
+/// fails. It is dropped when a carrier comes (a read is cancel-safe): while
+/// one is attached, [`send_loop`] reads.
+async fn read_local<R: LocalReader>(reader: &mut R, shared: &Shared) -> io::Error {
     loop {
         let room = {
             let ledger = shared.ledger();
             if ledger.local_fin {
-                None
+                0
             } else {
-                // Attached or not: with many sessions waiting out an outage,
-                // each fills its share, not the whole replay buffer.
+                // With many sessions waiting out an outage, each fills its
+                // share, not the whole replay buffer.
                 let limit = ledger.window(shared.capacity, ledger.sharing());
-                let buffer_room = limit.saturating_sub(ledger.replay_bytes);
-                let unsent = ledger.read_total.saturating_sub(ledger.sent);
-                // While attached, wait for room for a whole read rather than
-                // read the sliver an ack freed: slivers became a stream of
-                // small messages under bulk load.
-                let sliver = buffer_room < read_chunk.min(limit);
-                if ledger.attached && (unsent >= shared.read_ahead || sliver) {
-                    Some(0)
-                } else {
-                    Some(buffer_room)
-                }
+                limit.saturating_sub(ledger.replay_bytes)
             }
         };
-        match room {
-            None => std::future::pending::<()>().await,
-            Some(0) => {
-                shared.room.notified().await;
-                continue;
-            }
-            Some(_) => {}
+        if room == 0 {
+            // Nothing frees room before a carrier comes.
+            std::future::pending::<()>().await;
         }
-        let room = room.unwrap_or_default();
-        let take_buffer = |size| shared.ledger().read_buffer(size);
-        match reader
-            .read_chunk(read_chunk.min(room).max(1), take_buffer)
-            .await
-        {
-            Ok(chunk) if chunk.is_empty() => {
-                shared.ledger().local_fin = true;
-                shared.work.notify_one();
-            }
-            Ok(chunk) => {
-                shared.ledger().hold(chunk);
-                shared.work.notify_one();
-            }
-            Err(error) => return error,
+        if let Err(error) = read_into_ledger(reader, shared, room).await {
+            return error;
         }
     }
+}
+
+/// Reads one chunk of at most `room` bytes (and at most a read chunk) into
+/// the replay buffer, or the local FIN. Cancel-safe, as the read is: nothing
+/// is awaited after it.
+async fn read_into_ledger<R: LocalReader>(
+    reader: &mut R,
+    shared: &Shared,
+    room: usize,
+) -> io::Result<()> {
+    let take_buffer = |size| shared.ledger().read_buffer(size);
+    let chunk = reader
+        .read_chunk(shared.read_chunk.min(room).max(1), take_buffer)
+        .await?;
+    let mut ledger = shared.ledger();
+    if chunk.is_empty() {
+        ledger.local_fin = true;
+    } else {
+        ledger.hold(chunk);
+    }
+    Ok(())
 }
 
 /// What the sender does next.
@@ -1006,18 +979,32 @@ enum Step {
     Fin,
     Ack(u64),
     Complete,
-    Idle(Option<Instant>),
+    /// Nothing to send: wait for the local socket (when `read_room` is not
+    /// zero), an ack, or `wake_at`.
+    Idle {
+        wake_at: Option<Instant>,
+        read_room: usize,
+    },
 }
 
-/// Sends data from `next` on, the FIN, acks and pings on one carrier.
-async fn send_loop<S>(
+/// Sends data from `next` on, the FIN, acks and pings on one carrier, and
+/// reads the local socket into the replay buffer whenever it has nothing
+/// else to send.
+///
+/// One loop reads and sends, as the plain pump does: a chunk read is sent
+/// in the same pass, from memory just written. A reader of its own, handing
+/// chunks over through a wake-up, cost the sending proxy a second pass of
+/// the whole session's futures for every chunk (issue 11).
+async fn send_loop<S, R>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    reader: &mut R,
     shared: &Shared,
     mut next: u64,
     ping_interval: Option<Duration>,
 ) -> CarrierEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    R: LocalReader,
 {
     // Two timers for the whole carrier, moved rather than made anew each
     // time the sender goes idle (once per message in a bulk transfer).
@@ -1040,14 +1027,8 @@ where
             if ack_due {
                 Step::Ack(ledger.received)
             } else if let Some(data) = ledger.data_from(next, DEFAULT_READ_CHUNK) {
-                let unsent_before = ledger.read_total.saturating_sub(ledger.sent);
-                ledger.sent = next + data.len() as u64;
-                let sent = ledger.sent;
+                let sent = next + data.len() as u64;
                 ledger.mark_sent(sent, Instant::now());
-                if unsent_before >= shared.read_ahead {
-                    // The reader was held back by the read-ahead bound.
-                    shared.room.notify_one();
-                }
                 Step::Data(data)
             } else if ledger.local_fin && next == ledger.read_total {
                 Step::Fin
@@ -1058,7 +1039,24 @@ where
                     .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
                     .flatten();
                 let spare_expiry = ledger.expire_spares(Instant::now());
-                Step::Idle(earliest(ack_at, spare_expiry))
+                let read_room = if ledger.local_fin {
+                    0
+                } else {
+                    let limit = ledger.window(shared.capacity, ledger.sharing());
+                    let room = limit.saturating_sub(ledger.replay_bytes);
+                    // Wait for room for a whole read rather than read the
+                    // sliver an ack freed: slivers became a stream of small
+                    // messages under bulk load.
+                    if room < shared.read_chunk.min(limit) {
+                        0
+                    } else {
+                        room
+                    }
+                };
+                Step::Idle {
+                    wake_at: earliest(ack_at, spare_expiry),
+                    read_room,
+                }
             }
         };
         match step {
@@ -1085,13 +1083,18 @@ where
                 }
             }
             Step::Complete => return CarrierEnd::Completed,
-            Step::Idle(wake_at) => {
+            Step::Idle { wake_at, read_room } => {
                 if let Some(wake_at) = wake_at {
                     if wake_timer.deadline() != wake_at {
                         wake_timer.as_mut().reset(wake_at);
                     }
                 }
                 tokio::select! {
+                    read = read_into_ledger(reader, shared, read_room), if read_room > 0 => {
+                        if let Err(error) = read {
+                            return CarrierEnd::LocalFailed(error.to_string());
+                        }
+                    }
                     _ = shared.work.notified() => {}
                     () = &mut wake_timer, if wake_at.is_some() => {}
                     () = &mut ping_timer, if ping_interval.is_some() => {
@@ -1182,7 +1185,6 @@ where
                                 "the peer acknowledged {received} bytes, more than were sent"
                             ));
                         }
-                        shared.room.notify_one();
                         shared.work.notify_one();
                     }
                     Ok(other) => tracing::debug!(?other, "ignoring a control message mid-stream"),
@@ -1443,7 +1445,6 @@ mod tests {
         let capacity = 64 * 1024 * 1024;
         let busy = 8;
         let mut ledger = ledger();
-        ledger.attached = true;
         ledger.received = 1234;
         let start = Instant::now();
         ledger.mark_sent(100, start);
@@ -1452,7 +1453,6 @@ mod tests {
         assert_eq!(ledger.window(capacity, busy), 40_000_000);
         ledger.mark_sent(200, start);
         assert_eq!(ledger.detach(), 1234);
-        assert!(!ledger.attached);
         assert!(
             ledger.send_marks.is_empty(),
             "no sample from a lost carrier"
@@ -1522,6 +1522,21 @@ mod tests {
         assert!(!ledger.complete(), "its FIN is not acknowledged yet");
         ledger.ack_sent = 1;
         assert!(ledger.complete());
+
+        // Found from the newest chunk back, whatever the oldest was cut to.
+        let mut cut = Ledger::new();
+        push(&mut cut, b"abc");
+        push(&mut cut, b"def");
+        push(&mut cut, b"ghi");
+        assert!(cut.acknowledge(2));
+        assert_eq!(
+            cut.data_from(2, 100).as_deref(),
+            Some(&b"c"[..]),
+            "the rest of a partly acknowledged chunk"
+        );
+        assert_eq!(cut.data_from(4, 100).as_deref(), Some(&b"ef"[..]));
+        assert_eq!(cut.data_from(8, 100).as_deref(), Some(&b"i"[..]));
+        assert_eq!(cut.data_from(9, 100), None, "nothing read there yet");
     }
 
     #[test]

@@ -19,7 +19,7 @@ per pair, the median of per-round ratios to the baseline ("paired"), which
 cancels most of a noisy host's drift. A diagnostic, not the benchmark: bulk
 figures for BENCHMARKS.md come from `bench`.
 """
-import subprocess, sys, os, time, tempfile, statistics, threading, select, shutil
+import subprocess, sys, os, time, tempfile, statistics, threading, queue, shutil
 if len(sys.argv) < 6:
     sys.exit(__doc__)
 rate = float(sys.argv[1]) * 1e6; secs = float(sys.argv[2]); rounds = int(sys.argv[3]); modes = sys.argv[4].split(',')
@@ -27,17 +27,20 @@ pairs = [p.split('|') for p in sys.argv[5:]]
 here = os.path.dirname(os.path.abspath(__file__))
 tmp = tempfile.mkdtemp(prefix='pairs-'); procs = []
 def spawn(args, env={}):
+    """Starts a process; a thread of its own queues its output lines."""
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(os.path.join(tmp, 'log-%d' % len(procs)), 'w'), text=True, env=dict(os.environ, RUST_LOG='warn', **env))
+    p.lines = queue.Queue()
+    threading.Thread(target=lambda: [p.lines.put(line) for line in p.stdout], daemon=True).start()
     procs.append(p); return p
 def wait_line(p, prefix, timeout=30):
+    """The rest of the first line holding prefix, within timeout seconds."""
     deadline = time.time() + timeout
     while True:
-        if not select.select([p.stdout], [], [], max(0, deadline - time.time()))[0]:
+        try:
+            l = p.lines.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
             raise SystemExit('no %r within %d s; logs in %s' % (prefix, timeout, tmp))
-        l = p.stdout.readline()
-        if not l: raise SystemExit('ended before ' + prefix)
         if prefix in l: return l.split(prefix, 1)[1].strip()
-def drain(p): threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
 try:
     tport = int(wait_line(spawn([sys.executable, os.path.join(here, 'target.py')]), 'port '))
     relaybin = pairs[0][1]
@@ -45,7 +48,6 @@ try:
     wait_line(relay, 'Listening on ')
     scs = wait_line(relay, 'Service connection string: ')
     ca = wait_line(relay, 'CA certificate for clients (--ca-cert): ')
-    drain(relay)
     pids = {'relay': relay.pid}; ports = {}
     for label, b, extra, envs in pairs:
         env = dict(e.split('=', 1) for e in envs.split(',') if e)
@@ -54,7 +56,7 @@ try:
         d = spawn([b + '/device-proxy', dcs, '127.0.0.1', str(tport), '--ca-cert', ca] + extra.split(), env)
         s = spawn([b + '/service-proxy', scs, 'pairs-' + label, '0', '--ca-cert', ca] + extra.split(), env)
         ports[label] = int(wait_line(s, 'Listening on ').split()[0].rsplit(':', 1)[1])
-        pids['dev-' + label] = d.pid; pids['svc-' + label] = s.pid; drain(s)
+        pids['dev-' + label] = d.pid; pids['svc-' + label] = s.pid
     time.sleep(2)
     hz = os.sysconf('SC_CLK_TCK')
     def cpu(pid):

@@ -650,6 +650,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Room left in the session's window, and the window; no room once the
+    /// local FIN was read. With many sessions holding data, or waiting out
+    /// an outage together, each fills its share, not its whole buffer.
+    fn read_room(&self, ledger: &Ledger) -> (usize, usize) {
+        if ledger.local_fin {
+            return (0, 0);
+        }
+        let limit = ledger.window(self.capacity, ledger.sharing());
+        (limit.saturating_sub(ledger.replay_bytes), limit)
+    }
+
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         // A panic while holding the lock would already have ended the task.
         self.ledger
@@ -931,17 +942,7 @@ async fn close_sink<S>(
 /// one is attached, [`send_loop`] reads.
 async fn read_local<R: LocalReader>(reader: &mut R, shared: &Shared) -> io::Error {
     loop {
-        let room = {
-            let ledger = shared.ledger();
-            if ledger.local_fin {
-                0
-            } else {
-                // With many sessions waiting out an outage, each fills its
-                // share, not the whole replay buffer.
-                let limit = ledger.window(shared.capacity, ledger.sharing());
-                limit.saturating_sub(ledger.replay_bytes)
-            }
-        };
+        let (room, _) = shared.read_room(&shared.ledger());
         if room == 0 {
             // Nothing frees room before a carrier comes.
             std::future::pending::<()>().await;
@@ -1039,19 +1040,14 @@ where
                     .then(|| ledger.unacked_since.map(|since| since + ACK_DELAY))
                     .flatten();
                 let spare_expiry = ledger.expire_spares(Instant::now());
-                let read_room = if ledger.local_fin {
+                let (room, limit) = shared.read_room(&ledger);
+                // Wait for room for a whole read rather than read the sliver
+                // an ack freed: slivers became a stream of small messages
+                // under bulk load.
+                let read_room = if room < shared.read_chunk.min(limit) {
                     0
                 } else {
-                    let limit = ledger.window(shared.capacity, ledger.sharing());
-                    let room = limit.saturating_sub(ledger.replay_bytes);
-                    // Wait for room for a whole read rather than read the
-                    // sliver an ack freed: slivers became a stream of small
-                    // messages under bulk load.
-                    if room < shared.read_chunk.min(limit) {
-                        0
-                    } else {
-                        room
-                    }
+                    room
                 };
                 Step::Idle {
                     wake_at: earliest(ack_at, spare_expiry),
@@ -1258,6 +1254,7 @@ mod tests {
     //! test can cut, standing in for the relay.
 
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, DuplexStream};
     use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -1767,15 +1764,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_replay_buffer_stops_reading_the_local_socket() {
+        let replay_buffer = 64 * 1024;
         let options = SessionOptions {
-            replay_buffer: 64 * 1024,
+            replay_buffer,
             resume_timeout: Duration::from_secs(20),
             ping_interval: None,
             read_chunk: 16 * 1024,
         };
         let (mut application, tcp) = tcp_pair().await;
-        // The peer end is never read: nothing is ever acknowledged.
-        let (websocket, _silent_peer, _forwarder) = carrier_pair().await;
+        // The peer takes every message and never acknowledges one, so only
+        // the replay buffer, not a full carrier, can stop the reading.
+        let (websocket, mut peer, _forwarder) = carrier_pair().await;
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&delivered);
+        let _reader = tokio::spawn(async move {
+            while let Some(Ok(message)) = peer.next().await {
+                if let Message::Binary(data) = message {
+                    counter.fetch_add(data.len(), Ordering::SeqCst);
+                }
+            }
+        });
         let (_offers, offers_received) = mpsc::channel(1);
         let _session = tokio::spawn(run_session(
             tcp,
@@ -1800,7 +1808,12 @@ mod tests {
                 "the session kept reading without acks"
             );
         }
-        // Socket buffers plus the replay buffer: far from unbounded.
-        assert!(written > 0);
+        let sent = delivered.load(Ordering::SeqCst);
+        assert!(sent > 0, "data flowed until the buffer filled");
+        assert!(
+            sent <= replay_buffer,
+            "{sent} bytes sent without an ack, more than the {replay_buffer}-byte replay buffer"
+        );
+        assert!(written > sent, "the rest waits in the socket buffers");
     }
 }

@@ -65,7 +65,7 @@ pub const DEFAULT_READ_CHUNK: usize = 64 * 1024 - CLIENT_FRAME_HEADER;
 const CLIENT_FRAME_HEADER: usize = 2 + 2 + 4;
 
 /// How long to wait for a final Close frame to be written.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds a Close frame.
 pub fn close_frame(code: u16, reason: &str) -> CloseFrame {

@@ -705,7 +705,7 @@ where
     let mut resumes = 0u32;
     let mut bytes_replayed = 0u64;
     let mut carrier = Some(first);
-    let end = {
+    let (end, closing) = {
         'session: loop {
             let Some(Carrier {
                 mut websocket,
@@ -739,7 +739,7 @@ where
             };
             let received = match attach {
                 Ok(received) => received,
-                Err(reason) => break 'session SessionEnd::ProtocolError(reason),
+                Err(reason) => break 'session (SessionEnd::ProtocolError(reason), None),
             };
             if answer_resumed {
                 let answer = Control::Resumed { received }.to_message();
@@ -761,7 +761,7 @@ where
                             resumes += 1;
                             continue 'session;
                         }
-                        Err(end) => break 'session end,
+                        Err(end) => break 'session (end, None),
                     }
                 }
             }
@@ -806,46 +806,38 @@ where
                     continue 'session;
                 }
                 Err(Some(Offer::GiveUp(reason))) => {
-                    close_sink(&mut sink, &mut stream, CLOSE_TCP_RESET, &reason).await;
-                    break 'session SessionEnd::Abandoned(reason);
+                    let closing = Closing::new(sink, stream, CLOSE_TCP_RESET, &reason);
+                    break 'session (SessionEnd::Abandoned(reason), Some(closing));
                 }
                 Err(None) => {
-                    close_sink(
-                        &mut sink,
-                        &mut stream,
-                        CLOSE_TCP_RESET,
-                        "the session was dropped",
-                    )
-                    .await;
-                    break 'session SessionEnd::Abandoned("the proxy dropped the session".into());
+                    let closing =
+                        Closing::new(sink, stream, CLOSE_TCP_RESET, "the session was dropped");
+                    let end = SessionEnd::Abandoned("the proxy dropped the session".into());
+                    break 'session (end, Some(closing));
                 }
             };
             match carrier_end {
                 CarrierEnd::Completed => {
-                    close_sink(&mut sink, &mut stream, CLOSE_NORMAL, "").await;
-                    break 'session SessionEnd::Completed;
+                    let closing = Closing::new(sink, stream, CLOSE_NORMAL, "");
+                    break 'session (SessionEnd::Completed, Some(closing));
                 }
-                CarrierEnd::PeerClosedNormally => break 'session SessionEnd::Completed,
-                CarrierEnd::PeerReset(reason) => break 'session SessionEnd::PeerReset(reason),
+                CarrierEnd::PeerClosedNormally => break 'session (SessionEnd::Completed, None),
+                CarrierEnd::PeerReset(reason) => {
+                    break 'session (SessionEnd::PeerReset(reason), None)
+                }
                 CarrierEnd::LocalFailed(reason) => {
-                    close_sink(
-                        &mut sink,
-                        &mut stream,
+                    let closing = Closing::new(
+                        sink,
+                        stream,
                         CLOSE_TCP_RESET,
                         "the TCP connection on the other end failed",
-                    )
-                    .await;
-                    break 'session SessionEnd::LocalFailed(reason);
+                    );
+                    break 'session (SessionEnd::LocalFailed(reason), Some(closing));
                 }
                 CarrierEnd::ProtocolError(reason) => {
-                    close_sink(
-                        &mut sink,
-                        &mut stream,
-                        CLOSE_TCP_RESET,
-                        "session protocol error",
-                    )
-                    .await;
-                    break 'session SessionEnd::ProtocolError(reason);
+                    let closing =
+                        Closing::new(sink, stream, CLOSE_TCP_RESET, "session protocol error");
+                    break 'session (SessionEnd::ProtocolError(reason), Some(closing));
                 }
                 CarrierEnd::Lost(reason) => {
                     drop((sink, stream));
@@ -863,7 +855,7 @@ where
                             carrier = Some(next);
                             resumes += 1;
                         }
-                        Err(end) => break 'session end,
+                        Err(end) => break 'session (end, None),
                     }
                 }
             }
@@ -876,10 +868,20 @@ where
     };
     match &end {
         SessionEnd::Completed => {
+            if let Some(closing) = closing {
+                closing.finish().await;
+            }
             let _ = tcp_writer.shutdown().await;
         }
-        // A reset rather than a FIN, so the local client sees an error.
-        _ => L::abort(tcp_reader, tcp_writer),
+        _ => {
+            // A reset rather than a FIN, so the local client sees an error;
+            // first, because the Close handshake may wait on a frozen relay
+            // for up to its deadline.
+            L::abort(tcp_reader, tcp_writer);
+            if let Some(closing) = closing {
+                closing.finish().await;
+            }
+        }
     }
     SessionReport {
         bytes_sent,
@@ -923,17 +925,34 @@ async fn wait_for_carrier<S, R: LocalReader>(
     }
 }
 
-/// Ends the carrier with our Close and the relay's answer
-/// ([`crate::pump::close_handshake`] says why the answer is awaited).
-async fn close_sink<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    stream: &mut SplitStream<WebSocketStream<S>>,
-    code: u16,
-    reason: &str,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    crate::pump::close_handshake(sink, stream, close_message(code, reason)).await;
+/// The Close still owed on the carrier a session ended with: our code, then
+/// the relay's answer ([`crate::pump::close_handshake`] says why the answer
+/// is awaited). Kept apart from the end itself so that the local connection
+/// can be reset before the wait.
+struct Closing<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    stream: SplitStream<WebSocketStream<S>>,
+    message: Message,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Closing<S> {
+    fn new(
+        sink: SplitSink<WebSocketStream<S>, Message>,
+        stream: SplitStream<WebSocketStream<S>>,
+        code: u16,
+        reason: &str,
+    ) -> Self {
+        Self {
+            sink,
+            stream,
+            message: close_message(code, reason),
+        }
+    }
+
+    /// Sends the Close and waits (bounded) for the relay's answer.
+    async fn finish(mut self) {
+        crate::pump::close_handshake(&mut self.sink, &mut self.stream, self.message).await;
+    }
 }
 
 /// Reads the local socket into the replay buffer while no carrier is
@@ -1815,5 +1834,69 @@ mod tests {
             "{sent} bytes sent without an ack, more than the {replay_buffer}-byte replay buffer"
         );
         assert!(written > sent, "the rest waits in the socket buffers");
+    }
+
+    /// A session that ends in error resets the local connection at once, not
+    /// after the Close handshake, which waits up to its deadline on a relay
+    /// that never answers (here: a peer that never reads).
+    #[tokio::test]
+    async fn an_error_end_resets_the_local_connection_before_the_close_handshake() {
+        use crate::pump::CLOSE_WRITE_TIMEOUT;
+        let reset_within = Duration::from_secs(3);
+        assert!(
+            reset_within < CLOSE_WRITE_TIMEOUT,
+            "else the test cannot fail"
+        );
+        for case in ["a protocol error", "giving up"] {
+            let options = SessionOptions {
+                replay_buffer: 64 * 1024,
+                resume_timeout: Duration::from_secs(20),
+                ping_interval: None,
+                read_chunk: 16 * 1024,
+            };
+            let (mut application, tcp) = tcp_pair().await;
+            let (websocket, mut peer, forwarder) = carrier_pair().await;
+            let (offers, offers_received) = mpsc::channel(1);
+            let session = tokio::spawn(run_session(
+                tcp,
+                Carrier {
+                    websocket,
+                    peer_received: 0,
+                    answer_resumed: false,
+                },
+                options,
+                offers_received,
+                None,
+            ));
+            if case == "giving up" {
+                let offer = Offer::GiveUp("the test gives up".into());
+                assert!(offers.send(offer).await.is_ok(), "the session takes offers");
+            } else {
+                peer.send(Message::Text("not a control message".into()))
+                    .await
+                    .unwrap();
+            }
+            let started = std::time::Instant::now();
+            let mut buffer = [0u8; 16];
+            let read = tokio::time::timeout(reset_within, application.read(&mut buffer)).await;
+            assert!(
+                matches!(&read, Ok(Err(error)) if error.kind() == io::ErrorKind::ConnectionReset),
+                "{case}: the application read {read:?} after {:?}, not a reset within {reset_within:?} \
+                 (the Close handshake waits {CLOSE_WRITE_TIMEOUT:?})",
+                started.elapsed()
+            );
+            // The peer goes away, which ends the Close handshake.
+            drop(peer);
+            let report = session.await.unwrap();
+            assert!(
+                matches!(
+                    report.end,
+                    SessionEnd::ProtocolError(_) | SessionEnd::Abandoned(_)
+                ),
+                "{case}: {:?}",
+                report.end
+            );
+            forwarder.abort();
+        }
     }
 }

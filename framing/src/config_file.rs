@@ -201,6 +201,7 @@ pub fn apply(
     let mut inspected = command.clone();
     inspected.build();
     let mut command = command;
+    let mut given: Vec<(Vec<String>, &Arg, &Entry)> = Vec::new();
     for entry in &entries {
         let targets = arguments_for_key(&inspected, &entry.key, positionals);
         if targets.is_empty() {
@@ -216,6 +217,9 @@ pub fn apply(
             for value in &values {
                 check_value(argument, value).map_err(|message| key_error(path, entry, &message))?;
             }
+            if gives_a_value(&entry.value) {
+                given.push((subcommand_path.clone(), argument, entry));
+            }
             let hide = argument.is_hide_env_values_set();
             let id = argument.get_id().to_string();
             command = mut_argument(command, &subcommand_path, &id, |argument| {
@@ -225,7 +229,63 @@ pub fn apply(
             });
         }
     }
+    check_conflicts(&inspected, &given, path)?;
     Ok(command)
+}
+
+/// Whether a file value sets its argument: `false` for a switch and an empty
+/// array leave it as if the key were absent.
+fn gives_a_value(value: &toml::Value) -> bool {
+    match value {
+        toml::Value::Boolean(set) => *set,
+        toml::Value::Array(values) => !values.is_empty(),
+        _ => true,
+    }
+}
+
+/// Refuses two keys of the file whose arguments conflict (`no_mqtt` with
+/// `mqtt_listen`). Values from the file become defaults, and clap checks
+/// conflicts only among arguments given on the command line or in the
+/// environment, so without this one of the two would be silently ignored.
+/// A flag on the command line still beats a file key it conflicts with.
+fn check_conflicts(
+    inspected: &Command,
+    given: &[(Vec<String>, &Arg, &Entry)],
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for (subcommand_path, argument, entry) in given {
+        let Some(command) = subcommand_at(inspected, subcommand_path) else {
+            continue;
+        };
+        let conflicting = command.get_arg_conflicts_with(argument);
+        let other = given.iter().find(|(other_path, other, _)| {
+            other_path == subcommand_path
+                && conflicting
+                    .iter()
+                    .any(|conflict| conflict.get_id() == other.get_id())
+        });
+        if let Some((_, _, other)) = other {
+            let (first, second) = if other.line < entry.line {
+                (other, entry)
+            } else {
+                (entry, other)
+            };
+            let message = format!(
+                "cannot be used with `{}` (line {}); keep one of them",
+                first.key, first.line
+            );
+            return Err(key_error(path, second, &message));
+        }
+    }
+    Ok(())
+}
+
+/// The subcommand at `subcommand_path` (the command itself when empty).
+fn subcommand_at<'c>(command: &'c Command, subcommand_path: &[String]) -> Option<&'c Command> {
+    match subcommand_path.split_first() {
+        None => Some(command),
+        Some((first, rest)) => subcommand_at(command.find_subcommand(first)?, rest),
+    }
 }
 
 /// Reads the file's top-level keys, each with its line.
@@ -569,6 +629,8 @@ mod tests {
         allow: Vec<String>,
         #[arg(long)]
         proxy: Option<String>,
+        #[arg(long, conflicts_with = "no_resume")]
+        resume_timeout: Option<u32>,
     }
 
     fn with_file(text: &str, arguments: &[&str]) -> Result<Parsed<Sample>, ParseError> {
@@ -660,6 +722,27 @@ mod tests {
             twice.contains(":2: key `max_streams`: given twice"),
             "{twice}"
         );
+    }
+
+    #[test]
+    fn conflicting_keys_in_the_file_are_refused() {
+        let both = config_error("proxy = \"none\"\nresume_timeout = 5\nno_resume = true\n");
+        assert!(
+            both.contains(":3: key `no_resume`: cannot be used with `resume_timeout` (line 2)"),
+            "{both}"
+        );
+        // Declared on either argument, found either way round.
+        let reversed = config_error("no_resume = true\nresume_timeout = 5\n");
+        assert!(
+            reversed.contains(":2: key `resume_timeout`: cannot be used with `no_resume` (line 1)"),
+            "{reversed}"
+        );
+        // A switch set to false is no conflict.
+        let parsed = with_file("no_resume = false\nresume_timeout = 5\n", &[]).expect("parses");
+        assert_eq!(parsed.arguments.resume_timeout, Some(5));
+        // A flag on the command line beats the file key it conflicts with.
+        let parsed = with_file("resume_timeout = 5\n", &["--no-resume"]).expect("parses");
+        assert!(parsed.arguments.no_resume);
     }
 
     #[test]

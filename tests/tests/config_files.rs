@@ -259,6 +259,22 @@ async fn relay_config_check_says_ok_or_the_error() {
         "{stderr}"
     );
 
+    // Two keys that cannot go together: neither is silently dropped.
+    let conflict = write(
+        directory.path(),
+        "conflict.toml",
+        "mqtt_listen = \"127.0.0.1:8883\"\nno_mqtt = true\n",
+    );
+    let conflict = conflict.to_str().unwrap();
+    let (code, _, stderr) = run("relay", &["config", "check", "--config", conflict], &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{conflict}:2: key `no_mqtt`: cannot be used with `mqtt_listen` (line 1)"
+        )),
+        "{stderr}"
+    );
+
     let (code, _, stderr) = run("relay", &["config", "check"], &[]).await;
     assert_eq!(code, 1);
     assert!(stderr.contains("--config FILE"), "{stderr}");

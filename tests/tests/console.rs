@@ -577,6 +577,46 @@ async fn a_change_without_the_csrf_token_is_refused_and_data_needs_a_session() {
         "policy=registryReadWrite&key={}",
         percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC)
     );
+    // A sign-in form posted from another site's page (login CSRF) is
+    // refused; the browser says so in Sec-Fetch-Site, or in Origin alone.
+    let own_origin = format!("http://{}", relay.admin_address);
+    for (case, extra) in [
+        (
+            "Sec-Fetch-Site",
+            "Sec-Fetch-Site: cross-site\r\n".to_string(),
+        ),
+        ("Origin", "Origin: http://attacker.example\r\n".to_string()),
+        ("Origin null", "Origin: null\r\n".to_string()),
+        (
+            "same origin",
+            format!("Origin: {own_origin}\r\nSec-Fetch-Site: same-origin\r\n"),
+        ),
+        (
+            "same origin, Origin alone",
+            format!("Origin: {own_origin}\r\n"),
+        ),
+    ] {
+        let (status, headers, body) = raw_http(
+            &relay.admin_address,
+            &format!(
+                "POST /console/sign-in HTTP/1.1\r\nHost: {}\r\n{extra}\
+                 Content-Type: application/x-www-form-urlencoded\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+                relay.admin_address,
+                form.len()
+            ),
+        )
+        .await;
+        if case.starts_with("same origin") {
+            assert_eq!(status, 303, "{case}: {body}");
+            assert!(header(&headers, "set-cookie").is_some(), "{case}");
+        } else {
+            assert_eq!(status, 403, "{case}: {body}");
+            assert!(header(&headers, "set-cookie").is_none(), "{case}");
+            assert!(body.contains("another site"), "{case}: {body}");
+        }
+    }
+
     let (status, headers, _) = request(&relay, "POST", "/console/sign-in", None, &form).await;
     assert_eq!(status, 303);
     let set_cookie = header(&headers, "set-cookie").expect("a session cookie");

@@ -79,6 +79,15 @@ pub async fn handle(
             return html(StatusCode::OK, pages::sign_in(None));
         }
         (&Method::POST, ["console", "sign-in"]) => {
+            if from_another_site(&headers) {
+                tracing::warn!(%peer, "console sign-in refused: the form came from another site");
+                return html(
+                    StatusCode::FORBIDDEN,
+                    pages::sign_in(Some(
+                        "A sign-in from another site's page was refused. Sign in on this page.",
+                    )),
+                );
+            }
             let form = match read_form(request).await {
                 Ok(form) => form,
                 Err(response) => return response,
@@ -228,6 +237,40 @@ fn signed_in(state: &RelayState, headers: &HeaderMap) -> Option<(SignedIn, Polic
             .flatten()
             .filter(|record| record.rights.has(Right::RegistryRead))
     })
+}
+
+/// Whether a browser sent this form from another site's page: a login
+/// CSRF, where a page elsewhere signs the visitor in as the attacker's
+/// policy so that what they then do lands in the attacker's session. Later
+/// changes carry the session's CSRF token; the sign-in has none yet.
+///
+/// Browsers say where a request comes from in `Sec-Fetch-Site`; older ones
+/// only send `Origin`, which is compared with `Host`. A request with neither
+/// (curl, a script) is no browser's cross-site form.
+fn from_another_site(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes().eq_ignore_ascii_case(b"cross-site");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin_authority = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+        })
+        .map(|authority| authority.trim_end_matches('/'));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok());
+    match (origin_authority, host) {
+        (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(host),
+        // `Origin: null` (a sandboxed frame, a redirect) or no Host to match.
+        _ => true,
+    }
 }
 
 /// `POST /console/sign-in`: a policy name and key (or a whole connection
@@ -445,4 +488,52 @@ async fn cluster_nodes(state: &RelayState) -> Option<String> {
             Err(error) => format!("cannot read the cluster's nodes: {error:#}"),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, http::HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn a_sign_in_from_another_site_is_recognised() {
+        let host = ("host", "127.0.0.1:9090");
+        let cases = [
+            (headers(&[host]), false),
+            (headers(&[host, ("sec-fetch-site", "same-origin")]), false),
+            (headers(&[host, ("sec-fetch-site", "none")]), false),
+            (headers(&[host, ("sec-fetch-site", "cross-site")]), true),
+            // The browser's own word wins over a proxy-rewritten Host.
+            (
+                headers(&[
+                    host,
+                    ("sec-fetch-site", "same-origin"),
+                    ("origin", "https://console.example"),
+                ]),
+                false,
+            ),
+            (headers(&[host, ("origin", "http://127.0.0.1:9090")]), false),
+            (headers(&[host, ("origin", "http://127.0.0.1:9091")]), true),
+            (
+                headers(&[host, ("origin", "https://attacker.example")]),
+                true,
+            ),
+            (headers(&[host, ("origin", "null")]), true),
+            (headers(&[("origin", "http://127.0.0.1:9090")]), true),
+        ];
+        for (index, (headers, expected)) in cases.iter().enumerate() {
+            assert_eq!(
+                from_another_site(headers),
+                *expected,
+                "case {index}: {headers:?}"
+            );
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! `cargo test --workspace` (each binary package has its own CLI test, which
 //! makes cargo build it before any test runs).
 
+pub mod audit;
 pub mod cluster;
 pub mod iothub;
 pub mod nginx;

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use devstreams_tests::audit::{of_kind, wait_for_audit};
 use devstreams_tests::{
     require_sshd, sha256_hex, start_device_proxy, start_echo_server, start_service_proxy,
     wait_until_device_connected, Process, Relay, Sshd,
@@ -257,7 +258,9 @@ impl Forwarder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_switch_on_either_side_does_not_end_the_session() {
     let (echo_port, _echo) = start_echo_server().await;
-    let relay = Relay::start(&[]).await;
+    let audit_directory = tempfile::tempdir().expect("temp dir");
+    let audit_path = audit_directory.path().join("audit.log");
+    let relay = Relay::start(&["--audit-log", &audit_path.to_string_lossy()]).await;
     let mut device_path = Forwarder::start(&relay.address).await;
     let mut service_path = Forwarder::start(&relay.address).await;
     let connection_string = relay.add_device("MyDevice").await;
@@ -299,6 +302,37 @@ async fn a_network_switch_on_either_side_does_not_end_the_session() {
     );
     let log = service_proxy.log();
     assert!(log.matches("session resumed").count() >= 2, "{log}");
+
+    // The audit log tells the session's streams apart: the first asked for
+    // a new session, each later one continued it and was audited as resumed.
+    let events = wait_for_audit(&audit_path, "two resumed streams", |events| {
+        of_kind(events, "stream_resumed").len() >= 2
+    })
+    .await;
+    let requested = of_kind(&events, "stream_requested");
+    let resume_kinds: Vec<&str> = requested
+        .iter()
+        .filter_map(|event| event["resume"].as_str())
+        .collect();
+    assert_eq!(resume_kinds.first(), Some(&"new"), "{requested:?}");
+    assert!(
+        resume_kinds
+            .iter()
+            .filter(|kind| **kind == "continue")
+            .count()
+            >= 2,
+        "{requested:?}"
+    );
+    for resumed in of_kind(&events, "stream_resumed") {
+        assert_eq!(resumed["device_id"], "MyDevice", "{resumed}");
+        let stream_id = resumed["stream_id"].as_str().expect("a stream id");
+        assert!(
+            requested
+                .iter()
+                .any(|event| event["stream_id"] == stream_id && event["resume"] == "continue"),
+            "{stream_id} was requested as a continuation: {requested:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,15 @@ pub fn new_stream_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `text` has the shape [`new_stream_id`] gives (32 lowercase hex
+/// digits): what a node takes from another node as a stream's id.
+pub fn is_stream_id(text: &str) -> bool {
+    text.len() == 32
+        && text
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// When each phase of one creation must be over. One budget, counted from
 /// the moment the REST call arrived (DESIGN.md: the handshake limit covers
 /// reaching the device, its answer, and both sides connecting): waiting for
@@ -282,7 +291,10 @@ pub async fn create(state: Arc<RelayState>, request: CreateStream) -> Response<B
     if let Some(cluster) = state.cluster.clone() {
         if state.presence.get(&creation.identity).is_none() {
             if let crate::cluster::routing::Routed::Answered(response) =
-                crate::cluster::routing::route(&state, &cluster, &creation, peer, &deadlines).await
+                crate::cluster::routing::route(
+                    &state, &cluster, &creation, peer, &deadlines, &stream_id,
+                )
+                .await
             {
                 let accepted = response.status() == StatusCode::OK
                     && response
@@ -628,6 +640,20 @@ mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn only_the_shape_of_a_fresh_stream_id_is_taken_from_another_node() {
+        assert!(is_stream_id(&new_stream_id()));
+        for other in [
+            "",
+            "0123",
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcde/",
+            "0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(!is_stream_id(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn one_budget_counts_from_the_request_not_from_the_device_coming_online() {

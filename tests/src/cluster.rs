@@ -689,7 +689,15 @@ pub struct ClusterNode {
     extra_arguments: Vec<String>,
 }
 
+/// Each node's audit log, in its directory ([`ClusterNode::audit_log`]).
+const AUDIT_LOG: &str = "audit.log";
+
 impl ClusterNode {
+    /// This node's audit log (`--audit-log`, which every node is given).
+    pub fn audit_log(&self) -> PathBuf {
+        self.relay.directory.path().join(AUDIT_LOG)
+    }
+
     /// Starts a node. With `cluster_url` it gets `--cluster URL --node-url
     /// wss://localhost:PORT --node-name NAME`; without, it is a single relay
     /// with the shared certificate (for testing the balancer alone).
@@ -801,6 +809,7 @@ impl ClusterNode {
         extra_arguments: &[String],
     ) -> Result<ClusterNode, (tempfile::TempDir, String)> {
         let data_dir = directory.path().join("relay-data");
+        let audit_log = directory.path().join(AUDIT_LOG);
         let listen = format!("127.0.0.1:{port}");
         let node_url = format!("wss://localhost:{port}");
         let mut arguments: Vec<String> = vec![
@@ -817,6 +826,8 @@ impl ClusterNode {
             certificate.certificate.to_string_lossy().to_string(),
             "--tls-key".into(),
             certificate.private_key.to_string_lossy().to_string(),
+            "--audit-log".into(),
+            audit_log.to_string_lossy().to_string(),
         ];
         if let Some(url) = cluster_url {
             arguments.extend([

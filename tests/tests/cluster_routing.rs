@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use devstreams_tests::audit::{of_kind, wait_for_audit};
 use devstreams_tests::cluster::{
     require_haproxy, require_nats_server, start_cluster_device_proxy, start_cluster_service_proxy,
     with_host_name, ClusterNode, TestCluster,
@@ -200,6 +201,38 @@ async fn a_stream_to_a_device_held_by_another_node_meets_on_the_holding_node() {
     )
     .await;
     echo_through(port, b"across the cluster").await;
+
+    // One stream, one id in both nodes' audit logs: the entry node's.
+    let routed = wait_for_audit(
+        &holder.audit_log(),
+        "the routed stream established",
+        |events| !of_kind(events, "stream_established").is_empty(),
+    )
+    .await;
+    let established = of_kind(&routed, "stream_established")[0]["stream_id"].clone();
+    let entry_events = wait_for_audit(
+        &entry.audit_log(),
+        "the accepted line of the stream relay-2 established",
+        |events| {
+            of_kind(events, "stream_accepted")
+                .iter()
+                .any(|accepted| accepted["stream_id"] == established)
+        },
+    )
+    .await;
+    let entry_requests = of_kind(&entry_events, "stream_requested");
+    let routed_requests = of_kind(&routed, "stream_requested");
+    assert!(routed_requests.len() >= 2, "{routed_requests:?}");
+    for request in &routed_requests {
+        assert_eq!(request["routed_from"], "relay-1", "{request}");
+        let stream_id = &request["stream_id"];
+        assert!(
+            entry_requests
+                .iter()
+                .any(|entry_request| &entry_request["stream_id"] == stream_id),
+            "relay-1 audited {stream_id} too: {entry_requests:?}"
+        );
+    }
 
     // Through the balancer too, whichever node it picks.
     let url = accepted_stream_url(&cluster.service_client(), "held-on-2").await;

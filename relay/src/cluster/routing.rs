@@ -152,17 +152,22 @@ fn cluster_unavailable(what: &str) -> Response<Body> {
 
 /// Sends the creation to the node holding the device and waits for its
 /// answer, within the creation's own deadlines.
+///
+/// The entry node's `stream_id` goes along as the request id, and the
+/// holding node audits and serves the stream under it, so one stream has one
+/// id in every node's audit log.
 pub async fn route(
     state: &RelayState,
     cluster: &Arc<Cluster>,
     creation: &Creation,
     service_peer: std::net::SocketAddr,
     deadlines: &CreationDeadlines,
+    stream_id: &str,
 ) -> Routed {
     let identity = &creation.identity;
     let subject = streams_subject(identity);
     let client = cluster.client();
-    let request_id = crate::streams_api::new_stream_id();
+    let request_id = stream_id.to_string();
     loop {
         if state.presence.get(identity).is_some() {
             return Routed::HeldHere;
@@ -345,7 +350,12 @@ pub(super) async fn answer(state: Arc<RelayState>, message: async_nats::Message)
             .and_then(framing::topics::ResumeAsk::parse),
         origin: Default::default(),
     };
-    let stream_id = crate::streams_api::new_stream_id();
+    // The entry node's id for the stream (older nodes sent a fresh one).
+    let stream_id = if crate::streams_api::is_stream_id(&request.request_id) {
+        request.request_id.clone()
+    } else {
+        crate::streams_api::new_stream_id()
+    };
     state
         .audit
         .record(|| crate::audit::AuditEvent::StreamRequested {

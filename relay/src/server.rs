@@ -269,6 +269,19 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         ),
         None => format!("joined {}", cluster.url()),
     });
+    // Every takeover announcement reaches this node before it serves a
+    // device (crate::cluster::presence).
+    if let Some(cluster) = state.cluster.clone() {
+        let takeovers = crate::cluster::presence::subscribe_takeovers(cluster.client())
+            .await
+            .context("cannot subscribe to the cluster's takeover announcements on NATS")?;
+        state
+            .tasks
+            .spawn(crate::cluster::presence::dispatch_takeovers(
+                state.clone(),
+                takeovers,
+            ));
+    }
     let open_connections = OpenConnections::default();
     let (main_acceptor, mqtt_acceptor) = match acceptors {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),

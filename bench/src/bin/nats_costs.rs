@@ -2,13 +2,14 @@
 //! real `nats-server -js`.
 //!
 //! Cluster mode (DESIGN.md, "Several relays") keeps per device one key in
-//! the `devstreams-registry` JetStream KV bucket, and per connected identity
-//! two subscriptions on the holding node's NATS connection
-//! (`devstreams.identity.<id>.takeover` and a queue subscription on
-//! `devstreams.identity.<id>.streams`). This program does exactly that for N
-//! synthetic devices with the official client (async-nats) and reads: the
-//! server's RSS per subscription pair and per key, this client's own heap
-//! growth per subscription pair (what a node pays for presence), the KV
+//! the `devstreams-registry` JetStream KV bucket, per connected identity one
+//! queue subscription on `devstreams.identity.<id>.streams` on the holding
+//! node's NATS connection, and per node one wildcard subscription to every
+//! identity's takeover announcements (`devstreams.identity.*.takeover`).
+//! This program does exactly that for N synthetic devices with the official
+//! client (async-nats) and reads: the server's RSS per subscription and per
+//! key, this client's own heap growth per subscription (what a node pays
+//! on NATS for presence), the KV
 //! store's size on disk per key, the put rate, and how fast a fresh client
 //! reads the whole bucket with a watch (what a node does when it starts).
 //!
@@ -40,7 +41,7 @@ const SETTLE_TIME: Duration = Duration::from_secs(3);
     about = "Measures NATS's cost per device in cluster mode: subscriptions, KV keys, start-up read"
 )]
 struct Arguments {
-    /// Synthetic devices (one KV key and two subscriptions each)
+    /// Synthetic devices (one KV key and one subscription each)
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
     devices: u32,
     /// The nats-server program (default: from PATH or /usr/sbin)
@@ -153,17 +154,14 @@ async fn measure(
     let server_before = resident_kibibytes(server_pid).unwrap_or(0);
     let client_before = anonymous_kibibytes(own_pid).unwrap_or(0);
 
-    // Presence: two subscriptions per connected identity, on one connection.
+    // Presence: the node's one takeover wildcard, and one queue subscription
+    // per connected identity, on one connection.
     let started = Instant::now();
-    let mut subscriptions = Vec::with_capacity(devices * 2);
+    let mut subscriptions = Vec::with_capacity(devices + 1);
     let subscribing = async {
+        subscriptions.push(client.subscribe("devstreams.identity.*.takeover").await?);
         for index in 0..devices as u32 {
             let id = device_id(index);
-            subscriptions.push(
-                client
-                    .subscribe(format!("devstreams.identity.{id}.takeover"))
-                    .await?,
-            );
             subscriptions.push(
                 client
                     .queue_subscribe(
@@ -271,13 +269,13 @@ async fn measure(
     println!("| what | measured | per device |");
     println!("|---|---:|---:|");
     println!(
-        "| 2 subscriptions per identity: nats-server RSS | {} → {} KiB | {:.0} B |",
+        "| 1 subscription per identity: nats-server RSS | {} → {} KiB | {:.0} B |",
         server_before,
         server_with_subscriptions,
         per(server_with_subscriptions, server_before, devices)
     );
     println!(
-        "| 2 subscriptions per identity: client (node) heap, async-nats | {} → {} KiB | {:.0} B |",
+        "| 1 subscription per identity: client (node) heap, async-nats | {} → {} KiB | {:.0} B |",
         client_before,
         client_with_subscriptions,
         per(client_with_subscriptions, client_before, devices)

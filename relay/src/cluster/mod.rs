@@ -163,6 +163,9 @@ pub struct Cluster {
     started_unix: u64,
     /// Routed creations served here, so that each is served once.
     routed_once: Arc<routed_once::RoutedOnce>,
+    /// This node's listeners for takeover announcements, fed by its one
+    /// wildcard subscription ([`presence::dispatch_takeovers`]).
+    takeovers: Arc<presence::TakeoverListeners>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -212,6 +215,7 @@ impl Cluster {
             url,
             started_unix: unix_now(),
             routed_once: Default::default(),
+            takeovers: Default::default(),
         };
         if let Some(node) = &config.node {
             cluster.claim_node(node).await?;
@@ -248,6 +252,10 @@ impl Cluster {
     }
 
     /// The routed creations this node serves or just served.
+    pub fn takeovers(&self) -> &Arc<presence::TakeoverListeners> {
+        &self.takeovers
+    }
+
     pub fn routed_once(&self) -> &Arc<routed_once::RoutedOnce> {
         &self.routed_once
     }

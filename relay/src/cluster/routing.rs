@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
@@ -207,10 +206,9 @@ pub async fn route(
         // drain, a network switch) is never answered, and this wait would
         // last the whole answer deadline. The device announces itself when
         // it connects to another node: ask again then.
-        let mut takeovers = client
-            .subscribe(super::presence::takeover_subject(identity))
-            .await
-            .ok();
+        let mut takeovers = cluster
+            .takeovers()
+            .listen(super::presence::takeover_subject(identity));
         let request = client.send_request(
             subject.clone(),
             async_nats::Request::new()
@@ -218,12 +216,7 @@ pub async fn route(
                 .timeout(Some(wait.max(Duration::from_millis(1)))),
         );
         let device_moved = async {
-            match takeovers.as_mut() {
-                Some(takeovers) => {
-                    takeovers.next().await;
-                }
-                None => std::future::pending().await,
-            }
+            takeovers.next().await;
         };
         let outcome = tokio::select! {
             // An answer that arrived with an announcement is taken.

@@ -1602,6 +1602,21 @@ mod tests {
         (a, b, forwarder)
     }
 
+    /// Runs a session on its first carrier, with no resumer behind it.
+    fn start_session(
+        tcp: TcpStream,
+        websocket: Pipe,
+        options: SessionOptions,
+        offers: mpsc::Receiver<Offer<DuplexStream>>,
+    ) -> tokio::task::JoinHandle<SessionReport> {
+        let first = Carrier {
+            websocket,
+            peer_received: 0,
+            answer_resumed: false,
+        };
+        tokio::spawn(run_session(tcp, first, options, offers, None))
+    }
+
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -1804,17 +1819,7 @@ mod tests {
             }
         });
         let (_offers, offers_received) = mpsc::channel(1);
-        let _session = tokio::spawn(run_session(
-            tcp,
-            Carrier {
-                websocket,
-                peer_received: 0,
-                answer_resumed: false,
-            },
-            options,
-            offers_received,
-            None,
-        ));
+        let _session = start_session(tcp, websocket, options, offers_received);
         let mut written = 0usize;
         let chunk = vec![7u8; 64 * 1024];
         while tokio::time::timeout(Duration::from_millis(500), application.write_all(&chunk))
@@ -1857,17 +1862,7 @@ mod tests {
             let (mut application, tcp) = tcp_pair().await;
             let (websocket, mut peer, forwarder) = carrier_pair().await;
             let (offers, offers_received) = mpsc::channel(1);
-            let session = tokio::spawn(run_session(
-                tcp,
-                Carrier {
-                    websocket,
-                    peer_received: 0,
-                    answer_resumed: false,
-                },
-                options,
-                offers_received,
-                None,
-            ));
+            let session = start_session(tcp, websocket, options, offers_received);
             if case == "giving up" {
                 let offer = Offer::GiveUp("the test gives up".into());
                 assert!(offers.send(offer).await.is_ok(), "the session takes offers");

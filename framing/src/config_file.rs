@@ -662,6 +662,12 @@ mod tests {
         directory
     }
 
+    /// The file is refused with an error that contains `expected`.
+    fn assert_refused(text: &str, expected: &str) {
+        let error = config_error(text);
+        assert!(error.contains(expected), "{error}");
+    }
+
     fn config_error(text: &str) -> String {
         match with_file(text, &[]) {
             Err(ParseError::Config(error)) => error.to_string(),
@@ -690,52 +696,43 @@ mod tests {
 
     #[test]
     fn every_kind_of_mistake_names_the_line_and_key() {
-        let unknown = config_error("proxy = \"none\"\nmax_stream = 5\n");
-        assert!(
-            unknown.contains(":2: key `max_stream`: unknown key"),
-            "{unknown}"
+        assert_refused(
+            "proxy = \"none\"\nmax_stream = 5\n",
+            ":2: key `max_stream`: unknown key",
         );
-        let string_for_number = config_error("\nmax_streams = \"5\"\n");
-        assert!(
-            string_for_number.contains(":2: key `max_streams`: expected a number, found a string"),
-            "{string_for_number}"
+        assert_refused(
+            "\nmax_streams = \"5\"\n",
+            ":2: key `max_streams`: expected a number, found a string",
         );
-        let array_for_one = config_error("proxy = [\"a\", \"b\"]\n");
-        assert!(
-            array_for_one.contains(":1: key `proxy`: expected one value, found an array"),
-            "{array_for_one}"
+        assert_refused(
+            "proxy = [\"a\", \"b\"]\n",
+            ":1: key `proxy`: expected one value, found an array",
         );
-        let out_of_range = config_error("max_streams = 5000\n");
-        assert!(
-            out_of_range.contains(":1: key `max_streams`: bad value \"5000\""),
-            "{out_of_range}"
+        assert_refused(
+            "max_streams = 5000\n",
+            ":1: key `max_streams`: bad value \"5000\"",
         );
-        let not_a_switch = config_error("no_resume = \"yes\"\n");
-        assert!(
-            not_a_switch.contains("key `no_resume`: expected true or false"),
-            "{not_a_switch}"
+        assert_refused(
+            "no_resume = \"yes\"\n",
+            "key `no_resume`: expected true or false",
         );
-        let syntax = config_error("proxy = \"none\"\nmax_streams = = 5\n");
-        assert!(syntax.contains("sample.toml:2:"), "{syntax}");
-        let twice = config_error("max_streams = 5\nmax-streams = 6\n");
-        assert!(
-            twice.contains(":2: key `max_streams`: given twice"),
-            "{twice}"
+        assert_refused("proxy = \"none\"\nmax_streams = = 5\n", "sample.toml:2:");
+        assert_refused(
+            "max_streams = 5\nmax-streams = 6\n",
+            ":2: key `max_streams`: given twice",
         );
     }
 
     #[test]
     fn conflicting_keys_in_the_file_are_refused() {
-        let both = config_error("proxy = \"none\"\nresume_timeout = 5\nno_resume = true\n");
-        assert!(
-            both.contains(":3: key `no_resume`: cannot be used with `resume_timeout` (line 2)"),
-            "{both}"
+        assert_refused(
+            "proxy = \"none\"\nresume_timeout = 5\nno_resume = true\n",
+            ":3: key `no_resume`: cannot be used with `resume_timeout` (line 2)",
         );
         // Declared on either argument, found either way round.
-        let reversed = config_error("no_resume = true\nresume_timeout = 5\n");
-        assert!(
-            reversed.contains(":2: key `resume_timeout`: cannot be used with `no_resume` (line 1)"),
-            "{reversed}"
+        assert_refused(
+            "no_resume = true\nresume_timeout = 5\n",
+            ":2: key `resume_timeout`: cannot be used with `no_resume` (line 1)",
         );
         // A switch set to false is no conflict.
         let parsed = with_file("no_resume = false\nresume_timeout = 5\n", &[]).expect("parses");

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod iothub;
+pub mod nats_accounts;
 pub mod nginx;
 pub mod proxies;
 

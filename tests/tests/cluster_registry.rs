@@ -3,14 +3,18 @@
 //! nodes and the real `relay` CLI. A device added, disabled, re-keyed or
 //! removed through one entry point is in force on every node within a
 //! second; a single relay's registry moves into a cluster and back; every
-//! bad cluster configuration stops `relay serve` at start with one line.
+//! bad cluster configuration stops `relay serve` at start with one line; a
+//! `.creds` file logs nodes and the CLI in to NATS in operator mode.
 //!
-//! Skipped (with a note) where `nats-server` is not installed; CI installs it.
+//! Skipped (with a note) where `nats-server` is not installed; under
+//! `CI=true`, where `.ci/run` installs it, a missing one fails the tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use devstreams_tests::cluster::{require_nats_server, tool_path, NATS_SERVER};
+use devstreams_tests::nats_accounts::NatsOperator;
 use devstreams_tests::{binary, Relay};
 use framing::mqtt::ConnectReturnCode;
 use framing::{ConnectionString, DeviceClient, DeviceError, DeviceOptions};
@@ -53,14 +57,12 @@ impl Nats {
         jetstream: bool,
         extra: &[&str],
     ) -> Option<Nats> {
-        if std::process::Command::new("nats-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+        // Skipped on a developer's machine without it; a panic in CI.
+        if !require_nats_server() {
             return None;
         }
+        // In the store's directory, which a restart keeps.
+        let log_path = store.path().join("nats-server.log");
         let port_text = port.to_string();
         let store_text = store.path().to_string_lossy().to_string();
         let mut arguments = vec!["-a", "127.0.0.1", "-p", &port_text, "-sd", &store_text];
@@ -68,11 +70,13 @@ impl Nats {
             arguments.push("-js");
         }
         arguments.extend_from_slice(extra);
-        let child = Command::new("nats-server")
+        let child = Command::new(tool_path(NATS_SERVER).unwrap_or_else(|| NATS_SERVER.into()))
             .args(&arguments)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&log_path).expect("nats-server log file"),
+            ))
             .kill_on_drop(true)
             .spawn()
             .expect("nats-server starts");
@@ -83,7 +87,8 @@ impl Nats {
         {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "nats-server never listened on {port}"
+                "nats-server never listened on {port}; its log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -299,6 +304,104 @@ async fn tls_to_nats_is_used_with_cluster_ca_and_refused_without_it() {
         "with --cluster-ca the CLI reaches NATS over TLS: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_logs_nodes_and_the_cli_in_to_nats_in_operator_mode() {
+    let store = tempfile::tempdir().expect("temp dir");
+    let operator = NatsOperator::generate();
+    let configuration = operator
+        .server_configuration()
+        .to_string_lossy()
+        .to_string();
+    // JetStream comes from the configuration, for the operator's account.
+    let Some(nats) = Nats::start_on(free_port(), store, false, &["-c", &configuration]).await
+    else {
+        return;
+    };
+    let url = nats.url();
+    let creds = operator.creds().to_string_lossy().to_string();
+
+    // Without a creds file, or with one another deployment signed, NATS
+    // refuses the login and the relay says which flag to check, without
+    // printing the file's secret seed.
+    let output = relay_command(&["device", "list", "--cluster", &url]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    let foreign_directory = tempfile::tempdir().expect("temp dir");
+    let foreign = foreign_directory.path().join("foreign.creds");
+    let foreign_text = NatsOperator::foreign_creds();
+    std::fs::write(&foreign, &foreign_text).expect("creds written");
+    let foreign = foreign.to_string_lossy().to_string();
+    assert_refused_at_start(
+        &[
+            "--cluster",
+            &url,
+            "--cluster-creds",
+            &foreign,
+            "--node-url",
+            "wss://localhost:1",
+        ],
+        "refused the credentials",
+    )
+    .await;
+    let output = relay_command(&[
+        "device",
+        "list",
+        "--cluster",
+        &url,
+        "--cluster-creds",
+        &foreign,
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let seed = foreign_text
+        .lines()
+        .find(|line| line.starts_with("SU"))
+        .expect("the creds hold a user seed");
+    assert!(!stderr.contains(seed), "the seed leaked: {stderr}");
+    let missing = foreign_directory.path().join("missing.creds");
+    let missing = missing.to_string_lossy().to_string();
+    assert_refused_at_start(
+        &[
+            "--cluster",
+            &url,
+            "--cluster-creds",
+            &missing,
+            "--node-url",
+            "wss://localhost:1",
+        ],
+        "cannot read the NATS credentials file",
+    )
+    .await;
+
+    // With the operator's user: the CLI writes the registry and a node
+    // serves from it.
+    let output = relay_command(&[
+        "device",
+        "add",
+        "Operated",
+        "--cluster",
+        &url,
+        "--cluster-creds",
+        &creds,
+        "--host-name",
+        "localhost:1",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the CLI logs in with --cluster-creds: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let added = ConnectionString::parse_device(stdout.trim()).expect("a device connection string");
+    let node = start_node_with(&nats, "operated", &["--cluster-creds", &creds]).await;
+    connect_within(&for_node(&added, "Operated", &node), &node, PROPAGATION)
+        .await
+        .expect("a device added through NATS in operator mode connects to the node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

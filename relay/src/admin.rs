@@ -1,15 +1,20 @@
 //! The admin listener (`--admin-listen`, off by default): `/metrics`,
 //! `/health` (`/health/live`, `/health/ready`), the JSON API
 //! ([`crate::admin_api`], SAS-authenticated) and the web console
-//! ([`crate::console`], under `/console`, sign-in with a policy key) on
-//! plain HTTP, for a Prometheus scraper, probes and operators on a private
-//! network. The counters say how busy the relay is and how often clients
-//! fail to authenticate, which is no business of the internet, so the main
-//! listener does not serve them.
+//! ([`crate::console`], under `/console`, sign-in with a policy key), for a
+//! Prometheus scraper, probes and operators on a private network. The
+//! counters say how busy the relay is and how often clients fail to
+//! authenticate, which is no business of the internet, so the main listener
+//! does not serve them.
 //!
-//! Bind it to loopback or an internal address: it has no TLS, and only the
-//! JSON API and the console ask for credentials. It still has the header deadline and its own small
-//! connection cap, so a stuck scraper cannot pile up sockets.
+//! Plain HTTP by default, which is right on loopback. An operator who opens
+//! the console from another machine would send a policy key and a session
+//! cookie across the network in the clear, so `--admin-tls` serves it over
+//! TLS with the main listener's certificate (and the console's cookie is
+//! then `Secure`), and a plain listener on a reachable address is warned
+//! about at start ([`exposed`]). Only the JSON API and the console ask for
+//! credentials. It has the header deadline, the TLS handshake deadline and
+//! its own small connection cap, so a stuck scraper cannot pile up sockets.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,8 +26,9 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::http_service::{health, not_found};
 use crate::http_util::Body;
@@ -38,8 +44,19 @@ pub type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
 /// Admin connections open at once; scrapers and probes need a handful.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// Accepts admin connections until the relay stops accepting.
-pub(crate) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener) {
+/// Whether a plain-HTTP admin listener on `address` is worth a warning: one
+/// that other machines can reach (any address but loopback) without TLS.
+pub(crate) fn exposed(address: SocketAddr, tls: bool) -> bool {
+    !tls && !address.ip().is_loopback()
+}
+
+/// Accepts admin connections until the relay stops accepting; over TLS when
+/// `acceptor` is given (`--admin-tls`).
+pub(crate) async fn accept_loop(
+    state: Arc<RelayState>,
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     while let Some((tcp, peer)) = accept_until_stopped(&state, &listener).await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -51,24 +68,41 @@ pub(crate) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener) {
             continue;
         };
         let connection_state = state.clone();
+        let acceptor = acceptor.clone();
         state.tasks.spawn(async move {
-            serve(connection_state, tcp, peer).await;
+            framing::transport::configure_socket(&tcp);
+            match acceptor {
+                None => serve(connection_state, tcp, peer, false).await,
+                Some(acceptor) => {
+                    let deadline = connection_state.config.limits.tls_handshake_timeout;
+                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve(connection_state, stream, peer, true).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "admin TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn serve(state: Arc<RelayState>, tcp: TcpStream, peer: SocketAddr) {
-    framing::transport::configure_socket(&tcp);
+/// Serves HTTP/1.1 on one admin connection; `secure` when it is TLS.
+async fn serve<S>(state: Arc<RelayState>, io: S, peer: SocketAddr, secure: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let state = service_state.clone();
         async move {
             let path = request.uri().path();
             if path == "/" || path == crate::console::ROOT || path.starts_with("/console/") {
-                // The admin listener speaks plain HTTP: the cookie is not `Secure`.
+                // The cookie is `Secure` only over TLS.
                 return Ok::<_, Infallible>(
-                    crate::console::handle(state, request, peer, false).await,
+                    crate::console::handle(state, request, peer, secure).await,
                 );
             }
             Ok(route(&state, &request).map(BodyExt::boxed_unsync))
@@ -80,7 +114,7 @@ async fn serve(state: Arc<RelayState>, tcp: TcpStream, peer: SocketAddr) {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_size.max(8192));
-    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -156,4 +190,22 @@ fn metrics(state: &RelayState) -> Response<Body> {
         http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_listener_other_machines_reach_is_exposed() {
+        let at = |text: &str| text.parse::<SocketAddr>().expect("an address");
+        assert!(!exposed(at("127.0.0.1:9090"), false));
+        assert!(!exposed(at("127.0.0.5:9090"), false));
+        assert!(!exposed(at("[::1]:9090"), false));
+        assert!(exposed(at("0.0.0.0:9090"), false));
+        assert!(exposed(at("[::]:9090"), false));
+        assert!(exposed(at("10.0.0.5:9090"), false));
+        assert!(!exposed(at("0.0.0.0:9090"), true));
+        assert!(!exposed(at("10.0.0.5:9090"), true));
+    }
 }

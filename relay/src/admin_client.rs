@@ -2,15 +2,20 @@
 //! list|close` on the relay's host ask the running relay for live state.
 //!
 //! The address comes from `--admin-url`, else from the file `relay serve`
-//! writes into the data dir ([`crate::data_dir::ADMIN_ADDRESS_FILE`]). The
+//! writes into the data dir ([`crate::data_dir::ADMIN_ADDRESS_FILE`]). An
+//! `https://` listener (`--admin-tls`) must show a certificate the system
+//! trusts or the data dir's self-signed one, for the host in the URL. The
 //! CLI can read the registry, so it signs a short-lived SAS token with the
 //! `registryReadWrite` policy's key: no credentials to pass around.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
+use rustls_pki_types::ServerName;
 use serde_json::Value;
 
 use crate::registry::PolicyRecord;
@@ -27,20 +32,42 @@ pub struct AdminClient {
     /// `host:port` of the admin listener.
     authority: String,
     authorization: String,
+    /// With an `https://` URL: whom to trust, and the name to check.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
 impl AdminClient {
-    /// `url` is `http://HOST:PORT` (or just `HOST:PORT`); `policy` signs.
-    pub fn new(url: &str, policy: &PolicyRecord) -> anyhow::Result<Self> {
-        let authority = url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        if authority.is_empty() || authority.contains('/') || url.starts_with("https://") {
-            anyhow::bail!(
-                "--admin-url {url:?} must be http://HOST:PORT (the admin listener is plain HTTP)"
-            );
+    /// `url` is `http://HOST:PORT`, `https://HOST:PORT` or just `HOST:PORT`
+    /// (plain HTTP); `policy` signs. Over HTTPS the relay's certificate
+    /// must chain to the system's roots or to `extra_ca` (the data dir's
+    /// self-signed certificate).
+    pub fn new(url: &str, policy: &PolicyRecord, extra_ca: Option<&Path>) -> anyhow::Result<Self> {
+        let (https, authority) = match url.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some(("https", rest)) => (true, rest),
+            Some(_) => {
+                anyhow::bail!("--admin-url {url:?} must be http://HOST:PORT or https://HOST:PORT")
+            }
+            None => (false, url),
+        };
+        let authority = authority.trim_end_matches('/').to_string();
+        let (host, _) = framing::connection_string::split_host_port(&authority);
+        if authority.is_empty() || authority.contains('/') || host.is_empty() {
+            anyhow::bail!("--admin-url {url:?} must be http://HOST:PORT or https://HOST:PORT");
         }
+        let tls = if https {
+            let config = framing::tls::client_config(extra_ca)
+                .context("cannot set up TLS for the admin API")?;
+            let name = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let name = ServerName::try_from(name)
+                .with_context(|| format!("--admin-url {url:?}: {host:?} is not a host name"))?;
+            Some((config, name))
+        } else {
+            None
+        };
         let key = base64::engine::general_purpose::STANDARD
             .decode(&policy.primary_key)
             .with_context(|| {
@@ -55,6 +82,7 @@ impl AdminClient {
         Ok(Self {
             authority,
             authorization,
+            tls,
         })
     }
 
@@ -79,8 +107,32 @@ impl AdminClient {
         let tcp = tokio::net::TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("cannot reach the relay's admin API at {}", self.authority))?;
+        match &self.tls {
+            None => self.exchange(tcp, method, path).await,
+            Some((config, name)) => {
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "TLS to the relay's admin API at {} failed: is it started with \
+                             --admin-tls, and is its certificate trusted (the data dir's, or \
+                             the system's)?",
+                            self.authority
+                        )
+                    })?;
+                self.exchange(stream, method, path).await
+            }
+        }
+    }
+
+    /// One request and its answer on a connection already made.
+    async fn exchange<S>(&self, io: S, method: http::Method, path: &str) -> anyhow::Result<Value>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
                 .await
                 .context("admin API handshake failed")?;
         let driver = tokio::spawn(connection);

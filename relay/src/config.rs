@@ -120,9 +120,13 @@ pub struct RelayConfig {
     /// relay run in-process (the echo demo, tests) opts in explicitly so it
     /// never competes for the well-known port.
     pub mqtt_listen: Option<SocketAddr>,
-    /// Plain-HTTP listener for `/metrics` and `/health` (`--admin-listen`);
-    /// `None` (the default) turns it off. Never on the internet.
+    /// Listener for `/metrics`, `/health`, the admin API and the console
+    /// (`--admin-listen`); `None` (the default) turns it off. Never on the
+    /// internet.
     pub admin_listen: Option<SocketAddr>,
+    /// Serve the admin listener over TLS with the main listener's
+    /// certificate (`--admin-tls`) instead of plain HTTP.
+    pub admin_tls: bool,
     pub data_dir: PathBuf,
     /// Base URL of the streaming endpoint handed to clients (`wss://host:port`).
     /// When unset, each side gets the host it used to reach this relay.
@@ -148,6 +152,7 @@ impl RelayConfig {
             listen,
             mqtt_listen: None,
             admin_listen: None,
+            admin_tls: false,
             data_dir,
             public_url: None,
             tls: TlsMode::SelfSigned,

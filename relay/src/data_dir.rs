@@ -79,14 +79,17 @@ impl DataDir {
         Ok(())
     }
 
-    /// Records the admin listener's address for the CLI (`relay serve`).
+    /// Records the admin listener's URL for the CLI (`relay serve`):
+    /// `http://ADDRESS`, or `https://ADDRESS` with `--admin-tls`.
     pub fn record_admin_address(
         &self,
         address: Option<std::net::SocketAddr>,
+        tls: bool,
     ) -> anyhow::Result<()> {
         let path = self.path.join(ADMIN_ADDRESS_FILE);
+        let scheme = if tls { "https" } else { "http" };
         match address {
-            Some(address) => fs::write(&path, format!("{address}\n"))
+            Some(address) => fs::write(&path, format!("{scheme}://{address}\n"))
                 .with_context(|| format!("cannot write {}", path.display())),
             None => match fs::remove_file(&path) {
                 Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
@@ -97,11 +100,18 @@ impl DataDir {
         }
     }
 
-    /// The admin address the running relay recorded, if any.
-    pub fn recorded_admin_address(path: &Path) -> Option<std::net::SocketAddr> {
-        fs::read_to_string(path.join(ADMIN_ADDRESS_FILE))
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
+    /// The admin listener's URL the running relay recorded, if any. A bare
+    /// address (what relays before `--admin-tls` wrote) is plain HTTP.
+    pub fn recorded_admin_url(path: &Path) -> Option<String> {
+        let text = fs::read_to_string(path.join(ADMIN_ADDRESS_FILE)).ok()?;
+        let text = text.trim();
+        let (scheme, address) = match text.split_once("://") {
+            Some((scheme @ ("http" | "https"), address)) => (scheme, address),
+            Some(_) => return None,
+            None => ("http", text),
+        };
+        let address: std::net::SocketAddr = address.parse().ok()?;
+        Some(format!("{scheme}://{address}"))
     }
 
     /// Opens the data dir, creating the directory but no registry (a

@@ -20,6 +20,7 @@ Examples:
   relay serve --no-mqtt                         # devices use MQTT over WebSocket on --listen only
   relay serve --admin-listen 127.0.0.1:9090     # Prometheus scrapes http://127.0.0.1:9090/metrics
                                                 # web console: http://127.0.0.1:9090/console/ (sign in: relay policy show registryReadWrite)
+  relay serve --admin-listen 10.0.0.5:9090 --admin-tls   # console and API over HTTPS for other machines
   relay serve --audit-log /var/log/devstreams/audit.log --audit-log-max-size 50 --audit-log-max-files 10
   relay serve --audit-log -                     # audit lines (JSON) on standard output, e.g. for journald
   relay serve --tls-cert fullchain.pem --tls-key privkey.pem
@@ -179,9 +180,20 @@ struct ServeArgs {
     no_mqtt: bool,
     /// Address of the admin listener: /metrics (Prometheus), /health, /health/live, /health/ready and the
     /// JSON API under /api/ (SAS token of a policy with registry-read/-write) and the web console under
-    /// /console/ (sign in with such a policy's name and key) on plain HTTP. Off by default; bind it to loopback or a private network, never the internet.
+    /// /console/ (sign in with such a policy's name and key), on plain HTTP unless --admin-tls. Off by default;
+    /// bind it to loopback or a private network, never the internet.
     #[arg(long, env = "RELAY_ADMIN_LISTEN", value_name = "ADDRESS")]
     admin_listen: Option<SocketAddr>,
+    /// Serve the admin listener over HTTPS with the main listener's certificate, for a console or API reached
+    /// from other machines (the console's cookie is then Secure). `relay device list` and `relay stream` follow
+    /// on their own; a remote client must trust the certificate (the self-signed one is tls/cert.pem in the data dir).
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_TLS",
+        requires = "admin_listen",
+        conflicts_with = "no_tls"
+    )]
+    admin_tls: bool,
     /// Base URL of the streaming endpoint handed to clients, e.g. wss://relay.example.com:443.
     /// By default each client gets the host it used to reach the relay.
     #[arg(long)]
@@ -369,7 +381,7 @@ enum StreamCommand {
 /// Where the running relay's admin API is.
 #[derive(Args)]
 struct AdminUrlArgs {
-    /// The running relay's admin listener, e.g. http://127.0.0.1:9090 (default: the address
+    /// The running relay's admin listener, e.g. http://127.0.0.1:9090 or https://… (default: the address
     /// `relay serve --admin-listen` recorded in the data dir). Requests are signed with the
     /// registryReadWrite policy's key from the data dir.
     #[arg(long, env = "RELAY_ADMIN_URL", value_name = "URL")]
@@ -503,6 +515,7 @@ fn serve(
     config.trusted_proxies =
         relay::trusted_proxies::TrustedProxies::new(arguments.trusted_proxy.clone());
     config.admin_listen = arguments.admin_listen;
+    config.admin_tls = arguments.admin_tls;
     if !arguments.audit_log.is_empty() {
         let mut audit = relay::audit::AuditConfig::new(arguments.audit_log.clone());
         audit.max_file_size = arguments.audit_log_max_size;
@@ -581,7 +594,12 @@ fn serve(
             println!("MQTT listening on {mqtt_address} ({mqtt_tls})");
         }
         if let Some(admin_address) = relay.admin_address {
-            println!("Admin listening on {admin_address} (plain HTTP: /metrics, /health, /api/, web console at http://{admin_address}/console/)");
+            let (kind, scheme) = if relay.admin_tls {
+                ("TLS", "https")
+            } else {
+                ("plain HTTP", "http")
+            };
+            println!("Admin listening on {admin_address} ({kind}: /metrics, /health, /api/, web console at {scheme}://{admin_address}/console/)");
         }
         println!(
             "Service connection string: {}",
@@ -1088,6 +1106,19 @@ mod tests {
         assert_eq!(default.admin_listen, None);
         let asked = serve_arguments(&["--admin-listen", "127.0.0.1:9090"]).expect("parses");
         assert_eq!(asked.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert!(!asked.admin_tls);
+        let secured =
+            serve_arguments(&["--admin-listen", "127.0.0.1:9090", "--admin-tls"]).expect("parses");
+        assert!(secured.admin_tls);
+        // TLS for a listener that is not there, or without a certificate.
+        assert!(serve_arguments(&["--admin-tls"]).is_err());
+        assert!(serve_arguments(&[
+            "--admin-listen",
+            "127.0.0.1:9090",
+            "--admin-tls",
+            "--no-tls"
+        ])
+        .is_err());
     }
 
     /// Feeds `counts`, one check every 250 ms, and returns the checks that

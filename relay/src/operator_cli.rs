@@ -141,8 +141,8 @@ fn admin_client(
 ) -> anyhow::Result<Option<AdminClient>> {
     let url = match admin_url {
         Some(url) => url.to_string(),
-        None => match DataDir::recorded_admin_address(&data_dir.path) {
-            Some(address) => format!("http://{address}"),
+        None => match DataDir::recorded_admin_url(&data_dir.path) {
+            Some(url) => url,
             None => return Ok(None),
         },
     };
@@ -159,7 +159,10 @@ fn admin_client(
              `relay policy add {REGISTRY_POLICY} --rights registry-read,registry-write`"
         )
         })?;
-    AdminClient::new(&url, &policy).map(Some)
+    // A self-signed relay's certificate is in its data dir.
+    let certificate = data_dir.certificate_path();
+    let extra_ca = certificate.is_file().then_some(certificate.as_path());
+    AdminClient::new(&url, &policy, extra_ca).map(Some)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -204,7 +207,7 @@ pub fn stream_command(
     let client = admin_client(&data_dir, admin_url)?.ok_or_else(|| {
         anyhow::anyhow!(
             "no running relay recorded its admin address in {}: start it with --admin-listen 127.0.0.1:9090, \
-             or pass --admin-url http://HOST:PORT",
+             or pass --admin-url http://HOST:PORT (https:// with --admin-tls)",
             data_dir_path.display()
         )
     })?;

@@ -32,6 +32,8 @@ pub struct RunningRelay {
     pub mqtt_address: Option<SocketAddr>,
     /// The admin listener's address (`/metrics`), when it is on.
     pub admin_address: Option<SocketAddr>,
+    /// Whether the admin listener speaks TLS (`--admin-tls`).
+    pub admin_tls: bool,
     /// `host:port` that clients should use (connection strings' HostName).
     pub host_name: String,
     pub service_connection_string: String,
@@ -287,6 +289,23 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
         None => (None, None),
     };
+    let admin_acceptor = match (state.config.admin_tls, &main_acceptor) {
+        (false, _) => None,
+        (true, Some(acceptor)) => Some(acceptor.clone()),
+        (true, None) => anyhow::bail!(
+            "--admin-tls uses the main listener's certificate, and --no-tls turned TLS off: \
+             drop one of them"
+        ),
+    };
+    let admin_tls = admin_acceptor.is_some();
+    if let Some(address) = admin_address.filter(|address| admin::exposed(*address, admin_tls)) {
+        tracing::warn!(
+            %address,
+            "the admin listener speaks plain HTTP on an address other machines can reach: \
+             console sign-ins and API tokens cross the network unencrypted; add --admin-tls, \
+             or bind --admin-listen to 127.0.0.1"
+        );
+    }
     state.tasks.spawn(accept_loop(
         state.clone(),
         listener,
@@ -304,9 +323,11 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         ));
     }
     if let Some(admin_listener) = admin_listener {
-        state
-            .tasks
-            .spawn(admin::accept_loop(state.clone(), admin_listener));
+        state.tasks.spawn(admin::accept_loop(
+            state.clone(),
+            admin_listener,
+            admin_acceptor,
+        ));
     }
     // Registry changes (another process's `relay device …`) are followed
     // here; unpaired streams expire by their own timers (crate::pairing).
@@ -330,7 +351,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         }
     }
     // For `relay device list` and `relay stream …` on this host.
-    if let Err(error) = data_dir.record_admin_address(admin_address) {
+    if let Err(error) = data_dir.record_admin_address(admin_address, admin_tls) {
         tracing::warn!(error = %format!("{error:#}"), "cannot record the admin address in the data dir");
     }
     tracing::info!(%local_address, mqtt_address = ?mqtt_address, admin_address = ?admin_address, tls, "relay serving");
@@ -338,6 +359,7 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         local_address,
         mqtt_address,
         admin_address,
+        admin_tls,
         host_name,
         service_connection_string,
         certificate_path,

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use devstreams_tests::{
-    raw_http, raw_https, require_sshd, start_device_proxy, start_service_proxy,
+    raw_http, raw_https, raw_https_to, require_sshd, start_device_proxy, start_service_proxy,
     wait_until_device_connected, Relay, Sshd,
 };
 
@@ -188,6 +188,75 @@ async fn health_live_and_ready_answer_on_the_admin_listener() {
     assert_eq!((status, body.trim()), (200, "ok"));
     let (status, body) = admin(&relay, "GET", "/health/ready", None).await;
     assert_eq!((status, body.trim()), (200, "ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admin_tls_the_console_api_and_cli_speak_https() {
+    let relay = Relay::start(&["--admin-tls"]).await;
+    relay.add_device("Remote").await;
+    let port: u16 = relay
+        .admin_address
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("the admin port");
+    let (status, _, body) = raw_https_to(
+        port,
+        &relay.tls(),
+        "GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.trim()), (200, "ok"), "health over TLS");
+    let (status, _, body) = raw_http(
+        &relay.admin_address,
+        "GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 0, "no plain-HTTP answer on a TLS listener: {body}");
+
+    // The console's session cookie is Secure over TLS.
+    let (key, _) = cli_ok(&relay, &["policy", "show", "registryReadWrite"]).await;
+    let key = key
+        .trim()
+        .split(';')
+        .find_map(|part| part.strip_prefix("SharedAccessKey="))
+        .expect("a key")
+        .to_string();
+    let form = format!(
+        "policy=registryReadWrite&key={}",
+        percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let (status, headers, body) = raw_https_to(
+        port,
+        &relay.tls(),
+        &format!(
+            "POST /console/sign-in HTTP/1.1\r\nHost: localhost:{port}\r\n\
+             Origin: https://localhost:{port}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert_eq!(status, 303, "signed in: {body}");
+    let cookie = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, value)| value.as_str())
+        .expect("a session cookie");
+    assert!(cookie.contains("; Secure"), "{cookie}");
+
+    // The CLI finds the https URL in the data dir and trusts the data dir's
+    // certificate: live state, not the registry-only fallback.
+    let (listing, stderr) = cli_ok(&relay, &["device", "list"]).await;
+    assert!(stderr.is_empty(), "no fallback note: {stderr}");
+    assert!(listing.contains("Remote\toffline"), "{listing}");
+    cli_ok(&relay, &["stream", "list"]).await;
+    // Plain HTTP to it fails with the reason, and the registry is shown.
+    let plain = format!("http://{}", relay.admin_address);
+    let (listing, stderr) = cli_ok(&relay, &["device", "list", "--admin-url", &plain]).await;
+    assert_eq!(listing, "Remote\n");
+    assert!(stderr.contains("registry only"), "{stderr}");
 }
 
 /// Polls `relay device list` until `check` accepts its output.

@@ -359,9 +359,11 @@ fn print_round(system: &System, run: &BulkRun) {
 }
 
 /// The round with the median throughput (the lower middle one of an even
-/// count), its CPU figures with it; streams that failed in any round count.
+/// count), its CPU figures with it; streams that failed in any round count,
+/// and every round's throughput is kept in round order.
 fn median_run(mut runs: Vec<BulkRun>) -> Option<BulkRun> {
     let failed: usize = runs.iter().map(|run| run.failed_streams).sum();
+    let round_rates: Vec<f64> = runs.iter().map(BulkRun::megabytes_per_second).collect();
     runs.sort_by(|first, second| {
         first
             .megabytes_per_second()
@@ -370,6 +372,7 @@ fn median_run(mut runs: Vec<BulkRun>) -> Option<BulkRun> {
     let middle = runs.len().checked_sub(1)? / 2;
     let mut run = runs.swap_remove(middle);
     run.failed_streams = failed;
+    run.round_rates = round_rates;
     Some(run)
 }
 
@@ -500,6 +503,7 @@ mod tests {
             cpu: Vec::new(),
             failed_streams,
             machine_idle: None,
+            round_rates: Vec::new(),
         }
     }
 
@@ -517,6 +521,11 @@ mod tests {
         let median = median_run(vec![run(700, 0), run(300, 1), run(500, 0)]).expect("a round");
         assert_eq!(median.megabytes_per_second().round(), 500.0);
         assert_eq!(median.failed_streams, 1, "a failure in another round");
+        assert_eq!(
+            median.round_rates,
+            vec![700.0, 300.0, 500.0],
+            "in round order"
+        );
         let even = median_run(vec![run(700, 0), run(300, 0)]).expect("a round");
         assert_eq!(
             even.megabytes_per_second().round(),

@@ -185,7 +185,9 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
          warm-up, then bytes counted at the receiving end over {:.1} s. MB = 10^6 bytes. CPU time of every process \
          (utime + stime from /proc/PID/stat) is read over the same windows, giving CPU-seconds per GB (10^9 bytes). \
          Each measurement runs {} round(s), the systems taking turns within a round (each round starting with the next system), and each system's median round \
-         (by throughput, with its CPU figures) is reported.",
+         (by throughput, with its CPU figures) is reported. Resume on against resume off (the targets below) is the median of \
+         round-by-round ratios, each pair measured seconds apart, so the machine's drift between rounds cancels; the ratio of \
+         the two median rounds is shown beside it.",
         plan.bulk_parallel_streams,
         plan.bulk_warm_up.as_secs_f64(),
         plan.bulk_window.as_secs_f64(),

@@ -52,6 +52,12 @@ pub struct BulkRun {
     /// Share of the machine (all cores) idle during the window, when
     /// /proc/stat could be read.
     pub machine_idle: Option<f64>,
+    /// MB/s of every round of this system, in round order, when this is the
+    /// median of several ([`crate::run`]); empty for a single run. Systems
+    /// run one after the other in each round, so round `n` of two systems
+    /// was measured seconds apart: their ratio is free of the machine's
+    /// drift between rounds.
+    pub round_rates: Vec<f64>,
 }
 
 impl BulkRun {
@@ -143,5 +149,6 @@ pub async fn run(
         cpu,
         failed_streams: failures.load(Ordering::Relaxed) as usize,
         machine_idle,
+        round_rates: Vec::new(),
     }
 }

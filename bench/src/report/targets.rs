@@ -362,9 +362,9 @@ fn resume_cost_target(report: &RunReport) -> TargetVerdict {
         measured: parts.join("; "),
         met: Some(worst >= 0.95),
         margin: format!(
-            "worst {:.0} %: {:.0} points {}",
+            "worst {:.0} %: {} {}",
             worst * 100.0,
-            ((worst - 0.95) * 100.0).abs(),
+            percentage_points((worst - 0.95) * 100.0),
             if worst >= 0.95 { "to spare" } else { "short" }
         ),
     }
@@ -414,8 +414,8 @@ fn cluster_targets(report: &RunReport) -> Vec<TargetVerdict> {
                 ),
                 met: Some(share >= 0.7),
                 margin: format!(
-                    "{:.0} points {}",
-                    ((share - 0.7) * 100.0).abs(),
+                    "{} {}",
+                    percentage_points((share - 0.7) * 100.0),
                     if share >= 0.7 { "to spare" } else { "short" }
                 ),
             }
@@ -457,6 +457,16 @@ fn cpu_target(
     }
 }
 
+/// "1 point", "3 points": a difference of percentages, rounded.
+fn percentage_points(difference: f64) -> String {
+    let rounded = difference.abs().round();
+    if rounded == 1.0 {
+        "1 point".into()
+    } else {
+        format!("{rounded:.0} points")
+    }
+}
+
 fn unmeasured(target: &'static str) -> TargetVerdict {
     TargetVerdict {
         target,
@@ -468,7 +478,15 @@ fn unmeasured(target: &'static str) -> TargetVerdict {
 
 #[cfg(test)]
 mod tests {
-    use super::paired_ratio;
+    use super::{paired_ratio, percentage_points};
+
+    #[test]
+    fn one_point_is_singular() {
+        assert_eq!(percentage_points(1.2), "1 point");
+        assert_eq!(percentage_points(-0.6), "1 point");
+        assert_eq!(percentage_points(3.4), "3 points");
+        assert_eq!(percentage_points(0.2), "0 points");
+    }
 
     #[test]
     fn paired_rounds_cancel_drift_that_medians_keep() {

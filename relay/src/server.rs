@@ -108,6 +108,12 @@ enum Store {
 /// Opens the data dir, joins the cluster when configured, binds the
 /// listeners and starts serving.
 pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
+    if config.admin_tls && matches!(config.tls, crate::config::TlsMode::Disabled) {
+        anyhow::bail!(
+            "--admin-tls uses the main listener's certificate, and --no-tls turned TLS off: \
+             drop one of them"
+        );
+    }
     // Joined first: a bad cluster configuration fails before anything is
     // bound, with the one line ClusterError gives. A node's data dir holds
     // only its TLS files, and a mark that sends `relay device …` without
@@ -289,14 +295,11 @@ pub async fn start(config: RelayConfig) -> anyhow::Result<RunningRelay> {
         Some(acceptors) => (Some(acceptors.main), Some(acceptors.mqtt)),
         None => (None, None),
     };
-    let admin_acceptor = match (state.config.admin_tls, &main_acceptor) {
-        (false, _) => None,
-        (true, Some(acceptor)) => Some(acceptor.clone()),
-        (true, None) => anyhow::bail!(
-            "--admin-tls uses the main listener's certificate, and --no-tls turned TLS off: \
-             drop one of them"
-        ),
-    };
+    // Checked at the start: with --admin-tls there is a main acceptor.
+    let admin_acceptor = main_acceptor
+        .as_ref()
+        .filter(|_| state.config.admin_tls)
+        .cloned();
     let admin_tls = admin_acceptor.is_some();
     if let Some(address) = admin_address.filter(|address| admin::exposed(*address, admin_tls)) {
         tracing::warn!(

@@ -61,6 +61,13 @@ fn hex_text(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+/// A new account's key and its JWT, signed by `operator`.
+fn new_account(operator: &KeyPair, name: &str, claims: Value) -> (KeyPair, String) {
+    let account = KeyPair::new_account();
+    let jwt = sign_jwt(operator, &account.public_key(), name, claims);
+    (account, jwt)
+}
+
 /// An account's claims: no limits, JetStream on.
 fn account_claims() -> Value {
     json!({
@@ -99,27 +106,16 @@ impl NatsOperator {
     pub fn generate() -> NatsOperator {
         let directory = tempfile::tempdir().expect("temp dir");
         let operator = KeyPair::new_operator();
-        let account = KeyPair::new_account();
         let operator_jwt = sign_jwt(
             &operator,
             &operator.public_key(),
             "devstreams-test-operator",
             json!({ "type": "operator", "version": 2 }),
         );
-        let account_jwt = sign_jwt(
-            &operator,
-            &account.public_key(),
-            "devstreams",
-            account_claims(),
-        );
+        let (account, account_jwt) = new_account(&operator, "devstreams", account_claims());
         // JetStream needs the server's own account for its requests.
-        let system = KeyPair::new_account();
-        let system_jwt = sign_jwt(
-            &operator,
-            &system.public_key(),
-            "SYS",
-            json!({ "type": "account", "version": 2 }),
-        );
+        let (system, system_jwt) =
+            new_account(&operator, "SYS", json!({ "type": "account", "version": 2 }));
         let operator_path = directory.path().join("operator.jwt");
         std::fs::write(&operator_path, &operator_jwt).expect("operator JWT written");
         let configuration = format!(

@@ -194,12 +194,7 @@ async fn health_live_and_ready_answer_on_the_admin_listener() {
 async fn with_admin_tls_the_console_api_and_cli_speak_https() {
     let relay = Relay::start(&["--admin-tls"]).await;
     relay.add_device("Remote").await;
-    let port: u16 = relay
-        .admin_address
-        .rsplit(':')
-        .next()
-        .and_then(|port| port.parse().ok())
-        .expect("the admin port");
+    let port = admin_port(&relay);
     let (status, _, body) = raw_https_to(
         port,
         &relay.tls(),
@@ -257,6 +252,46 @@ async fn with_admin_tls_the_console_api_and_cli_speak_https() {
     let (listing, stderr) = cli_ok(&relay, &["device", "list", "--admin-url", &plain]).await;
     assert_eq!(listing, "Remote\n");
     assert!(stderr.contains("registry only"), "{stderr}");
+}
+
+/// The admin port of a relay's `Admin listening on` line.
+fn admin_port(relay: &Relay) -> u16 {
+    relay
+        .admin_address
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("the admin port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_of_the_tls_admin_listener_is_cut_at_the_default_handshake_deadline() {
+    use tokio::io::AsyncReadExt;
+    // The default --tls-handshake-timeout (10 s): the wait outlives it.
+    let relay = Relay::start(&["--admin-tls"]).await;
+    let mut silent = tokio::net::TcpStream::connect(&relay.admin_address)
+        .await
+        .expect("connect");
+    let started = tokio::time::Instant::now();
+    // Others are served meanwhile: the handshake waits in its own task.
+    let (status, _, _) = raw_https_to(
+        admin_port(&relay),
+        &relay.tls(),
+        "GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "served beside a silent client");
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut byte)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent connection was not closed within 20 s: {closed:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+        "cut after {waited:?}, not at the 10 s handshake deadline"
+    );
 }
 
 /// Polls `relay device list` until `check` accepts its output.

@@ -297,6 +297,29 @@ mod tests {
     }
 
     #[test]
+    fn the_recorded_admin_url_keeps_its_scheme_and_reads_an_older_bare_address() {
+        let directory = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::create_or_open(&directory.path().join("relay-data")).unwrap();
+        let address: std::net::SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        let recorded = || DataDir::recorded_admin_url(&data_dir.path);
+        data_dir.record_admin_address(Some(address), true).unwrap();
+        assert_eq!(recorded().as_deref(), Some("https://127.0.0.1:9090"));
+        data_dir.record_admin_address(Some(address), false).unwrap();
+        assert_eq!(recorded().as_deref(), Some("http://127.0.0.1:9090"));
+        // What a relay before --admin-tls wrote.
+        fs::write(data_dir.path.join(ADMIN_ADDRESS_FILE), "[::1]:9090\n").unwrap();
+        assert_eq!(recorded().as_deref(), Some("http://[::1]:9090"));
+        fs::write(
+            data_dir.path.join(ADMIN_ADDRESS_FILE),
+            "ftp://127.0.0.1:9090\n",
+        )
+        .unwrap();
+        assert_eq!(recorded(), None, "an unknown scheme");
+        data_dir.record_admin_address(None, false).unwrap();
+        assert_eq!(recorded(), None, "removed when the listener is off");
+    }
+
+    #[test]
     fn missing_data_dir_is_a_clear_error() {
         let directory = tempfile::tempdir().unwrap();
         let error = DataDir::open_existing(&directory.path().join("nope"))

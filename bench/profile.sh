@@ -22,7 +22,7 @@ target=${CARGO_TARGET_DIR:-$root/target}
 mkdir -p "$out"
 (cd "$root" && cargo build --release -p bench -p relay -p device-proxy -p service-proxy --target-dir "$target")
 perf record -e cpu-clock -F 999 -a -o "$out/perf.data" -- \
-    "$target/release/bench" --no-build --binaries "$target/release" --only "${SYSTEM:-devstreams}" --workload "$workload" "$@" \
+    "$target/release/bench" --no-build --binaries "$target/release" --only "${SYSTEM:-devstreams}" --workload "$workload" --bulk-same-processes "$@" \
     >"$out/report.md" 2>"$out/bench.log"
 echo "== share of all samples by process (swapper = idle CPU)"
 perf report -i "$out/perf.data" --stdio --no-children --sort comm 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12

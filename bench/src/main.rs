@@ -28,7 +28,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::plan::Plan;
 use crate::report::RunReport;
-use crate::systems::{Programs, System, SystemKind};
+use crate::systems::{Programs, SystemKind};
 use crate::target::TargetServer;
 
 const EXAMPLES: &str = "\
@@ -95,6 +95,12 @@ struct Arguments {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=25))]
     bulk_rounds: Option<u32>,
 
+    /// Keep each system's processes for all its bulk rounds instead of
+    /// starting them afresh before every round (the default), e.g. to profile
+    /// one set of PIDs as bench/profile.sh does
+    #[arg(long)]
+    bulk_same_processes: bool,
+
     /// Clients opening streams at once in the creation-rate measurement (default: 32)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     creation_clients: Option<u32>,
@@ -159,6 +165,9 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     }
     if let Some(rounds) = arguments.bulk_rounds {
         plan.bulk_rounds = rounds as usize;
+    }
+    if arguments.bulk_same_processes {
+        plan.bulk_fresh_processes = false;
     }
     if let Some(clients) = arguments.creation_clients {
         plan.creation_concurrency = clients as usize;
@@ -263,20 +272,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let mut skipped = Vec::new();
     for kind in chosen {
         eprintln!("bench: starting {}", kind.label());
-        let started_system = match kind {
-            SystemKind::Direct => Ok(System::direct(target.address)),
-            SystemKind::Devstreams => {
-                systems::devstreams::start(&programs, target.address, true).await
-            }
-            SystemKind::DevstreamsNoResume => {
-                systems::devstreams::start(&programs, target.address, false).await
-            }
-            SystemKind::DevstreamsCluster => {
-                systems::devstreams_cluster::start(&programs, target.address).await
-            }
-            SystemKind::Rathole => systems::rathole::start(&programs, target.address).await,
-            SystemKind::Bore => systems::bore::start(&programs, target.address).await,
-        };
+        let started_system = systems::start(kind, &programs, target.address).await;
         match started_system {
             Ok(system) => {
                 for process in &system.processes {
@@ -294,7 +290,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     if quiet_deadline.is_some() {
         wait_for_quiet_machine(quiet_deadline, machine.cores).await;
     }
-    let mut systems = run::measure_all(&mut running, &target, &plan).await;
+    let mut systems = run::measure_all(&mut running, &target, &plan, &programs).await;
     for (system, report) in running.iter_mut().zip(&mut systems) {
         let exited = system.exited_children();
         if !exited.is_empty() {

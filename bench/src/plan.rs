@@ -42,6 +42,10 @@ pub struct Plan {
     /// shared machine varied by ±20 % from run to run, more than the
     /// differences the targets ask about.
     pub bulk_rounds: usize,
+    /// Bulk: start every system's processes afresh before each of its
+    /// rounds (see [`crate::systems::System::replace_processes`]); off to
+    /// profile one set of PIDs (`bench/profile.sh`).
+    pub bulk_fresh_processes: bool,
     /// Pause between runs, so one run's teardown is not the next one's load.
     pub pause_between_runs: Duration,
     pub ping_pong_round_trips: usize,
@@ -75,6 +79,7 @@ impl Plan {
             bulk_window: Duration::from_secs(2),
             bulk_parallel_streams: 8,
             bulk_rounds: 5,
+            bulk_fresh_processes: true,
             pause_between_runs: Duration::from_millis(500),
             ping_pong_round_trips: 5_000,
             ping_pong_time_limit: Duration::from_secs(20),

@@ -19,7 +19,7 @@ use crate::machine_load::{CpuAccount, ForeignLoad};
 use crate::plan::{Plan, Workload};
 use crate::process_stats::{anonymous_kibibytes, resident_kibibytes};
 use crate::statistics::Percentiles;
-use crate::systems::{Role, System, SystemKind};
+use crate::systems::{Programs, Role, System, SystemKind};
 use crate::target::TargetServer;
 use crate::workloads::bulk::{self, BulkRun, Direction};
 use crate::workloads::creations::{self, CreationResult};
@@ -99,9 +99,10 @@ pub async fn measure_all(
     systems: &mut [System],
     target: &TargetServer,
     plan: &Plan,
+    programs: &Programs,
 ) -> Vec<SystemReport> {
     let mut reports: Vec<SystemReport> = systems.iter().map(start_report).collect();
-    let meter = LoadMeter::new(systems);
+    let mut meter = LoadMeter::new(systems);
     let entries: Vec<_> = systems.iter().map(|system| system.entry).collect();
 
     if plan.includes(Workload::PingPong) {
@@ -134,6 +135,19 @@ pub async fn measure_all(
                     // system always runs first (after the pause) or right
                     // after the same neighbour.
                     for index in turn_order(systems.len(), round) {
+                        if plan.bulk_fresh_processes {
+                            match systems[index]
+                                .replace_processes(programs, target.address)
+                                .await
+                            {
+                                Ok(()) => print_processes(&systems[index]),
+                                // The old processes go on serving the round.
+                                Err(error) => reports[index].errors.push(format!(
+                                    "bulk: could not start fresh processes for a round: {error:#}"
+                                )),
+                            }
+                            meter = LoadMeter::new(systems);
+                        }
                         let (system, report, runs) =
                             (&systems[index], &mut reports[index], &mut rounds[index]);
                         tokio::time::sleep(plan.pause_between_runs).await;
@@ -327,6 +341,22 @@ fn record_setup(system: &System, report: &mut SystemReport, setup: SetupResult) 
 /// further each round.
 fn turn_order(systems: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..systems).map(move |offset| (round + offset) % systems)
+}
+
+/// The PIDs of a system's fresh processes, on stderr.
+fn print_processes(system: &System) {
+    let processes: Vec<String> = system
+        .processes
+        .iter()
+        .map(|process| format!("{} pid {}", process.name, process.pid))
+        .collect();
+    if !processes.is_empty() {
+        eprintln!(
+            "{}: fresh processes: {}",
+            system.kind.label(),
+            processes.join(", ")
+        );
+    }
 }
 
 /// One bulk round on stderr, with each process's CPU-seconds per GB and the

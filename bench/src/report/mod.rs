@@ -184,14 +184,21 @@ pub fn render(report: &RunReport, hand_written: Option<&str>) -> String {
         "3. **Bulk**: 1 and {} parallel streams, each direction, 64 KiB writes of incompressible bytes; {:.1} s \
          warm-up, then bytes counted at the receiving end over {:.1} s. MB = 10^6 bytes. CPU time of every process \
          (utime + stime from /proc/PID/stat) is read over the same windows, giving CPU-seconds per GB (10^9 bytes). \
-         Each measurement runs {} round(s), the systems taking turns within a round (each round starting with the next system), and each system's median round \
+         Each measurement runs {} round(s), the systems taking turns within a round (each round starting with the next system), {}and each system's median round \
          (by throughput, with its CPU figures) is reported. Resume on against resume off (the targets below) is the median of \
          round-by-round ratios, each pair measured seconds apart, so the machine's drift between rounds cancels; the ratio of \
          the two median rounds is shown beside it.",
         plan.bulk_parallel_streams,
         plan.bulk_warm_up.as_secs_f64(),
         plan.bulk_window.as_secs_f64(),
-        plan.bulk_rounds
+        plan.bulk_rounds,
+        if plan.bulk_fresh_processes {
+            "every system's processes started afresh before each of its rounds (a process keeps whatever made it \
+             fast or slow on this host for its whole life: two identical setups measured in turns differed by up to 12 % \
+             over ten rounds), "
+        } else {
+            "the same processes in every round (`--bulk-same-processes`), "
+        }
     );
     let _ = writeln!(
         out,

@@ -102,6 +102,22 @@ pub struct Programs {
     pub log_level: String,
 }
 
+/// Starts a system of `kind` whose path ends at `target`.
+pub async fn start(
+    kind: SystemKind,
+    programs: &Programs,
+    target: SocketAddr,
+) -> anyhow::Result<System> {
+    match kind {
+        SystemKind::Direct => Ok(System::direct(target)),
+        SystemKind::Devstreams => devstreams::start(programs, target, true).await,
+        SystemKind::DevstreamsNoResume => devstreams::start(programs, target, false).await,
+        SystemKind::DevstreamsCluster => devstreams_cluster::start(programs, target).await,
+        SystemKind::Rathole => rathole::start(programs, target).await,
+        SystemKind::Bore => bore::start(programs, target).await,
+    }
+}
+
 /// How long a started system may take to carry its first echo.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -225,8 +241,45 @@ impl System {
         Ok(ready_at)
     }
 
+    /// Replaces every process of the system with a freshly started one (a
+    /// new work directory, ports and data dir); direct TCP has none. The
+    /// new system is started before the old one is stopped, so a failed
+    /// start leaves the old one in place and says why; bore, whose control
+    /// port is fixed, is stopped first.
+    ///
+    /// Why: a process keeps for its whole life whatever made it fast or
+    /// slow on this host. Two identical `--no-resume` setups measured in
+    /// turns over ten rounds differed by 12 % (BENCHMARKS.md, 2026-12-04,
+    /// evening), more than the 5 % a target asks about; fresh processes
+    /// every round turn that into round-to-round noise, which the median
+    /// round absorbs.
+    pub async fn replace_processes(
+        &mut self,
+        programs: &Programs,
+        target: SocketAddr,
+    ) -> anyhow::Result<()> {
+        match self.kind {
+            SystemKind::Direct => Ok(()),
+            SystemKind::Bore => {
+                self.stop_processes().await;
+                *self = start(self.kind, programs, target).await?;
+                Ok(())
+            }
+            kind => {
+                let fresh = start(kind, programs, target).await?;
+                std::mem::replace(self, fresh).stop().await;
+                Ok(())
+            }
+        }
+    }
+
     /// Kills every child by PID and removes the work directory.
     pub async fn stop(mut self) {
+        self.stop_processes().await;
+    }
+
+    /// Kills every child by PID; the system is left without processes.
+    async fn stop_processes(&mut self) {
         for child in self.children.drain(..).chain(self.unwatched.drain(..)) {
             child.stop().await;
         }

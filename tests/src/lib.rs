@@ -581,6 +581,20 @@ pub fn through_port(connection_string: &str, port: u16) -> String {
         .join(";")
 }
 
+/// A loopback port that refuses connections for as long as the returned
+/// socket lives: bound and never listening, so no other program is given
+/// it meanwhile. A port merely found free ([`free_port`]) can be handed to
+/// the next listener bound to port 0, the program under test's own among
+/// them, which then answers where a refusal was expected.
+pub fn refusing_port() -> (u16, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a loopback port");
+    let port = socket.local_addr().expect("bound address").port();
+    (port, socket)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

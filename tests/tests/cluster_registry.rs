@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use devstreams_tests::cluster::{require_nats_server, tool_path, NATS_SERVER};
 use devstreams_tests::nats_accounts::NatsOperator;
-use devstreams_tests::{binary, Relay};
+use devstreams_tests::{binary, refusing_port, Relay};
 use framing::mqtt::ConnectReturnCode;
 use framing::{ConnectionString, DeviceClient, DeviceError, DeviceOptions};
 use tokio::process::Command;
@@ -604,7 +604,8 @@ async fn each_bad_cluster_configuration_stops_serve_with_one_line() {
         return;
     };
     let url = nats.url();
-    let unused = format!("nats://127.0.0.1:{}", free_port());
+    let (unused_port, _reserved) = refusing_port();
+    let unused = format!("nats://127.0.0.1:{unused_port}");
     assert_refused_at_start(
         &["--cluster", &unused, "--node-url", "wss://localhost:1"],
         "cannot reach NATS",

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use devstreams_tests::proxies::{require_microsocks, require_tinyproxy, ProxyProgram, ProxyServer};
 use devstreams_tests::{
-    echo_round_trip, echo_sample_service, free_port, spawn_device_proxy_with_environment,
+    echo_round_trip, echo_sample_service, refusing_port, spawn_device_proxy_with_environment,
     spawn_service_proxy_with_environment, start_device_proxy, start_echo_server,
     start_service_proxy, Process, Relay,
 };
@@ -228,7 +228,8 @@ async fn https_proxy_is_followed_and_no_proxy_or_proxy_none_go_direct() {
     );
     proxy.wait_for_tunnels(1, WAIT).await;
 
-    let dead_proxy = format!("http://127.0.0.1:{}", free_port());
+    let (dead_port, _reserved) = refusing_port();
+    let dead_proxy = format!("http://127.0.0.1:{dead_port}");
     let service = &relay.service_connection_string;
     let (exempt, exempt_port) = spawn_service_proxy_with_environment(
         &ca,

@@ -141,7 +141,8 @@ pub async fn measure_all(
                                 .await
                             {
                                 Ok(()) => print_processes(&systems[index]),
-                                // The old processes go on serving the round.
+                                // The old processes go on serving the round
+                                // (bore's were stopped first: its round fails).
                                 Err(error) => reports[index].errors.push(format!(
                                     "bulk: could not start fresh processes for a round: {error:#}"
                                 )),

@@ -123,6 +123,7 @@ fn parse_target(text: &str) -> Result<Target, String> {
 }
 
 fn main() -> ExitCode {
+    framing::copy_tuning::restart_if_needed();
     let parsed = framing::config_file::parse::<Arguments>(&framing::config_file::ProgramConfig {
         default_path: None,
         positionals: framing::config_file::Positionals::Included,

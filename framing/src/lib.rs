@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod config_file;
 pub mod connection_string;
+pub mod copy_tuning;
 pub mod device_client;
 pub mod headers;
 pub mod identity;

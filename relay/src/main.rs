@@ -389,6 +389,7 @@ struct AdminUrlArgs {
 }
 
 fn main() -> ExitCode {
+    framing::copy_tuning::restart_if_needed();
     let parsed = framing::config_file::parse::<Cli>(&CONFIG);
     let cli = parsed.arguments;
     // The NATS client logs every connection attempt by itself; the relay

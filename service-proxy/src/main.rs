@@ -197,6 +197,7 @@ struct Arguments {
 }
 
 fn main() -> ExitCode {
+    framing::copy_tuning::restart_if_needed();
     let parsed = framing::config_file::parse::<Arguments>(&framing::config_file::ProgramConfig {
         default_path: framing::config_file::user_config_path(USER_CONFIG_FILE),
         positionals: framing::config_file::Positionals::Included,

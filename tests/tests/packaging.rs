@@ -525,3 +525,70 @@ fn relay_man_without_a_directory_prints_the_top_page() {
     assert!(page.contains(".TH relay 1"), "{page}");
     assert!(page.contains("serve"), "{page}");
 }
+
+/// The environment a running process started with, as `NAME=value` lines.
+fn environment_of(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("/proc/PID/environ");
+    raw.split(|byte| *byte == 0)
+        .map(|entry| String::from_utf8_lossy(entry).into_owned())
+        .collect()
+}
+
+/// Whether this machine is one where the programs restart themselves with
+/// the copy tunable (framing::copy_tuning): x86-64 Linux, glibc, AMD.
+fn copy_tuning_applies() -> bool {
+    cfg!(all(
+        target_os = "linux",
+        target_arch = "x86_64",
+        target_env = "gnu"
+    )) && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|cpuinfo| {
+        cpuinfo
+            .lines()
+            .find(|line| line.starts_with("vendor_id"))
+            .is_some_and(|line| line.contains("AuthenticAMD"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_restart_with_the_copy_tunable_on_amd_unless_told_not_to() {
+    const TUNABLE: &str = "GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=0x7fffffffffffffff";
+    // As shipped: the relay serves, from a process that restarted itself
+    // (same PID) with the tunable, on AMD; untouched elsewhere.
+    let relay = Relay::start(&[]).await;
+    let environment = environment_of(relay.process.pid());
+    assert_eq!(
+        environment.iter().any(|entry| entry == TUNABLE),
+        copy_tuning_applies(),
+        "tunable present exactly when it applies; environment: {environment:?}"
+    );
+    assert_eq!(
+        environment
+            .iter()
+            .any(|entry| entry == "DEVSTREAMS_COPY_TUNED=1"),
+        copy_tuning_applies()
+    );
+    // The operator's own setting of the tunable is kept as it is.
+    let own = "glibc.cpu.x86_rep_movsb_threshold=4096";
+    let relay_with_own = Relay::start_with_environment(&[], &[("GLIBC_TUNABLES", own)]).await;
+    let environment = environment_of(relay_with_own.process.pid());
+    assert!(
+        environment
+            .iter()
+            .any(|entry| entry == &format!("GLIBC_TUNABLES={own}")),
+        "{environment:?}"
+    );
+    assert!(!environment
+        .iter()
+        .any(|entry| entry.starts_with("DEVSTREAMS_COPY_TUNED")));
+    // Opted out: no restart at all.
+    let relay_opted_out =
+        Relay::start_with_environment(&[], &[("DEVSTREAMS_COPY_TUNING", "off")]).await;
+    let environment = environment_of(relay_opted_out.process.pid());
+    assert!(
+        !environment
+            .iter()
+            .any(|entry| entry.starts_with("GLIBC_TUNABLES")
+                || entry.starts_with("DEVSTREAMS_COPY_TUNED")),
+        "{environment:?}"
+    );
+}

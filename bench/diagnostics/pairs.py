@@ -7,6 +7,7 @@ Usage: pairs.py RATE_MBPS SECONDS ROUNDS MODES PAIR [PAIR...]
   ROUNDS     rounds; every round runs each pair once per mode, in a rotating order
   MODES      u (upload: operator -> device), d (download), or u,d
   PAIR       label|binary directory|extra proxy arguments|ENV=value,ENV=value
+  STREAMS    (environment) parallel transfers per measurement, each at RATE/STREAMS (default 1)
              the first pair is the baseline the others are compared with
 
 Example (resume off against resume on, one build):
@@ -22,6 +23,7 @@ figures for BENCHMARKS.md come from `bench`.
 import subprocess, sys, os, time, tempfile, statistics, threading, queue, shutil
 if len(sys.argv) < 6:
     sys.exit(__doc__)
+streams = int(os.environ.get('STREAMS', '1'))
 rate = float(sys.argv[1]) * 1e6; secs = float(sys.argv[2]); rounds = int(sys.argv[3]); modes = sys.argv[4].split(',')
 pairs = [p.split('|') for p in sys.argv[5:]]
 here = os.path.dirname(os.path.abspath(__file__))
@@ -69,9 +71,11 @@ try:
             for label in order:
                 who = ['relay', 'dev-' + label, 'svc-' + label]
                 before = {w: cpu(pids[w]) for w in who}
-                out = subprocess.run([sys.executable, os.path.join(here, 'client.py'), str(ports[label]), m, str(rate), str(secs)], capture_output=True, text=True, timeout=secs + 30).stdout.split()
+                clients = [subprocess.Popen([sys.executable, os.path.join(here, 'client.py'), str(ports[label]), m, str(rate / streams), str(secs)], stdout=subprocess.PIPE, text=True) for _ in range(streams)]
+                outs = [c.communicate(timeout=secs + 30)[0].split() for c in clients]
                 after = {w: cpu(pids[w]) for w in who}
-                gb = int(out[0]) / 1e9; mbps = int(out[0]) / 1e6 / float(out[1])
+                moved = sum(int(o[0]) for o in outs)
+                gb = moved / 1e9; mbps = moved / 1e6 / max(float(o[1]) for o in outs)
                 res.setdefault((m, label), []).append([mbps] + [(after[w] - before[w]) / gb for w in who])
                 time.sleep(0.5)
     print('medians over %d rounds (CPU-s/GB); sender = svc for u, dev for d' % rounds)

@@ -34,7 +34,7 @@ use crate::target::TargetServer;
 const EXAMPLES: &str = "\
 Examples:
   bench/install-peers.sh                                   # once: rathole and bore into bench/peers/
-  cargo run --release -p bench -- --output BENCHMARKS.md   # the benchmark (a few minutes)
+  cargo run --release -p bench -- --output BENCHMARKS.md   # the benchmark (about 11 minutes)
   cargo run --release -p bench -- --quick                  # smoke test of the harness, report on stdout
   cargo run --release -p bench -- --only devstreams --only direct --no-build
 

@@ -7,8 +7,8 @@ Usage: pairs.py RATE_MBPS SECONDS ROUNDS MODES PAIR [PAIR...]
   ROUNDS     rounds; every round runs each pair once per mode, in a rotating order
   MODES      u (upload: operator -> device), d (download), or u,d
   PAIR       label|binary directory|extra proxy arguments|ENV=value,ENV=value
-  STREAMS    (environment) parallel transfers per measurement, each at RATE/STREAMS (default 1)
              the first pair is the baseline the others are compared with
+  STREAMS    (environment) parallel transfers per measurement, each at RATE/STREAMS (default 1)
 
 Example (resume off against resume on, one build):
   bench/diagnostics/pairs.py 3000 3 10 u,d "off|target/release|--no-resume|" "on|target/release||"

@@ -1,8 +1,8 @@
 //! How much of each measurement a run does: counts and durations in one
 //! place, so the whole run's length is visible and bounded. The full plan
 //! takes about eleven minutes for six systems (each bulk round on fresh
-//! processes); the quick plan is a smoke test
-//! of the harness whose figures are not for BENCHMARKS.md.
+//! processes); the quick plan is a smoke test of the harness whose figures
+//! are not for BENCHMARKS.md.
 
 use std::time::Duration;
 

@@ -20,11 +20,13 @@
 //! processor, when the operator has not set that tunable already, and
 //! never twice (a marker variable, since glibc ignores tunables in
 //! privileged programs). Setting `DEVSTREAMS_COPY_TUNING=off` keeps the
-//! process as started. Nothing here can stop the program: when the restart
+//! process as started; `on` restarts on any processor (for another vendor
+//! showing the same, and so that a test can exercise the restart anywhere). Nothing here can stop the program: when the restart
 //! fails, it runs as it was started.
 
-/// The environment variable that turns the restart off (`off`).
-pub const OPT_OUT_VARIABLE: &str = "DEVSTREAMS_COPY_TUNING";
+/// The environment variable that turns the restart off (`off`), or on
+/// whatever the processor (`on`).
+pub const SWITCH_VARIABLE: &str = "DEVSTREAMS_COPY_TUNING";
 /// Set in the restarted process, so that it never restarts again.
 pub const MARKER_VARIABLE: &str = "DEVSTREAMS_COPY_TUNED";
 /// glibc's variable holding tunables, `name=value` pairs joined by `:`.
@@ -39,11 +41,11 @@ const NEVER: &str = "0x7fffffffffffffff";
 struct Circumstances<'a> {
     /// `GLIBC_TUNABLES`, when set and valid UTF-8.
     tunables: Option<&'a str>,
-    /// Whether [`OPT_OUT_VARIABLE`] is `off`.
+    /// Whether [`SWITCH_VARIABLE`] is `off`.
     opted_out: bool,
     /// Whether [`MARKER_VARIABLE`] is set (this is the restarted process).
     restarted: bool,
-    /// Whether the processor is AMD's.
+    /// Whether the processor is AMD's, or [`SWITCH_VARIABLE`] is `on`.
     amd: bool,
 }
 
@@ -98,7 +100,8 @@ fn restart_on_linux() {
     else {
         return;
     };
-    let opted_out = std::env::var(OPT_OUT_VARIABLE).is_ok_and(|value| value == "off");
+    let switch = std::env::var(SWITCH_VARIABLE).unwrap_or_default();
+    let opted_out = switch == "off";
     let restarted = std::env::var_os(MARKER_VARIABLE).is_some();
     if opted_out || restarted {
         return;
@@ -107,7 +110,7 @@ fn restart_on_linux() {
         tunables: tunables.as_deref(),
         opted_out,
         restarted,
-        amd: processor_is_amd(),
+        amd: switch == "on" || processor_is_amd(),
     }) else {
         return;
     };

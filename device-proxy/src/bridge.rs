@@ -244,6 +244,7 @@ async fn run_session(
             bytes_to_service = fields.1,
             resumes = fields.2,
             bytes_replayed = fields.3,
+            replay_kept_in = framing::session::replay_kept_in(report.replay_in_kernel),
             duration_ms = fields.4,
             end,
             "session closed"
@@ -254,6 +255,7 @@ async fn run_session(
             bytes_to_service = fields.1,
             resumes = fields.2,
             bytes_replayed = fields.3,
+            replay_kept_in = framing::session::replay_kept_in(report.replay_in_kernel),
             duration_ms = fields.4,
             end,
             "session closed; the target connection was reset"

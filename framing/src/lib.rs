@@ -3,7 +3,8 @@
 //! TCP-to-WebSocket pump and the close codes, and the small client API the
 //! proxies and the echo sample are built on. No policy and no global state live here; the relay decides *whether*,
 //! this crate only defines *how*.
-#![forbid(unsafe_code)]
+// `unsafe` is allowed in one place only: `kernel_replay`'s `setsockopt`.
+#![deny(unsafe_code)]
 
 pub mod backoff;
 pub mod config_file;
@@ -12,6 +13,7 @@ pub mod copy_tuning;
 pub mod device_client;
 pub mod headers;
 pub mod identity;
+pub mod kernel_replay;
 pub mod local;
 pub mod manuals;
 pub mod mqtt;

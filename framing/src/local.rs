@@ -40,6 +40,30 @@ pub trait LocalReader: Send {
     /// `buffer` (asked with the size the reader wants, at most `limit`; it
     /// may be larger); an empty chunk is the end of input. Cancel-safe: when the future is dropped, no byte is
     /// lost.
+    /// Leaves what it reads in the kernel's receive queue from now on, until
+    /// [`LocalReader::release`] or [`LocalReader::take_kept`] (see
+    /// [`crate::kernel_replay`]); returns how many bytes the queue may be
+    /// asked to keep, `None` (and nothing changes) when it cannot keep at
+    /// least `least` of the `wanted`.
+    fn keep_in_kernel(&mut self, wanted: usize, least: usize) -> Option<usize> {
+        let _ = (wanted, least);
+        None
+    }
+
+    /// Drops `count` kept bytes from the head of the queue.
+    fn release(&mut self, count: u64) -> io::Result<()> {
+        let _ = count;
+        Ok(())
+    }
+
+    /// Takes `count` kept bytes from the head of the queue into memory.
+    fn take_kept(&mut self, count: usize) -> io::Result<Bytes> {
+        let _ = count;
+        Err(io::Error::other(
+            "this local connection keeps no bytes in the kernel",
+        ))
+    }
+
     fn read_chunk<F>(
         &mut self,
         limit: usize,
@@ -60,6 +84,7 @@ impl LocalConnection for TcpStream {
             TcpReader {
                 half,
                 next_size: SMALL_READ,
+                kept: false,
             },
             writer,
         )
@@ -86,6 +111,8 @@ pub struct TcpReader {
     /// Bytes to ask for next: twice the last read (twice its room when it
     /// filled it), at least [`SMALL_READ`].
     next_size: usize,
+    /// Reads peek and leave the bytes queued ([`crate::kernel_replay`]).
+    kept: bool,
 }
 
 /// The next read's size after a read of `count` bytes into `room`.
@@ -96,11 +123,28 @@ fn next_read_size(count: usize, room: usize, limit: usize) -> usize {
 }
 
 impl LocalReader for TcpReader {
+    fn keep_in_kernel(&mut self, wanted: usize, least: usize) -> Option<usize> {
+        let limit = crate::kernel_replay::enable(self.half.as_ref(), wanted, least)?;
+        self.kept = true;
+        Some(limit)
+    }
+
+    fn release(&mut self, count: u64) -> io::Result<()> {
+        crate::kernel_replay::discard(self.half.as_ref(), count)
+    }
+
+    fn take_kept(&mut self, count: usize) -> io::Result<Bytes> {
+        crate::kernel_replay::take(self.half.as_ref(), count).map(Bytes::from)
+    }
+
     async fn read_chunk<F>(&mut self, limit: usize, mut buffer: F) -> io::Result<Bytes>
     where
         F: FnMut(usize) -> BytesMut + Send,
     {
         let limit = limit.max(1);
+        if self.kept {
+            return self.peek_chunk(limit).await;
+        }
         loop {
             // Wait for data before taking a buffer, so an idle stream holds none.
             self.half.readable().await?;
@@ -127,6 +171,29 @@ impl LocalReader for TcpReader {
                         self.next_size = next_read_size(chunk.len(), room, limit);
                     }
                     return Ok(chunk);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+impl TcpReader {
+    /// Reads by peeking, into a new buffer: the allocator hands back memory
+    /// freed a moment ago, still in the cache, as resume off's reads use.
+    async fn peek_chunk(&mut self, limit: usize) -> io::Result<Bytes> {
+        loop {
+            self.half.readable().await?;
+            let size = self.next_size.min(limit);
+            let tcp: &TcpStream = self.half.as_ref();
+            let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+                crate::kernel_replay::peek(tcp, size)
+            });
+            match peeked {
+                Ok(buffer) => {
+                    self.next_size = next_read_size(buffer.len(), size, limit);
+                    return Ok(Bytes::from(buffer));
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),

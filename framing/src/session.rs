@@ -303,6 +303,10 @@ pub struct SessionOptions {
     pub ping_interval: Option<Duration>,
     /// Bytes read from the local socket per message.
     pub read_chunk: usize,
+    /// Keep unacknowledged bytes in the local socket's receive queue when
+    /// it can hold at least this many ([`crate::kernel_replay`]); `None`
+    /// keeps them in memory always.
+    pub kernel_replay_least: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -312,7 +316,28 @@ impl Default for SessionOptions {
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
             ping_interval: Some(crate::pump::DEFAULT_PING_INTERVAL),
             read_chunk: DEFAULT_READ_CHUNK,
+            kernel_replay_least: kernel_replay_default(),
         }
+    }
+}
+
+/// Environment variable that turns [`crate::kernel_replay`] off (`off`).
+pub const KERNEL_REPLAY_VARIABLE: &str = "DEVSTREAMS_KERNEL_REPLAY";
+
+/// The replay in the local socket's queue when that queue can be given at
+/// least [`MIN_WINDOW`], unless [`KERNEL_REPLAY_VARIABLE`] says `off`.
+fn kernel_replay_default() -> Option<usize> {
+    let off =
+        std::env::var(KERNEL_REPLAY_VARIABLE).is_ok_and(|value| value.eq_ignore_ascii_case("off"));
+    (!off).then_some(MIN_WINDOW)
+}
+
+/// Where a session kept its unacknowledged bytes, for its closing log line.
+pub fn replay_kept_in(in_kernel: bool) -> &'static str {
+    if in_kernel {
+        "socket queue"
+    } else {
+        "memory"
     }
 }
 
@@ -365,6 +390,9 @@ pub struct SessionReport {
     pub bytes_received: u64,
     pub resumes: u32,
     pub bytes_replayed: u64,
+    /// Whether the local socket's receive queue kept the unacknowledged
+    /// bytes ([`crate::kernel_replay`]).
+    pub replay_in_kernel: bool,
     pub end: SessionEnd,
 }
 
@@ -372,7 +400,10 @@ pub struct SessionReport {
 /// is held only for bookkeeping, never across an await.
 struct Ledger {
     /// Read from the local socket, not yet acknowledged, starting at `acked`.
-    replay: VecDeque<Bytes>,
+    replay: VecDeque<Held>,
+    /// Set when the local socket's receive queue keeps what was read (see
+    /// [`crate::kernel_replay`]).
+    kernel: Option<KernelQueue>,
     replay_bytes: usize,
     acked: u64,
     /// Data bytes read from the local socket.
@@ -407,6 +438,7 @@ impl Ledger {
     fn new() -> Self {
         Self {
             replay: VecDeque::new(),
+            kernel: None,
             replay_bytes: 0,
             acked: 0,
             read_total: 0,
@@ -427,7 +459,10 @@ impl Ledger {
     fn hold(&mut self, chunk: Bytes) {
         self.read_total += chunk.len() as u64;
         self.replay_bytes += chunk.len();
-        self.replay.push_back(chunk);
+        self.replay.push_back(Held {
+            length: chunk.len(),
+            bytes: Some(chunk),
+        });
         self.emptied_at = None;
         self.count_in_flight();
     }
@@ -472,13 +507,21 @@ impl Ledger {
                 self.acked = count;
                 break;
             };
-            let drop_bytes = (count - self.acked).min(front.len() as u64) as usize;
-            if drop_bytes == front.len() {
-                if let Some(chunk) = self.replay.pop_front() {
-                    self.recycle(chunk);
+            let drop_bytes = (count - self.acked).min(front.length as u64) as usize;
+            if drop_bytes == front.length {
+                if let Some(Held {
+                    bytes: Some(chunk), ..
+                }) = self.replay.pop_front()
+                {
+                    if self.kernel.is_none() {
+                        self.recycle(chunk);
+                    }
                 }
             } else {
-                *front = front.slice(drop_bytes..);
+                front.length -= drop_bytes;
+                if let Some(bytes) = &mut front.bytes {
+                    *bytes = bytes.slice(drop_bytes..);
+                }
             }
             self.replay_bytes -= drop_bytes;
             self.acked += drop_bytes as u64;
@@ -604,22 +647,72 @@ impl Ledger {
     ///
     /// Searched from the newest chunk: in a bulk transfer the next data to
     /// send was read last, behind a whole window of chunks sent and not yet
-    /// acknowledged (256 of them in a 16 MiB window).
-    fn data_from(&self, offset: u64, limit: usize) -> Option<Bytes> {
+    /// acknowledged (256 of them in a 16 MiB window). A chunk that the local
+    /// socket's queue keeps lets go of its memory once sent to its end.
+    fn data_from(&mut self, offset: u64, limit: usize) -> Slice {
         if offset < self.acked || offset >= self.read_total {
-            return None;
+            return Slice::Nothing;
         }
+        let kernel_head = self.kernel.as_ref().map(|kernel| kernel.head);
         let mut end = self.read_total;
-        for chunk in self.replay.iter().rev() {
-            let start_position = end - chunk.len() as u64;
+        for held in self.replay.iter_mut().rev() {
+            let start_position = end - held.length as u64;
             if offset >= start_position {
+                let Some(bytes) = &held.bytes else {
+                    return Slice::InKernel;
+                };
                 let start = (offset - start_position) as usize;
-                let stop = chunk.len().min(start + limit);
-                return Some(chunk.slice(start..stop));
+                let stop = held.length.min(start + limit);
+                let data = bytes.slice(start..stop);
+                if stop == held.length && kernel_head.is_some_and(|head| head <= start_position) {
+                    held.bytes = None;
+                }
+                return Slice::Data(data);
             }
             end = start_position;
         }
-        None
+        Slice::Nothing
+    }
+
+    /// Drops from the local socket's queue what the peer acknowledged.
+    fn release_acknowledged<R: LocalReader>(&mut self, reader: &mut R) -> io::Result<()> {
+        let acknowledged = self.acked.min(self.read_total);
+        let Some(kernel) = &mut self.kernel else {
+            return Ok(());
+        };
+        if acknowledged > kernel.head {
+            reader.release(acknowledged - kernel.head)?;
+            kernel.head = acknowledged;
+        }
+        Ok(())
+    }
+
+    /// Takes everything the local socket's queue keeps into memory: to send
+    /// it again on a new carrier, or before the socket closes (unread bytes
+    /// would make it reset the connection).
+    fn take_into_memory<R: LocalReader>(&mut self, reader: &mut R) -> io::Result<()> {
+        self.release_acknowledged(reader)?;
+        let Some(kernel) = &mut self.kernel else {
+            return Ok(());
+        };
+        let mut start_position = self.acked.min(self.read_total);
+        for held in &mut self.replay {
+            if kernel.head == self.read_total {
+                break;
+            }
+            let end_position = start_position + held.length as u64;
+            if start_position >= kernel.head {
+                if held.bytes.is_some() {
+                    // Not sent yet: its memory is still here.
+                    reader.release(held.length as u64)?;
+                } else {
+                    held.bytes = Some(reader.take_kept(held.length)?);
+                }
+                kernel.head = end_position;
+            }
+            start_position = end_position;
+        }
+        Ok(())
     }
 
     fn complete(&self) -> bool {
@@ -627,6 +720,42 @@ impl Ledger {
             && self.acked > self.read_total
             && self.remote_fin
             && self.ack_sent >= self.received
+    }
+}
+
+/// A chunk read from the local socket and not yet acknowledged.
+struct Held {
+    /// Its bytes; `None` once sent while the local socket's receive queue
+    /// keeps them.
+    bytes: Option<Bytes>,
+    length: usize,
+}
+
+/// The local socket's receive queue, when it keeps what the session read.
+struct KernelQueue {
+    /// Most bytes the queue is asked to keep; past it, the oldest are taken
+    /// into memory.
+    limit: usize,
+    /// Position in the stream of the queue's first byte.
+    head: u64,
+}
+
+/// What [`Ledger::data_from`] found.
+enum Slice {
+    Data(Bytes),
+    /// The bytes are only in the local socket's queue: take them into
+    /// memory first.
+    InKernel,
+    Nothing,
+}
+
+#[cfg(test)]
+impl Slice {
+    fn data(self) -> Option<Bytes> {
+        match self {
+            Slice::Data(data) => Some(data),
+            Slice::InKernel | Slice::Nothing => None,
+        }
     }
 }
 
@@ -657,7 +786,12 @@ impl Shared {
         if ledger.local_fin {
             return (0, 0);
         }
-        let limit = ledger.window(self.capacity, ledger.sharing());
+        let mut limit = ledger.window(self.capacity, ledger.sharing());
+        if let Some(kernel) = &ledger.kernel {
+            // Taking the oldest bytes into memory to read past the queue
+            // would copy them twice: the queue's size is the window.
+            limit = limit.min(kernel.limit);
+        }
         (limit.saturating_sub(ledger.replay_bytes), limit)
     }
 
@@ -695,8 +829,18 @@ where
 {
     let (mut tcp_reader, mut tcp_writer) = tcp.into_halves();
     let capacity = options.replay_buffer.max(1);
+    let mut ledger = Ledger::new();
+    if let Some(least) = options.kernel_replay_least {
+        ledger.kernel = tcp_reader
+            .keep_in_kernel(capacity, least)
+            .map(|limit| KernelQueue {
+                limit: kernel_limit_for_tests(limit),
+                head: 0,
+            });
+    }
+    let replay_in_kernel = ledger.kernel.is_some();
     let shared = Shared {
-        ledger: Mutex::new(Ledger::new()),
+        ledger: Mutex::new(ledger),
         work: Notify::new(),
         capacity,
         ack_every: ACK_EVERY.min((capacity as u64 / 4).max(1)),
@@ -768,6 +912,12 @@ where
             {
                 let mut ledger = shared.ledger();
                 ledger.ack_sent = received;
+                // The peer knows our count: nothing is waiting for an ack.
+                // A time left from the last carrier would keep the receiver
+                // from waking the sender for the next bytes, and with a
+                // window below an ack's worth the two would wait on each
+                // other.
+                ledger.unacked_since = None;
                 // A new carrier is a new path: measure it afresh.
                 ledger.send_marks.clear();
                 ledger.round_trip = None;
@@ -868,6 +1018,10 @@ where
     };
     match &end {
         SessionEnd::Completed => {
+            // Normally empty by now (the local FIN was read).
+            if let Err(error) = shared.ledger().take_into_memory(&mut tcp_reader) {
+                tracing::debug!(%error, "cannot empty the local socket's queue");
+            }
             if let Some(closing) = closing {
                 closing.finish().await;
             }
@@ -888,8 +1042,26 @@ where
         bytes_received,
         resumes,
         bytes_replayed,
+        replay_in_kernel,
         end,
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A smaller limit for the local socket's queue, for tests on this
+    /// thread that make the session take bytes into memory.
+    static KERNEL_LIMIT_CAP: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn kernel_limit_for_tests(limit: usize) -> usize {
+    KERNEL_LIMIT_CAP.with(|cap| cap.get().map_or(limit, |cap| cap.min(limit)))
+}
+
+#[cfg(not(test))]
+fn kernel_limit_for_tests(limit: usize) -> usize {
+    limit
 }
 
 /// Waits for the next carrier within the resume window, reading the local
@@ -980,13 +1152,16 @@ async fn read_into_ledger<R: LocalReader>(
     shared: &Shared,
     room: usize,
 ) -> io::Result<()> {
+    let size = shared.read_chunk.min(room).max(1);
+    shared.ledger().release_acknowledged(reader)?;
     let take_buffer = |size| shared.ledger().read_buffer(size);
-    let chunk = reader
-        .read_chunk(shared.read_chunk.min(room).max(1), take_buffer)
-        .await?;
+    let chunk = reader.read_chunk(size, take_buffer).await?;
     let mut ledger = shared.ledger();
     if chunk.is_empty() {
         ledger.local_fin = true;
+        // Nothing is read from here on: empty the queue, so that closing
+        // the socket sends a FIN, not the reset unread bytes would cause.
+        ledger.take_into_memory(reader)?;
     } else {
         ledger.hold(chunk);
     }
@@ -996,6 +1171,8 @@ async fn read_into_ledger<R: LocalReader>(
 /// What the sender does next.
 enum Step {
     Data(Bytes),
+    /// Take what the local socket's queue keeps into memory, to send again.
+    TakeIntoMemory,
     Fin,
     Ack(u64),
     Complete,
@@ -1046,10 +1223,17 @@ where
                         .is_some_and(|since| since + ACK_DELAY <= Instant::now()));
             if ack_due {
                 Step::Ack(ledger.received)
-            } else if let Some(data) = ledger.data_from(next, DEFAULT_READ_CHUNK) {
-                let sent = next + data.len() as u64;
-                ledger.mark_sent(sent, Instant::now());
-                Step::Data(data)
+            } else if let Some(step) = match ledger.data_from(next, DEFAULT_READ_CHUNK) {
+                Slice::Data(data) => {
+                    let sent = next + data.len() as u64;
+                    ledger.mark_sent(sent, Instant::now());
+                    Some(Step::Data(data))
+                }
+                // Sent before, on a carrier since lost.
+                Slice::InKernel => Some(Step::TakeIntoMemory),
+                Slice::Nothing => None,
+            } {
+                step
             } else if ledger.local_fin && next == ledger.read_total {
                 Step::Fin
             } else if ledger.complete() {
@@ -1097,6 +1281,11 @@ where
                     return lost(error);
                 }
             }
+            Step::TakeIntoMemory => {
+                if let Err(error) = shared.ledger().take_into_memory(reader) {
+                    return CarrierEnd::LocalFailed(error.to_string());
+                }
+            }
             Step::Complete => return CarrierEnd::Completed,
             Step::Idle { wake_at, read_room } => {
                 if let Some(wake_at) = wake_at {
@@ -1135,8 +1324,18 @@ fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> 
 
 /// Reads one carrier: data to the local socket, acks into the ledger.
 ///
+/// Acks share the carrier with data, so the carrier is read on while a
+/// write to the local socket waits, into a queue that holds what the peer
+/// may have unacknowledged (its window, at most one replay buffer). Were the
+/// carrier read only between local writes, an application that answers
+/// what it is sent (an echo, a shell, a database) could close a circle: its
+/// socket full because our sender stopped reading it, our sender waiting
+/// for an ack that sits behind data in the carrier, that data waiting for
+/// room in the application's socket. Each side would wait for good.
+///
 /// With pings on, a relay that sends nothing (not even a pong) for
-/// [`SILENT_INTERVALS`] ping intervals has lost the carrier.
+/// [`SILENT_INTERVALS`] ping intervals has lost the carrier; the time the
+/// queue is full and the carrier is not read does not count.
 async fn receive_loop<W, S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
     writer: &mut W,
@@ -1153,10 +1352,35 @@ where
     let mut last_heard = Instant::now();
     let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::MAX / 4));
     tokio::pin!(silence);
+    let mut queue = Incoming::new(shared.capacity.saturating_add(DEFAULT_READ_CHUNK));
     loop {
+        let front = queue.front();
         let next = tokio::select! {
-            next = stream.next() => next,
-            () = &mut silence, if silence_limit.is_some() => {
+            written = write_some(writer, front.as_ref()), if front.is_some() => {
+                let was_full = queue.full();
+                let end = match written {
+                    Ok(Written::Data(count)) => {
+                        queue.consume(count);
+                        shared.count_written(count);
+                        None
+                    }
+                    Ok(Written::Fin) => {
+                        queue.consume(0);
+                        shared.count_fin()
+                    }
+                    Err(end) => Some(end),
+                };
+                if let Some(end) = end {
+                    return end;
+                }
+                if was_full && !queue.full() {
+                    // Listening again: the silence counts from now.
+                    last_heard = Instant::now();
+                }
+                continue;
+            }
+            next = stream.next(), if !queue.full() => next,
+            () = &mut silence, if silence_limit.is_some() && !queue.full() => {
                 let limit = silence_limit.unwrap_or_default();
                 let deadline = last_heard + limit;
                 if Instant::now() >= deadline {
@@ -1177,10 +1401,13 @@ where
                     .map(|frame| (u16::from(frame.code), frame.reason.to_string()))
                     .unwrap_or((CLOSE_NORMAL, String::new()));
                 return match code {
+                    // The peer ends normally only once it has our acks for
+                    // all it sent: nothing is queued.
                     CLOSE_NORMAL => CarrierEnd::PeerClosedNormally,
                     CLOSE_TCP_RESET => CarrierEnd::PeerReset(reason),
                     // 4012 (move), 1001, 1011 and anything else: the carrier
-                    // is gone, the session is not.
+                    // is gone, the session is not. What is queued and not
+                    // written is not acknowledged: the peer sends it again.
                     code => {
                         CarrierEnd::Lost(format!("the stream was closed with code {code} {reason}"))
                     }
@@ -1209,60 +1436,140 @@ where
             }
             Some(Ok(_)) => continue,
         };
-        if data.is_empty() {
-            {
-                let ledger = shared.ledger();
-                if ledger.remote_fin {
-                    return CarrierEnd::ProtocolError("a second FIN from the peer".into());
-                }
-            }
-            if let Err(error) = writer.shutdown().await {
-                return CarrierEnd::LocalFailed(error.to_string());
-            }
-            let mut ledger = shared.ledger();
-            ledger.remote_fin = true;
-            ledger.received += 1;
-            drop(ledger);
-            shared.work.notify_one();
-            continue;
+        if queue.fin_queued || shared.ledger().remote_fin {
+            return CarrierEnd::ProtocolError(if data.is_empty() {
+                "a second FIN from the peer".into()
+            } else {
+                "data after the peer's FIN".into()
+            });
         }
-        if shared.ledger().remote_fin {
-            return CarrierEnd::ProtocolError("data after the peer's FIN".into());
+        queue.push(data);
+    }
+}
+
+/// Messages read from the carrier and not yet written to the local socket.
+struct Incoming {
+    /// Data in order; an empty one is the peer's FIN.
+    messages: VecDeque<Bytes>,
+    bytes: usize,
+    /// Past this many bytes the carrier is not read: more than a peer with
+    /// our replay buffer can have unacknowledged, which only a peer with a
+    /// larger one, or a broken one, sends.
+    bound: usize,
+    fin_queued: bool,
+}
+
+impl Incoming {
+    fn new(bound: usize) -> Self {
+        Self {
+            messages: VecDeque::new(),
+            bytes: 0,
+            bound,
+            fin_queued: false,
         }
-        // Counted write by write, so a carrier dropped mid-message (a newer
-        // one replaced it) leaves an exact count behind.
-        let mut written = 0;
-        while written < data.len() {
-            match writer.write(&data[written..]).await {
-                Ok(0) => {
-                    return CarrierEnd::LocalFailed(
-                        "the local connection took no more bytes".into(),
-                    )
-                }
-                Ok(count) => {
-                    written += count;
-                    let mut ledger = shared.ledger();
-                    let first_unacked = ledger.unacked_since.is_none();
-                    if first_unacked {
-                        ledger.unacked_since = Some(Instant::now());
-                    }
-                    let before = ledger.received - ledger.ack_sent;
-                    ledger.received += count as u64;
-                    // Due just now, not for every write after it: the sender
-                    // acks everything received when it gets to it.
-                    let due_now = before < shared.ack_every
-                        && ledger.received - ledger.ack_sent >= shared.ack_every;
-                    drop(ledger);
-                    // Wake the sender for the first unacked byte (to arm its
-                    // timer) and when an ack falls due at once; not for each
-                    // message of a bulk transfer.
-                    if first_unacked || due_now {
-                        shared.work.notify_one();
-                    }
-                }
-                Err(error) => return CarrierEnd::LocalFailed(error.to_string()),
-            }
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= self.bound
+    }
+
+    /// The next message to write (a cheap handle, so the write does not
+    /// borrow the queue).
+    fn front(&self) -> Option<Bytes> {
+        self.messages.front().cloned()
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.fin_queued |= data.is_empty();
+        // The FIN counts as a byte, as in the session's counts.
+        self.bytes += data.len().max(1);
+        self.messages.push_back(data);
+    }
+
+    /// Drops `count` written bytes from the front (0 for the FIN).
+    fn consume(&mut self, count: usize) {
+        let Some(front) = self.messages.front_mut() else {
+            return;
+        };
+        if front.is_empty() || count >= front.len() {
+            self.bytes -= front.len().max(1);
+            self.messages.pop_front();
+        } else {
+            *front = front.slice(count..);
+            self.bytes -= count;
         }
+    }
+}
+
+/// What [`write_some`] did.
+enum Written {
+    Data(usize),
+    Fin,
+}
+
+/// Writes some of `message` to the local socket, or shuts its writing half
+/// for the peer's FIN. Cancel-safe for sockets: a write that has not
+/// completed has written nothing.
+async fn write_some<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: Option<&Bytes>,
+) -> Result<Written, CarrierEnd> {
+    let Some(message) = message else {
+        return Err(CarrierEnd::ProtocolError("nothing to write".into()));
+    };
+    if message.is_empty() {
+        return match writer.shutdown().await {
+            Ok(()) => Ok(Written::Fin),
+            Err(error) => Err(CarrierEnd::LocalFailed(error.to_string())),
+        };
+    }
+    match writer.write(message).await {
+        Ok(0) => Err(CarrierEnd::LocalFailed(
+            "the local connection took no more bytes".into(),
+        )),
+        Ok(count) => Ok(Written::Data(count)),
+        Err(error) => Err(CarrierEnd::LocalFailed(error.to_string())),
+    }
+}
+
+impl Shared {
+    /// Counts bytes written to the local socket, which the next ack reports.
+    /// Counted write by write, so a carrier dropped mid-message (a newer one
+    /// replaced it) leaves an exact count behind.
+    fn count_written(&self, count: usize) {
+        let mut ledger = self.ledger();
+        let first_unacked = ledger.unacked_since.is_none();
+        if first_unacked {
+            ledger.unacked_since = Some(Instant::now());
+        }
+        let before = ledger.received - ledger.ack_sent;
+        ledger.received += count as u64;
+        // Due just now, not for every write after it: the sender acks
+        // everything received when it gets to it.
+        let due_now =
+            before < self.ack_every && ledger.received - ledger.ack_sent >= self.ack_every;
+        drop(ledger);
+        // Wake the sender for the first unacked byte (to arm its timer) and
+        // when an ack falls due at once; not for each message of a bulk
+        // transfer.
+        if first_unacked || due_now {
+            self.work.notify_one();
+        }
+    }
+
+    /// Counts the peer's FIN, written as a shutdown of the local socket.
+    fn count_fin(&self) -> Option<CarrierEnd> {
+        let mut ledger = self.ledger();
+        if ledger.remote_fin {
+            return Some(CarrierEnd::ProtocolError(
+                "a second FIN from the peer".into(),
+            ));
+        }
+        ledger.remote_fin = true;
+        ledger.received += 1;
+        drop(ledger);
+        self.work.notify_one();
+        None
     }
 }
 
@@ -1295,12 +1602,15 @@ mod tests {
             let chunk = buffer.freeze();
             ledger.read_total += chunk.len() as u64;
             ledger.replay_bytes += chunk.len();
-            ledger.replay.push_back(chunk);
+            ledger.replay.push_back(Held {
+                length: chunk.len(),
+                bytes: Some(chunk),
+            });
         }
         // Sent in two pieces, as the sender slices a chunk; the pieces are
         // dropped once written.
-        let first = ledger.data_from(0, 400).expect("data");
-        let rest = ledger.data_from(400, 4096).expect("data");
+        let first = ledger.data_from(0, 400).data().expect("data");
+        let rest = ledger.data_from(400, 4096).data().expect("data");
         assert_eq!((first.len(), rest.len()), (400, 600));
         drop((first, rest));
         assert!(ledger.acknowledge(500));
@@ -1334,8 +1644,10 @@ mod tests {
     /// none, with no further traffic to trigger it.
     #[tokio::test]
     async fn spare_buffers_are_dropped_after_the_linger_in_a_quiet_session() {
+        // Spares are for replay kept in memory; the kernel's queue needs none.
         let options = SessionOptions {
             ping_interval: None,
+            kernel_replay_least: None,
             ..SessionOptions::default()
         };
         let (mut application, local) = tcp_pair().await;
@@ -1517,14 +1829,20 @@ mod tests {
         let mut ledger = ledger();
         push(&mut ledger, b"hello ");
         push(&mut ledger, b"world");
-        assert_eq!(ledger.data_from(3, 100).as_deref(), Some(&b"lo "[..]));
-        assert_eq!(ledger.data_from(6, 2).as_deref(), Some(&b"wo"[..]));
+        assert_eq!(
+            ledger.data_from(3, 100).data().as_deref(),
+            Some(&b"lo "[..])
+        );
+        assert_eq!(ledger.data_from(6, 2).data().as_deref(), Some(&b"wo"[..]));
         assert!(ledger.acknowledge(8));
         assert_eq!(ledger.acked, 8);
         assert_eq!(ledger.replay_bytes, 3);
-        assert_eq!(ledger.data_from(8, 100).as_deref(), Some(&b"rld"[..]));
         assert_eq!(
-            ledger.data_from(7, 100),
+            ledger.data_from(8, 100).data().as_deref(),
+            Some(&b"rld"[..])
+        );
+        assert_eq!(
+            ledger.data_from(7, 100).data(),
             None,
             "acknowledged bytes are gone"
         );
@@ -1546,13 +1864,13 @@ mod tests {
         push(&mut cut, b"ghi");
         assert!(cut.acknowledge(2));
         assert_eq!(
-            cut.data_from(2, 100).as_deref(),
+            cut.data_from(2, 100).data().as_deref(),
             Some(&b"c"[..]),
             "the rest of a partly acknowledged chunk"
         );
-        assert_eq!(cut.data_from(4, 100).as_deref(), Some(&b"ef"[..]));
-        assert_eq!(cut.data_from(8, 100).as_deref(), Some(&b"i"[..]));
-        assert_eq!(cut.data_from(9, 100), None, "nothing read there yet");
+        assert_eq!(cut.data_from(4, 100).data().as_deref(), Some(&b"ef"[..]));
+        assert_eq!(cut.data_from(8, 100).data().as_deref(), Some(&b"i"[..]));
+        assert_eq!(cut.data_from(9, 100).data(), None, "nothing read there yet");
     }
 
     #[test]
@@ -1617,6 +1935,22 @@ mod tests {
         tokio::spawn(run_session(tcp, first, options, offers, None))
     }
 
+    /// Whether this kernel lets TCP sockets peek at an offset (Linux 6.9
+    /// added `SO_PEEK_OFF` for TCP): read from its release, not by trying,
+    /// so that a broken [`crate::kernel_replay::enable`] fails the tests.
+    fn kernel_peeks_tcp_at_an_offset() -> bool {
+        let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+            return false;
+        };
+        let mut numbers = release
+            .trim()
+            .split(|character: char| !character.is_ascii_digit())
+            .map(|number| number.parse::<u32>().unwrap_or(0));
+        let major = numbers.next().unwrap_or(0);
+        let minor = numbers.next().unwrap_or(0);
+        (major, minor) >= (6, 9)
+    }
+
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -1660,11 +1994,107 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_cross_a_cut_carrier_once_and_in_order_and_the_session_ends_cleanly() {
+        cut_carrier_mid_transfer(None, None, true).await;
+    }
+
+    /// The same with the local sockets' receive queues keeping the replay,
+    /// as they do by default on Linux 6.9 and later.
+    #[tokio::test]
+    async fn bytes_cross_a_cut_carrier_once_and_in_order_with_the_replay_in_the_kernel() {
+        cut_carrier_mid_transfer(Some(1), None, true).await;
+    }
+
+    /// And with queues smaller than the replay buffer: they are the window.
+    #[tokio::test]
+    async fn bytes_cross_a_cut_carrier_when_the_kernel_keeps_less_than_the_replay_buffer() {
+        cut_carrier_mid_transfer(Some(1), Some(160 * 1024), true).await;
+    }
+
+    /// A window smaller than an ack's worth (64 KiB here) is acknowledged on
+    /// the ack timer. After a resume the receiver once failed to wake the
+    /// sender for that timer (a time left from the lost carrier), and both
+    /// sides waited for each other for good. Acks that slow leave nothing
+    /// in flight at the cut most of the time, so nothing to send again.
+    #[tokio::test]
+    async fn a_window_below_an_acks_worth_keeps_moving_after_a_resume() {
+        cut_carrier_mid_transfer(Some(1), Some(40 * 1024), false).await;
+    }
+
+    /// An application that answers what it is sent (here an echo) behind
+    /// small replay buffers: the device side's window fills while its
+    /// application's socket is full, and the ack that would free the window
+    /// comes behind data in the carrier. The receiver once read the carrier
+    /// only between local writes, and both sides waited for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_echo_behind_small_replay_buffers_keeps_moving() {
+        let options = SessionOptions {
+            replay_buffer: 64 * 1024,
+            resume_timeout: Duration::from_secs(20),
+            ping_interval: None,
+            read_chunk: DEFAULT_READ_CHUNK,
+            kernel_replay_least: None,
+        };
+        let (service_application, service_tcp) = tcp_pair().await;
+        let (device_application, device_tcp) = tcp_pair().await;
+        let (service_ws, device_ws, _forwarder) = carrier_pair().await;
+        // Small socket buffers between the device side and its application,
+        // so that the echo's path fills within an ack's delay.
+        for socket in [&device_tcp, &device_application] {
+            let socket = socket2::SockRef::from(socket);
+            socket.set_recv_buffer_size(64 * 1024).unwrap();
+            socket.set_send_buffer_size(64 * 1024).unwrap();
+        }
+        let (_service_offers, service_offers_received) = mpsc::channel(1);
+        let (_device_offers, device_offers_received) = mpsc::channel(1);
+        for (tcp, websocket, offers) in [
+            (service_tcp, service_ws, service_offers_received),
+            (device_tcp, device_ws, device_offers_received),
+        ] {
+            let carrier = Carrier {
+                websocket,
+                peer_received: 0,
+                answer_resumed: false,
+            };
+            tokio::spawn(run_session(tcp, carrier, options, offers, None));
+        }
+        let echo = tokio::spawn(async move {
+            let (mut reader, mut writer) = device_application.into_split();
+            tokio::io::copy(&mut reader, &mut writer).await
+        });
+        let data = pattern(8 * 1024 * 1024, 3);
+        let (mut reader, mut writer) = service_application.into_split();
+        let sent = data.clone();
+        let writing = tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
+        let mut echoed = vec![0u8; data.len()];
+        let mut got = 0;
+        while got < echoed.len() {
+            match tokio::time::timeout(Duration::from_secs(10), reader.read(&mut echoed[got..]))
+                .await
+            {
+                Ok(Ok(count)) if count > 0 => got += count,
+                other => panic!(
+                    "the echo stopped at {got} of {} bytes: {other:?}",
+                    echoed.len()
+                ),
+            }
+        }
+        assert!(echoed == data, "the echo differs");
+        drop(writing.await.unwrap().unwrap());
+        echo.abort();
+    }
+
+    async fn cut_carrier_mid_transfer(
+        kernel_replay_least: Option<usize>,
+        kernel_cap: Option<usize>,
+        expect_replay: bool,
+    ) {
+        KERNEL_LIMIT_CAP.with(|cap| cap.set(kernel_cap));
         let options = SessionOptions {
             replay_buffer: 256 * 1024,
             resume_timeout: Duration::from_secs(20),
             ping_interval: None,
             read_chunk: 16 * 1024,
+            kernel_replay_least,
         };
         let (service_application, service_tcp) = tcp_pair().await;
         let (device_application, device_tcp) = tcp_pair().await;
@@ -1746,10 +2176,16 @@ mod tests {
             })))
             .await
             .unwrap();
-        let at_device = tokio::time::timeout(Duration::from_secs(30), device_side)
-            .await
-            .unwrap()
-            .unwrap();
+        let at_device = match tokio::time::timeout(Duration::from_secs(30), device_side).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => panic!(
+                "device side stuck at {} bytes (service side at {}); service session: {:?}; device session finished: {}",
+                device_progress.load(std::sync::atomic::Ordering::Relaxed),
+                service_progress.load(std::sync::atomic::Ordering::Relaxed),
+                tokio::time::timeout(Duration::from_secs(5), service).await,
+                device.is_finished()
+            ),
+        };
         let at_service = match tokio::time::timeout(Duration::from_secs(30), service_side).await {
             Ok(result) => result.unwrap(),
             Err(_) => panic!(
@@ -1794,16 +2230,39 @@ mod tests {
         );
         assert_eq!(service_report.resumes, 1);
         assert_eq!(device_report.bytes_received, up.len() as u64);
+        assert!(
+            !expect_replay || service_report.bytes_replayed + device_report.bytes_replayed > 0,
+            "the cut left bytes to send again"
+        );
+        let in_kernel = kernel_replay_least.is_some() && kernel_peeks_tcp_at_an_offset();
+        assert_eq!(
+            (
+                service_report.replay_in_kernel,
+                device_report.replay_in_kernel
+            ),
+            (in_kernel, in_kernel),
+            "where the replay was kept"
+        );
     }
 
     #[tokio::test]
     async fn a_full_replay_buffer_stops_reading_the_local_socket() {
+        full_replay_buffer_stops_reading(None).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_replay_buffer_in_the_kernel_stops_reading_the_local_socket() {
+        full_replay_buffer_stops_reading(Some(1)).await;
+    }
+
+    async fn full_replay_buffer_stops_reading(kernel_replay_least: Option<usize>) {
         let replay_buffer = 64 * 1024;
         let options = SessionOptions {
             replay_buffer,
             resume_timeout: Duration::from_secs(20),
             ping_interval: None,
             read_chunk: 16 * 1024,
+            kernel_replay_least,
         };
         let (mut application, tcp) = tcp_pair().await;
         // The peer takes every message and never acknowledges one, so only
@@ -1858,6 +2317,7 @@ mod tests {
                 resume_timeout: Duration::from_secs(20),
                 ping_interval: None,
                 read_chunk: 16 * 1024,
+                kernel_replay_least: None,
             };
             let (mut application, tcp) = tcp_pair().await;
             let (websocket, mut peer, forwarder) = carrier_pair().await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use framing::local::LocalConnection;
 use framing::pump::{self, PumpEnd, PumpOptions};
-use framing::session::SessionEnd;
+use framing::session::{replay_kept_in, SessionEnd};
 use framing::topics::ResumeAsk;
 use framing::{ServiceClient, StreamOptions};
 use tokio::net::TcpStream;
@@ -157,6 +157,7 @@ pub async fn carry<L: LocalConnection>(
             bytes_from_device = report.bytes_received,
             resumes = report.resumes,
             bytes_replayed = report.bytes_replayed,
+            replay_kept_in = replay_kept_in(report.replay_in_kernel),
             duration_ms = duration_ms(started.elapsed()),
             end,
             "session closed"

@@ -101,7 +101,7 @@ async fn ssh_cat_of_a_large_file_survives_a_relay_kill_and_restart() {
     let sshd = Sshd::start().await;
     let relay = Relay::start(&[]).await;
     let connection_string = relay.add_device("MyDevice").await;
-    let _device_proxy = start_device_proxy(&relay, &connection_string, sshd.port, &[]).await;
+    let device_proxy = start_device_proxy(&relay, &connection_string, sshd.port, &[]).await;
     wait_until_device_connected(&relay, "MyDevice").await;
     let (service_proxy, local_port) = start_service_proxy(&relay, "MyDevice", &[]).await;
     let size = 256 * 1024 * 1024;
@@ -160,6 +160,36 @@ async fn ssh_cat_of_a_large_file_survives_a_relay_kill_and_restart() {
     assert_eq!(received.len(), size);
     assert_eq!(sha256_hex(&received), expected, "the bytes changed");
     assert!(service_proxy.log().contains("session resumed"));
+    // The device side sent the file: where did it keep what it sent?
+    let closed = wait_for_log(&device_proxy, "session closed", Duration::from_secs(10)).await;
+    let kept_in = format!("replay_kept_in=\"{}\"", expected_replay_place());
+    assert!(
+        closed.contains(&kept_in),
+        "expected {kept_in} in the device-proxy's log:\n{closed}"
+    );
+}
+
+/// Where the proxies keep unacknowledged bytes by default: in the local
+/// socket's receive queue when the kernel can peek at an offset on TCP
+/// (Linux 6.9) and lets a receive buffer hold the smallest window (2 MiB,
+/// `net.core.rmem_max`); in memory otherwise. Read from the system, not
+/// found by trying, so that a broken check in the proxies fails this test.
+fn expected_replay_place() -> &'static str {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .trim()
+        .split(|character: char| !character.is_ascii_digit())
+        .map(|number| number.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if version >= (6, 9) && rmem_max >= 2 * 1024 * 1024 {
+        "socket queue"
+    } else {
+        "memory"
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,10 +536,16 @@ async fn a_full_replay_buffer_stops_the_sender_and_nothing_is_lost() {
     );
     let _relay = start_relay_again(directory, &address).await;
     let mut echoed = vec![0u8; size];
-    tokio::time::timeout(Duration::from_secs(120), reader.read_exact(&mut echoed))
-        .await
-        .expect("everything comes back")
-        .expect("read the echo");
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(120), reader.read_exact(&mut echoed)).await;
+    if !matches!(read, Ok(Ok(_))) {
+        panic!(
+            "the echo did not all come back ({read:?} after {:?})\nservice-proxy log:\n{}\ndevice-proxy log:\n{}",
+            started.elapsed(),
+            setup.service_proxy.log(),
+            setup.device_proxy.log()
+        );
+    }
     assert_eq!(
         sha256_hex(&echoed),
         expected,

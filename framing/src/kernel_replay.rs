@@ -49,10 +49,12 @@ pub fn enable(tcp: &TcpStream, wanted: usize, least: usize) -> Option<usize> {
         let _ = set_peek_offset(tcp, -1);
         return None;
     }
-    // Linux reports twice what it was asked (the rest is its bookkeeping);
-    // count on the half only.
-    let granted = socket.recv_buffer_size().ok()? / 2;
-    (granted >= least).then_some(granted.min(wanted))
+    // Linux reports twice what it was asked, room for its bookkeeping; how
+    // much of it holds data depends on the segments' sizes. The limit is
+    // what the window may ask of the queue: a queue that holds less makes
+    // the local application wait, as TCP would, until acks free its head.
+    let granted = socket.recv_buffer_size().ok()?;
+    (granted / 2 >= least).then_some(granted.min(wanted))
 }
 
 #[cfg(target_os = "linux")]

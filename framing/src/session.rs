@@ -1366,7 +1366,8 @@ where
                     }
                     Ok(Written::Fin) => {
                         queue.consume(0);
-                        shared.count_fin()
+                        shared.count_fin();
+                        None
                     }
                     Err(end) => Some(end),
                 };
@@ -1557,19 +1558,14 @@ impl Shared {
         }
     }
 
-    /// Counts the peer's FIN, written as a shutdown of the local socket.
-    fn count_fin(&self) -> Option<CarrierEnd> {
+    /// Counts the peer's FIN, written as a shutdown of the local socket (a
+    /// second one is refused before it is queued).
+    fn count_fin(&self) {
         let mut ledger = self.ledger();
-        if ledger.remote_fin {
-            return Some(CarrierEnd::ProtocolError(
-                "a second FIN from the peer".into(),
-            ));
-        }
         ledger.remote_fin = true;
         ledger.received += 1;
         drop(ledger);
         self.work.notify_one();
-        None
     }
 }
 
@@ -2081,6 +2077,86 @@ mod tests {
         assert!(echoed == data, "the echo differs");
         drop(writing.await.unwrap().unwrap());
         echo.abort();
+    }
+
+    /// A receiver whose application takes nothing, facing a peer with a
+    /// larger replay buffer, fills its queue and stops reading the carrier
+    /// (pings included) on purpose. That pause is not the relay's silence:
+    /// held for more than three ping intervals, the carrier must survive it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_receive_queue_outlives_three_ping_intervals_without_losing_the_carrier() {
+        let ping_interval = Duration::from_millis(100);
+        let small = SessionOptions {
+            replay_buffer: 64 * 1024,
+            resume_timeout: Duration::from_secs(20),
+            ping_interval: Some(ping_interval),
+            read_chunk: DEFAULT_READ_CHUNK,
+            kernel_replay_least: None,
+        };
+        let large = SessionOptions {
+            replay_buffer: 4 * 1024 * 1024,
+            ..small
+        };
+        let (service_application, service_tcp) = tcp_pair().await;
+        let (device_application, device_tcp) = tcp_pair().await;
+        // Small socket buffers, so the device side's local writes stop early.
+        for socket in [&device_tcp, &device_application] {
+            let socket = socket2::SockRef::from(socket);
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+            socket.set_send_buffer_size(16 * 1024).unwrap();
+        }
+        let (service_ws, device_ws, _forwarder) = carrier_pair().await;
+        let (_service_offers, service_offers_received) = mpsc::channel(1);
+        let (_device_offers, device_offers_received) = mpsc::channel(1);
+        let (losses, mut losses_received) = mpsc::channel(4);
+        let carrier = |websocket| Carrier {
+            websocket,
+            peer_received: 0,
+            answer_resumed: false,
+        };
+        tokio::spawn(run_session(
+            service_tcp,
+            carrier(service_ws),
+            large,
+            service_offers_received,
+            Some(losses.clone()),
+        ));
+        tokio::spawn(run_session(
+            device_tcp,
+            carrier(device_ws),
+            small,
+            device_offers_received,
+            Some(losses),
+        ));
+        let data = pattern(3 * 1024 * 1024, 5);
+        let sent = data.clone();
+        let (_service_reader, mut service_writer) = service_application.into_split();
+        tokio::spawn(async move {
+            service_writer
+                .write_all(&sent)
+                .await
+                .map(|()| service_writer)
+        });
+        // Ten ping intervals with the device's application taking nothing.
+        tokio::time::sleep(ping_interval * 10).await;
+        assert!(
+            losses_received.try_recv().is_err(),
+            "a carrier was declared lost while the receive queue was full"
+        );
+        let mut device_application = device_application;
+        let mut received = vec![0u8; data.len()];
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            device_application.read_exact(&mut received),
+        )
+        .await
+        .expect("everything arrives once the application reads")
+        .expect("read");
+        assert!(received == data, "the bytes differ");
+        assert!(
+            losses_received.try_recv().is_err(),
+            "a carrier was declared lost after the application read again"
+        );
     }
 
     async fn cut_carrier_mid_transfer(
